@@ -1,0 +1,578 @@
+"""
+One small, self-contained transformer for nanostar, and everything the scripts do with it.
+
+- `GPT`: the Llama-family layout (RMSNorm, rotary positions, SwiGLU MLP, grouped-query
+  attention, optional q/k/v bias, optional tied embeddings). Tiny from-scratch models and,
+  later, pretrained Llama/Qwen2/SmolLM weights use the same code.
+- `KVCache` + `generate`: batched KV-cached sampling for prompts of *different* lengths
+  (left-padded; each row has its own positions), `num_samples` rollouts per prompt that share
+  the prompt's cache, a seeded generator, per-row stop at the end token.
+- `generate_reference`: the plain no-cache path (full forward per token), kept for tests/bench.
+- `sequence_logprobs`, `dpo_loss`: the log-prob and preference pieces shared by star.py's
+  verifier and stepdpo.py.
+- `train`: the one fine-tuning loop every script calls; `save_checkpoint`/`load_checkpoint`.
+
+Importing this file does nothing but define things.
+"""
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256  # longest sequence (prompt + generation) the model sees
+    vocab_size: int = 260  # data.py's tokenizer: 256 bytes + 4 special tokens
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # query heads
+    n_kv_head: int = 4  # key/value heads (grouped-query attention when < n_head)
+    n_embd: int = 256  # residual stream width
+    intermediate_size: int = 0  # SwiGLU hidden width; 0 means round(8/3 * n_embd) up to 32
+    rope_theta: float = 10000.0  # rotary base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    qkv_bias: bool = False  # bias on q/k/v projections (Qwen2 has it, Llama does not)
+    tie_embeddings: bool = True  # lm_head shares the token embedding matrix
+
+    def __post_init__(self):
+        assert self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head"
+        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        if self.intermediate_size == 0:
+            self.intermediate_size = 32 * math.ceil(8 * self.n_embd / 3 / 32)
+
+
+def autodetect_device(device="auto"):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; plain fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    device_type = torch.device(device).type
+    if device_type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+def rotate_half(x):
+    # the Llama/HF rotary convention: pairs are (i, i + D/2), so pretrained weights load unchanged
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache:
+    """
+    Preallocated keys/values for every layer, written by index, never concatenated.
+    Slot s of row b holds the token fed s-th into that row (left padding included); `valid`
+    says which slots hold real tokens, so padding is never attended to. `length` is the
+    number of slots written so far; the next forward writes slots [length, length + T).
+    """
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+
+    @property
+    def max_len(self):
+        return self.k.size(3)
+
+    def expand(self, n):
+        """Repeat every row n times (row b becomes rows b*n .. b*n+n-1): n rollouts share one prefill."""
+        self.k = self.k.repeat_interleave(n, dim=1)
+        self.v = self.v.repeat_interleave(n, dim=1)
+        self.valid = self.valid.repeat_interleave(n, dim=0)
+
+    def default_mask(self, T):
+        """(B, 1, T, end) mask for T new tokens: causal over slots, padding hidden, each token sees itself."""
+        start, end = self.length, self.length + T
+        keys = self.valid[:, None, None, :end]  # (B, 1, 1, end)
+        if T == 1:
+            return keys  # one new token: every written slot is in its past
+        q = torch.arange(start, end, device=keys.device)[:, None]
+        j = torch.arange(end, device=keys.device)[None, :]
+        return (keys & (j <= q)) | (j == q)  # the `j == q` keeps padded rows from attending to nothing
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        B, T, C = x.size()
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q = q * cos + rotate_half(q) * sin  # cos, sin: (B, 1, T, D)
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            start, end = cache.length, cache.length + T
+            cache.k[layer, :, :, start:end] = k
+            cache.v[layer, :, :, start:end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # (B, Hkv, end, D), views
+        if mask is None:  # plain causal over this call's tokens
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        else:  # mask: (B, 1, T, S) bool, True = attend
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, H*D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # rotary table for every position the model can see; not saved in checkpoints
+        head_dim = config.n_embd // config.n_head
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        angles = torch.outer(torch.arange(config.block_size).float(), inv_freq)  # (block_size, D/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (block_size, D), matching rotate_half
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2 style scaled init of residual projections
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden(self, idx, pos=None, cache=None, mask=None):
+        """
+        Final (normed) hidden states, (B, T, C).
+        idx: (B, T) token ids. pos: (B, T) rotary positions (default 0..T-1, or continuing the cache).
+        cache: a KVCache; the T tokens are written at slots [cache.length, cache.length + T).
+        mask: (B, 1, T, S) bool, True = may attend; S = T without a cache, cache.length + T with one.
+              Default: causal (and, with a cache, padding slots hidden).
+        """
+        B, T = idx.size()
+        if pos is None:
+            start = cache.length if cache is not None else 0
+            pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        if cache is not None:
+            if cache.length + T > cache.max_len:
+                raise ValueError(f"KV cache overflow: {cache.length} + {T} tokens > {cache.max_len} slots")
+            if mask is None:
+                mask = cache.default_mask(T)
+        cos = self.rope_cos[pos].unsqueeze(1)  # (B, 1, T, D)
+        sin = self.rope_sin[pos].unsqueeze(1)
+        x = self.embed_tokens(idx)  # (B, T, C)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+    def forward(self, idx, targets=None, pos=None, cache=None, mask=None, return_hidden=False):
+        """
+        Returns (logits, loss), or (logits, loss, hidden) with return_hidden.
+        logits: (B, T, vocab). loss: None without targets; with targets (B, T, ids, -1 = ignore) the
+        per-token cross-entropy, reduction='none', shape (B, T), 0 where ignored. Every log-prob
+        in nanostar (SFT, DPO, verifier scores, REINFORCE) is minus this number.
+        """
+        h = self.hidden(idx, pos, cache, mask)
+        logits = self.lm_head(h)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+            loss = loss.view(targets.shape)
+        return (logits, loss, h) if return_hidden else (logits, loss)
+
+    def new_cache(self, batch_size, max_len):
+        p = self.lm_head.weight
+        dtype = torch.bfloat16 if p.device.type == "cuda" else p.dtype
+        return KVCache(self.config, batch_size, max_len, p.device, dtype)
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def sample_next_token(logits, generator=None, temperature=1.0, top_k=None):
+    """logits (B, V) -> (B,) token ids. temperature 0 means argmax; top_k keeps the k largest."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Samples:
+    """What `generate` returns. Rows are prompt-major: row i*num_samples + j is sample j of prompt i."""
+
+    tokens: torch.Tensor  # (N, L) left-padded prompt, then generated tokens (stop token included)
+    prompt_mask: torch.Tensor  # (N, L) True on the prompt's own tokens (not padding)
+    gen_mask: torch.Tensor  # (N, L) True on generated tokens, up to and including the stop token
+    finished: torch.Tensor  # (N,) True where the row emitted the stop token within the limit
+    logprobs: torch.Tensor = None  # (N, L) model log-prob (temperature 1) of each generated token, else 0
+
+    def completions(self, strip_stop=True):
+        """Generated token ids of every row as lists, without the stop token."""
+        out = []
+        for toks, m, fin in zip(self.tokens.tolist(), self.gen_mask.tolist(), self.finished.tolist()):
+            c = [t for t, keep in zip(toks, m) if keep]
+            out.append(c[:-1] if (strip_stop and fin) else c)
+        return out
+
+
+def _left_pad(prompts, pad_id, extra, device):
+    """Left-pad a list of token lists into (B, P + extra); returns tokens, valid mask, positions, P."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must have at least one token")
+    B, P = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((B, P + extra), pad_id, dtype=torch.long)
+    valid = torch.zeros(B, P + extra, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+        valid[i, P - len(p) : P] = True
+    pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, L) each row's own 0, 1, 2, ...
+    return tokens.to(device), valid.to(device), pos.to(device), P
+
+
+def _check_length(model, P, max_new_tokens):
+    if P + max_new_tokens > model.config.block_size:
+        raise ValueError(
+            f"prompt of {P} tokens + {max_new_tokens} new tokens = {P + max_new_tokens} "
+            f"exceeds the model's block_size of {model.config.block_size}"
+        )
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts,
+    max_new_tokens,
+    temperature=1.0,
+    top_k=None,
+    stop_token=None,
+    generator=None,
+    num_samples=1,
+    return_logprobs=False,
+):
+    """
+    KV-cached batched sampling. prompts: a list of token-id lists of any lengths.
+    Each prompt is prefilled once; with num_samples > 1 its cache is then repeated for its
+    num_samples rollouts (rows i*num_samples .. i*num_samples + num_samples - 1).
+    A row stops at stop_token; rows that never emit it are cut at max_new_tokens (finished=False).
+    """
+    device = model.lm_head.weight.device
+    pad_id = stop_token if stop_token is not None else 0
+    tokens, valid, pos, P = _left_pad(prompts, pad_id, 0, device)
+    _check_length(model, P, max_new_tokens)
+    B = len(prompts) * num_samples
+    cache = model.new_cache(len(prompts), P + max_new_tokens)
+    cache.valid[:, :P] = valid
+    with autocast(device):
+        logits, _ = model(tokens, pos=pos, cache=cache)  # prefill: (b, P, V)
+    logits = logits[:, -1]
+    next_pos = pos[:, -1:] + 1  # (b, 1)
+    if num_samples > 1:
+        cache.expand(num_samples)
+        logits = logits.repeat_interleave(num_samples, dim=0)
+        next_pos = next_pos.repeat_interleave(num_samples, dim=0)
+        tokens = tokens.repeat_interleave(num_samples, dim=0)
+        valid = valid.repeat_interleave(num_samples, dim=0)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+    out_lp = torch.zeros(B, max_new_tokens, device=device) if return_logprobs else None
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    cache.valid[:, P:] = True  # every generated slot is a real token (rows already done are never read back)
+    n = 0
+    for n in range(max_new_tokens):
+        tok = sample_next_token(logits, generator, temperature, top_k)
+        tok = tok.masked_fill(done, pad_id)
+        out[:, n] = tok
+        out_mask[:, n] = ~done
+        if return_logprobs:
+            lp = F.log_softmax(logits.float(), dim=-1).gather(1, tok[:, None]).squeeze(1)
+            out_lp[:, n] = lp.masked_fill(done, 0.0)
+        if stop_token is not None:
+            done = done | (tok == stop_token)
+            if done.all():  # a CPU-GPU sync point, once per token; it lets a batch end early
+                break
+        if n == max_new_tokens - 1:
+            break
+        with autocast(device):
+            logits, _ = model(tok[:, None], pos=next_pos, cache=cache)
+        logits = logits[:, -1]
+        next_pos = next_pos + 1
+    finished = done if stop_token is not None else torch.zeros(B, dtype=torch.bool, device=device)
+    L = n + 1
+    all_tokens = torch.cat([tokens[:, :P], out[:, :L]], dim=1)
+    prompt_mask = torch.cat([valid[:, :P], torch.zeros(B, L, dtype=torch.bool, device=device)], dim=1)
+    gen_mask = torch.cat([torch.zeros(B, P, dtype=torch.bool, device=device), out_mask[:, :L]], dim=1)
+    lp = None
+    if return_logprobs:
+        lp = torch.cat([torch.zeros(B, P, device=device), out_lp[:, :L]], dim=1)
+    return Samples(all_tokens, prompt_mask, gen_mask, finished, lp)
+
+
+@torch.no_grad()
+def generate_reference(model, prompts, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, generator=None):
+    """
+    The plain path: no cache, the whole sequence re-run for every new token (O(T^2) work).
+    Same left padding and sampling as `generate`, so with the same seed it must give the same
+    tokens; kept as the independent reference for tests and bench.py. Returns generated lists.
+    """
+    device = model.lm_head.weight.device
+    pad_id = stop_token if stop_token is not None else 0
+    tokens, valid, pos, P = _left_pad(prompts, pad_id, max_new_tokens, device)
+    _check_length(model, P, max_new_tokens)
+    B, L = tokens.shape
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    eye = torch.eye(L, dtype=torch.bool, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = [[] for _ in range(B)]
+    for n in range(max_new_tokens):
+        T = P + n
+        mask = ((valid[:, None, :T] & causal[:T, :T]) | eye[:T, :T])[:, None]  # (B, 1, T, T)
+        with autocast(device):
+            logits, _ = model(tokens[:, :T], pos=pos[:, :T], mask=mask)
+        tok = sample_next_token(logits[:, -1], generator, temperature, top_k).masked_fill(done, pad_id)
+        tokens[:, T] = tok
+        valid[:, T] = True
+        pos[:, T] = pos[:, T - 1] + 1
+        for i in range(B):
+            if not done[i]:
+                out[i].append(tok[i].item())
+        if stop_token is not None:
+            done = done | (tok == stop_token)
+            if done.all():
+                break
+    return [o[:-1] if (stop_token is not None and o and o[-1] == stop_token) else o for o in out]
+
+
+# -----------------------------------------------------------------------------
+# log-probs and the DPO loss
+
+
+def sequence_logprobs(model, x, y):
+    """
+    Summed (not averaged) log-probs of the target tokens of each row: x, y (B, T) as from
+    data.collate, y = -1 where a token is not scored (prompt, padding). Returns (B,).
+    """
+    _, loss = model(x, targets=y)
+    return -(loss * (y != -1)).sum(dim=1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """
+    The DPO loss (Rafailov et al. 2023, eq. 7) from per-sequence summed log-probs, each (B,):
+
+        L = -log sigmoid( beta * [ (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)) ] )
+
+    y_w is the chosen (preferred) response, y_l the rejected one. Returns the mean loss and
+    detached diagnostics: the implicit rewards beta * (log pi - log ref) of each side and the
+    fraction of pairs the policy already ranks right.
+    """
+    chosen_reward = beta * (policy_chosen - ref_chosen)
+    rejected_reward = beta * (policy_rejected - ref_rejected)
+    losses = -F.logsigmoid(chosen_reward - rejected_reward)
+    metrics = {
+        "chosen_reward": chosen_reward.detach().mean().item(),
+        "rejected_reward": rejected_reward.detach().mean().item(),
+        "reward_acc": (chosen_reward > rejected_reward).float().mean().item(),
+    }
+    return losses.mean(), metrics
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500  # optimizer steps
+    batch_size: int = 32  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    warmup: int = 20  # linear warmup steps
+    schedule: str = "cosine"  # "cosine" or "constant" (after warmup)
+    weight_decay: float = 0.0  # AdamW weight decay on 2D weights
+    grad_clip: float = 1.0  # max grad norm (0 = off)
+    compile: bool = False  # torch.compile the model for training
+
+
+def get_lr(step, cfg):
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * coeff)
+
+
+def lm_loss(model, batch):
+    """Mean cross-entropy over scored tokens (y != -1): the SFT loss. batch = (x, y)."""
+    x, y = batch
+    _, loss = model(x, targets=y)
+    n = (y != -1).sum().clamp(min=1)
+    return loss.sum() / n, {}
+
+
+def train(model, get_batch, cfg, loss_fn=lm_loss, params=None, desc="train", log_every=0):
+    """
+    The one fine-tuning loop. get_batch(step, micro) -> a batch for loss_fn(model, batch) ->
+    (loss, metrics dict). Returns the list of per-step losses. params: what to optimize
+    (default all of the model's), or a list of param groups.
+    """
+    from tqdm import tqdm
+
+    device = model.lm_head.weight.device
+    params = list(model.parameters()) if params is None else params
+    if params and isinstance(params[0], dict):
+        groups = params
+    else:
+        decay = [p for p in params if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in params if p.requires_grad and p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    for g in groups:
+        g.setdefault("lr_scale", 1.0)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    fwd = torch.compile(model) if cfg.compile else model
+    model.train()
+    losses = []
+    bar = tqdm(range(cfg.steps), desc=desc, leave=False, disable=None if cfg.steps >= 10 else True, mininterval=1.0)
+    for step in bar:
+        lr = get_lr(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = get_batch(step, micro)
+            with autocast(device):
+                loss, metrics = loss_fn(fwd, batch)
+            (loss / cfg.grad_accum).backward()
+            total += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = total.item() / cfg.grad_accum  # one sync per step
+        losses.append(loss_value)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.1e}")
+        if log_every and (step % log_every == 0 or step == cfg.steps - 1):
+            extra = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            print(f"{desc} step {step}/{cfg.steps} loss {loss_value:.4f} {extra}")
+    model.eval()
+    return losses
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file, then os.replace: a crash never leaves a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, model, **extra):
+    """Weights + the config they belong to (as a plain dict) + any extra plain data."""
+    state = {k: v for k, v in model.state_dict().items()}
+    atomic_save({"config": asdict(model.config), "model": state, "extra": extra}, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Rebuild the model from a checkpoint. Returns (model, extra). Clear errors for bad files."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        config = GPTConfig(**ckpt["config"])
+        model = GPT(config)
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # a truncated zip, a pickle we refuse, missing keys...
+        raise RuntimeError(f"could not load checkpoint {path}: it is corrupt or not a nanostar checkpoint ({e})") from e
+    model.to(device).eval()
+    return model, ckpt.get("extra", {})
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def make_generator(seed, device):
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.time()
+        return self
+
+    def __exit__(self, *a):
+        self.seconds = time.time() - self.t0

@@ -1,0 +1,344 @@
+"""
+nanostar's tests: CPU only, tiny configs, no network, no ../shared (the one test that reads it
+skips when it is absent). Run: python -m pytest test_all.py
+"""
+
+import json
+import math
+import os
+import random
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import model
+from data import Tokenizer
+from model import GPT, GPTConfig
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+SHARED_GSM8K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "gsm8k")
+
+
+def tiny_model(seed=0, std=0.3, **kw):
+    """A random tiny model whose weights are large enough that greedy outputs vary with the input."""
+    cfg = dict(block_size=64, vocab_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, qkv_bias=True)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(**cfg))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 1 and p.numel() > p.size(0):
+                p.normal_(0.0, std)
+    return m.eval()
+
+
+RAGGED = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15, 16, 17]]
+
+
+# -----------------------------------------------------------------------------
+# model: cached vs uncached, ragged batches, sampling
+
+
+def test_cached_logits_equal_uncached_logits_at_every_position():
+    m = tiny_model()
+    x = torch.randint(0, 40, (3, 24))
+    full, _ = m(x)
+    cache = m.new_cache(3, 24)
+    cache.valid[:] = True
+    parts = [m(x[:, :9], cache=cache)[0]]  # a prefill of 9, then one token at a time
+    parts += [m(x[:, t : t + 1], cache=cache)[0] for t in range(9, 24)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_rows_give_the_same_logits_as_unpadded_rows():
+    m = tiny_model()
+    tokens, valid, pos, P = model._left_pad(RAGGED, 0, 0, "cpu")
+    cache = m.new_cache(len(RAGGED), P)
+    cache.valid[:] = valid
+    logits, _ = m(tokens, pos=pos, cache=cache)
+    for i, p in enumerate(RAGGED):
+        alone, _ = m(torch.tensor([p]))
+        torch.testing.assert_close(logits[i, P - len(p) :], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generation_of_a_ragged_batch_equals_generating_each_prompt_alone():
+    m = tiny_model()
+    batched = model.generate(m, RAGGED, 20, temperature=0.0).completions()
+    assert len({tuple(c) for c in batched}) > 1, "degenerate test model: all rows generate the same"
+    for p, got in zip(RAGGED, batched):
+        assert got == model.generate_reference(m, [p], 20, temperature=0.0)[0]  # the no-cache path
+        assert got == model.generate(m, [p], 20, temperature=0.0).completions()[0]
+
+
+def test_sampled_generation_matches_the_no_cache_path_with_the_same_seed():
+    m = tiny_model()
+    a = model.generate(m, RAGGED, 15, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
+    b = model.generate_reference(m, RAGGED, 15, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
+    assert a.completions() == b
+
+
+def test_same_seed_gives_same_samples_and_a_different_seed_different_ones():
+    m = tiny_model()
+    run = lambda s: model.generate(m, RAGGED, 15, temperature=1.0, generator=torch.Generator().manual_seed(s)).completions()
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_shared_prefix_rollouts_equal_recomputed_prefixes():
+    m = tiny_model()
+    k = 3
+    shared = model.generate(m, RAGGED, 12, temperature=1.0, num_samples=k, generator=torch.Generator().manual_seed(5))
+    repeated = [p for p in RAGGED for _ in range(k)]
+    recomputed = model.generate(m, repeated, 12, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    assert shared.completions() == recomputed.completions()
+    assert len({tuple(c) for c in shared.completions()[:k]}) > 1, "the k rollouts of one prompt should differ"
+
+
+def test_generation_stops_at_the_end_token_per_row_and_masks_tell_prompt_from_generated():
+    m = tiny_model()
+    free = model.generate(m, RAGGED, 20, temperature=0.0).completions()
+    stop = free[1][4]  # a token row 1 emits at step 4: make it the end token
+    s = model.generate(m, RAGGED, 20, temperature=0.0, stop_token=stop, return_logprobs=True)
+    for i, c in enumerate(s.completions()):
+        expect = free[i][: free[i].index(stop)] if stop in free[i] else free[i]
+        assert c == expect
+        assert bool(s.finished[i]) == (stop in free[i])
+    assert s.finished[1]
+    # the prompt mask holds exactly the prompt, the generated mask the completion (+ the stop token)
+    for i, p in enumerate(RAGGED):
+        assert s.tokens[i][s.prompt_mask[i]].tolist() == p
+        gen = s.tokens[i][s.gen_mask[i]].tolist()
+        assert gen == s.completions(strip_stop=False)[i]
+        assert (s.logprobs[i][s.gen_mask[i]] < 0).all() and (s.logprobs[i][~s.gen_mask[i]] == 0).all()
+    assert not (s.prompt_mask & s.gen_mask).any()
+
+
+def test_generated_logprobs_equal_a_teacher_forced_forward():
+    m = tiny_model()
+    s = model.generate(m, [RAGGED[1]], 10, temperature=1.0, generator=torch.Generator().manual_seed(0), return_logprobs=True)
+    seq = s.tokens[0]
+    logits, _ = m(seq[None, :-1])
+    lp = F.log_softmax(logits[0], -1).gather(1, seq[1:, None]).squeeze(1)
+    gen = s.gen_mask[0, 1:]
+    torch.testing.assert_close(lp[gen], s.logprobs[0, 1:][gen], atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_longer_than_the_context_gives_a_clear_error():
+    m = tiny_model(block_size=16)
+    with pytest.raises(ValueError, match=r"prompt of 14 tokens \+ 8 new tokens = 22 exceeds the model's block_size of 16"):
+        model.generate(m, [list(range(14))], 8)
+    with pytest.raises(ValueError, match="block_size"):
+        data.collate([(list(range(10)), list(range(10)))], block_size=16)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer and tasks
+
+
+def test_tokenizer_round_trips_text_with_special_tokens():
+    tok = Tokenizer()
+    text = "Q: 12+34\nA:<|startthought|>carry the one<|endthought|> 46 héllo<|endoftext|>"
+    ids = tok.encode_with_specials(text)
+    assert tok.decode(ids) == text
+    assert ids.count(tok.eot) == 1 and tok.start_thought in ids and tok.end_thought in ids
+    # untrusted text never turns into special tokens
+    plain = tok.encode(text)
+    assert tok.eot not in plain and tok.start_thought not in plain and tok.decode(plain) == text
+    assert tok.vocab_size == 260 and max(plain) < 256
+
+
+def test_every_arithmetic_rationale_ends_with_a_plus_b_and_the_extractor_reads_it_back():
+    train, test = data.arithmetic_task(n_train=300, n_test=100, min_digits=1, max_digits=7, seed=1)
+    for ex in train + test:
+        a, b = (int(s) for s in ex.question.split("+"))
+        text = data.completion(ex.rationale, ex.answer)
+        last = text.splitlines()[-1]
+        assert last == f"#### {a + b}"
+        assert data.extract_answer(text) == a + b
+        assert data.is_correct(text, ex.answer)
+        assert not data.is_correct(text.replace(f"#### {a + b}", f"#### {a + b + 1}"), ex.answer)
+        # the last scratchpad line holds the full sum (carry + digits) and empty operands
+        rest, carry, digits = ex.rationale.splitlines()[-1].split(" ")
+        assert rest == "0+0" and int(carry[1:] + digits) == a + b
+
+
+def test_arithmetic_sets_are_deterministic_and_never_overlap():
+    tr1, te1 = data.arithmetic_task(500, 200, 1, 3, seed=7)
+    tr2, te2 = data.arithmetic_task(500, 200, 1, 3, seed=7)
+    assert [e.question for e in tr1] == [e.question for e in tr2] and [e.question for e in te1] == [e.question for e in te2]
+    assert not {e.question for e in tr1} & {e.question for e in te1}
+    assert len({e.question for e in tr1}) == 500
+    _, te3 = data.arithmetic_task(500, 200, 1, 3, seed=8)
+    assert [e.question for e in te3] != [e.question for e in te1]
+    with pytest.raises(ValueError, match="distinct"):
+        data.arithmetic_task(200, 10, 1, 1, seed=0)  # only 100 one-digit pairs exist
+
+
+GSM8K_RECORDS = [
+    {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?",
+     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"},
+    {"question": "A company made $1,200,000. What is that in thousands?", "answer": "1,200,000/1000=<<1200000/1000=1200>>1,200\n#### 1,200"},
+    {"question": "The temperature fell from 5 to -3. What is it now?", "answer": "It is 5-8=<<5-8=-3>>-3.\n#### -3"},
+    {"question": "Half of one?", "answer": "1/2=<<1/2=0.5>>0.5\n#### 0.5"},
+]
+
+
+def test_gsm8k_answer_extraction_on_real_format_records():
+    exs = [data.gsm8k_example(r, "test") for r in GSM8K_RECORDS]
+    assert [e.answer for e in exs] == ["72", "1200", "-3", "0.5"]
+    assert exs[0].rationale.endswith("April and May.") and "####" not in exs[0].rationale
+    for r, e in zip(GSM8K_RECORDS, exs):
+        assert data.is_correct(r["answer"], e.answer)  # the gold text, commas and all, reads back
+    assert data.extract_answer("so the total is\n#### $1,234.50 dollars") == data.parse_number("1234.5")
+    assert data.extract_answer("#### -7") == -7
+    assert data.extract_answer("no answer line here: 42") is None
+    assert not data.is_correct("#### 73", "72") and data.is_correct("#### 72.0", "72")
+    # calculator annotations are text: a malicious one is never evaluated, only matched as a path
+    assert data.reasoning_path("x=<<__import__('os').system('x')>>1\ny<<2*3=6>>6") == ("__import__('os').system('x')", "2*3=6")
+    assert data.reasoning_path("a\n\nb ") == ("a", "b")
+
+
+def write_jsonl(path, records, raw_lines=()):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        for line in raw_lines:
+            f.write(line + "\n")
+
+
+def test_gsm8k_loader_reads_a_local_directory(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", GSM8K_RECORDS[:3])
+    write_jsonl(tmp_path / "test.jsonl", GSM8K_RECORDS[3:])
+    train, test = data.gsm8k_task(str(tmp_path))
+    assert [e.answer for e in train] == ["72", "1200", "-3"] and test[0].answer == "0.5"
+    assert train[0].question.startswith("Natalia")
+
+
+@pytest.mark.parametrize(
+    "records,raw,match",
+    [
+        ([], ["{not json"], r"train.jsonl:1: not valid JSON"),
+        (GSM8K_RECORDS[:2], ['{"question": "q"}'], r"train.jsonl:3: missing or non-text field 'answer'"),
+        ([{"question": "q", "answer": "no marker"}], [], r"train.jsonl:1: answer has no '#### <number>'"),
+        ([], [], r"train.jsonl: the file is empty"),
+        ([], ["[1, 2]"], r"train.jsonl:1: expected a JSON object"),
+    ],
+)
+def test_malformed_gsm8k_files_give_errors_that_name_file_and_line(tmp_path, records, raw, match):
+    write_jsonl(tmp_path / "train.jsonl", records, raw)
+    write_jsonl(tmp_path / "test.jsonl", GSM8K_RECORDS)
+    with pytest.raises(ValueError, match=match):
+        data.gsm8k_task(str(tmp_path))
+
+
+def test_gsm8k_without_the_hub_fails_fast_and_names_data_dir(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(data, "HUB_HOST", "unreachable.invalid")  # resolves nowhere, never the network
+    t0 = time.time()
+    with pytest.raises(ConnectionError, match="--data_dir"):
+        data.gsm8k_task(None)
+    assert time.time() - t0 < 10
+    with pytest.raises(FileNotFoundError, match="train.jsonl"):
+        data.gsm8k_task("/nonexistent/dir")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_GSM8K), reason="../shared/data/gsm8k is not here (a fresh clone)")
+def test_the_real_gsm8k_copy_parses_and_every_gold_answer_reads_back():
+    train, test = data.gsm8k_task(SHARED_GSM8K)
+    assert (len(train), len(test)) == (7473, 1319)
+    for e in train[:500] + test:
+        assert data.is_correct(data.completion(e.rationale, e.answer), e.answer)
+
+
+def test_collate_scores_only_the_completion():
+    tok = Tokenizer()
+    p, c = data.encode_example(tok, "1+2", "0+0 c0 3\n#### 3")
+    p2, c2 = data.encode_example(tok, "10+20", "#### 30")
+    x, y = data.collate([(p, c), (p2, c2)], block_size=64)
+    assert x[0, : len(p) + len(c) - 1].tolist() == (p + c)[:-1]
+    assert y[0][y[0] != -1].tolist() == c and c[-1] == tok.eot
+    assert y[1][y[1] != -1].tolist() == c2
+    assert (y[0, : len(p) - 1] == -1).all()
+    hp, _ = data.encode_example(tok, "1+2", "x", hint="3")
+    assert tok.decode(hp) == "Q: 1+2\nHint: the answer is 3\nA:\n"
+
+
+# -----------------------------------------------------------------------------
+# training, log-probs, DPO, checkpoints
+
+
+def test_sequence_logprobs_sum_the_completion_tokens_only():
+    m = tiny_model()
+    x = torch.randint(0, 40, (2, 10))
+    y = torch.full((2, 10), -1)
+    y[:, 6:] = torch.randint(0, 40, (2, 4))
+    logits, _ = m(x)
+    lp = F.log_softmax(logits, -1)
+    hand = torch.stack([sum(lp[b, t, y[b, t]] for t in range(6, 10)) for b in range(2)])
+    torch.testing.assert_close(model.sequence_logprobs(m, x, y), hand, atol=1e-5, rtol=1e-5)
+
+
+def test_dpo_loss_and_gradient_equal_a_hand_computation():
+    pc = torch.tensor([-3.0, -10.0], requires_grad=True)
+    pr = torch.tensor([-5.0, -4.0], requires_grad=True)
+    rc, rr, beta = torch.tensor([-4.0, -9.0]), torch.tensor([-5.0, -6.0]), 0.5
+    loss, metrics = model.dpo_loss(pc, pr, rc, rr, beta)
+    # pair 0: margin = (-3+4) - (-5+5) = 1; pair 1: margin = (-10+9) - (-4+6) = -3
+    z = [0.5 * 1.0, 0.5 * -3.0]
+    expect = sum(math.log(1 + math.exp(-v)) for v in z) / 2
+    assert loss.item() == pytest.approx(expect, rel=1e-6)
+    loss.backward()
+    # d/d pc of mean(-log sigmoid(beta * margin)) = -beta * sigmoid(-beta * margin) / 2
+    sig = lambda v: 1 / (1 + math.exp(-v))
+    assert pc.grad.tolist() == pytest.approx([-beta * sig(-v) / 2 for v in z], rel=1e-6)
+    assert pr.grad.tolist() == pytest.approx([beta * sig(-v) / 2 for v in z], rel=1e-6)
+    assert metrics["reward_acc"] == 0.5
+    assert metrics["chosen_reward"] == pytest.approx((0.5 * 1 + 0.5 * -1) / 2)
+
+
+def test_a_few_hundred_steps_of_fine_tuning_on_arithmetic_lower_the_loss():
+    tok = Tokenizer()
+    train, _ = data.arithmetic_task(n_train=200, n_test=10, min_digits=1, max_digits=2, seed=0)
+    pairs = [data.encode_example(tok, e.question, data.completion(e.rationale, e.answer)) for e in train]
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
+    rng = random.Random(0)
+    cfg = model.TrainConfig(steps=200, batch_size=16, lr=3e-3, warmup=10)
+    losses = model.train(m, lambda step, micro: data.collate(rng.sample(pairs, 16), 64), cfg)
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+    assert last < 1.0
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = model.TrainConfig(steps=100, lr=1.0, warmup=10, min_lr_frac=0.1)
+    lrs = [model.get_lr(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    const = model.TrainConfig(steps=100, lr=1.0, warmup=0, schedule="constant")
+    assert {model.get_lr(s, const) for s in range(100)} == {1.0}
+
+
+def test_checkpoint_round_trips_bit_exact_and_a_truncated_one_raises_a_clear_error(tmp_path):
+    m = tiny_model(tie_embeddings=False)
+    path = str(tmp_path / "ckpt.pt")
+    model.save_checkpoint(path, m, step=7, note="hi")
+    m2, extra = model.load_checkpoint(path)
+    assert extra == {"step": 7, "note": "hi"}
+    assert m2.config == m.config
+    for (k, a), (k2, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # the temp file was renamed away
+    with open(path, "rb") as f:
+        blob = f.read()
+    with open(path, "wb") as f:
+        f.write(blob[: len(blob) // 2])
+    with pytest.raises(RuntimeError, match="corrupt"):
+        model.load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        model.load_checkpoint(str(tmp_path / "missing.pt"))
