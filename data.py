@@ -278,7 +278,7 @@ def add_task_args(parser):
     g.add_argument("--n_train", type=int, default=4000, help="training questions used (gsm8k: at most this many)")
     g.add_argument("--n_test", type=int, default=500, help="test questions evaluated (gsm8k: the first this many)")
     g.add_argument("--min_digits", type=int, default=1, help="arithmetic: fewest digits per operand")
-    g.add_argument("--max_digits", type=int, default=8, help="arithmetic: most digits per operand")
+    g.add_argument("--max_digits", type=int, default=5, help="arithmetic: most digits per operand")
     g.add_argument("--data_seed", type=int, default=0, help="arithmetic: seed of the generated train/test sets")
     return g
 

@@ -342,3 +342,171 @@ def test_checkpoint_round_trips_bit_exact_and_a_truncated_one_raises_a_clear_err
         model.load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="not found"):
         model.load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+# -----------------------------------------------------------------------------
+# star.py
+
+import star  # noqa: E402
+
+TINY_STAR = ["--n_train", "120", "--n_test", "20", "--max_digits", "2", "--n_seed", "40", "--warm_steps", "30",
+             "--steps", "20", "--iters", "2", "--patience", "5", "--n_layer", "1", "--n_embd", "32", "--batch_size", "16",
+             "--threads", "2"]
+
+
+def fake_sampler(answer_for):
+    """A stand-in for star.sample: answer_for(question, hint, j) -> (text, finished) for sample j."""
+    calls = []
+
+    def fake(m, tok, questions, args, k, temperature, seed, hints=None, desc=""):
+        calls.append({"questions": list(questions), "hints": hints, "k": k})
+        return [[answer_for(q, (hints or [None] * len(questions))[i], j) for j in range(k)] for i, q in enumerate(questions)]
+
+    return fake, calls
+
+
+def test_filtering_keeps_exactly_the_correct_finished_samples(monkeypatch):
+    qs = [data.Example("1+1", "2"), data.Example("2+2", "4"), data.Example("3+3", "6")]
+
+    def answer_for(q, hint, j):
+        a = int(q[0]) * 2
+        return {
+            "1+1": ("0+0 c0 2\n#### 2", True),  # right
+            "2+2": ("0+0 c0 5\n#### 5", True),  # wrong
+            "3+3": ("0+0 c0 6\n#### 6", False),  # right answer but cut at the length limit: wrong
+        }[q] if hint is None else (f"#### {a + 1}", True)  # rationalization fails too
+
+    fake, _ = fake_sampler(answer_for)
+    monkeypatch.setattr(star, "sample", fake)
+    args = star.get_args([])
+    kept, every, stats = star.collect(None, Tokenizer(), qs, args, it=1)
+    assert [(r["question"], r["completion"]) for r in kept] == [("1+1", "0+0 c0 2\n#### 2")]
+    assert [r["correct"] for r in every] == [True, False, False]
+    assert stats["solved"] == 1 and stats["rationalized"] == 0
+
+
+def test_a_rationalized_example_is_kept_without_its_hint(monkeypatch):
+    qs = [data.Example("12+30", "42"), data.Example("5+5", "10")]
+
+    def answer_for(q, hint, j):
+        if hint is None:
+            return ("#### 0", True)  # every plain attempt fails
+        return (f"0+0 c0 {hint}\n#### {hint}", True) if q == "12+30" else ("#### 11", True)
+
+    fake, calls = fake_sampler(answer_for)
+    monkeypatch.setattr(star, "sample", fake)
+    kept, _, stats = star.collect(None, Tokenizer(), qs, star.get_args([]), it=1)
+    assert calls[1]["hints"] == ["42", "10"] and calls[0]["hints"] is None
+    assert stats["rationalized"] == 1 and len(kept) == 1
+    row = kept[0]
+    assert row["rationalized"] and row["question"] == "12+30" and "Hint" not in row["completion"]
+    p, _ = data.encode_example(Tokenizer(), row["question"], row["completion"])  # how star.py trains on it
+    assert Tokenizer().decode(p) == "Q: 12+30\nA:\n"
+    kept2, _, _ = star.collect(None, Tokenizer(), qs, star.get_args(["--no_rationalize"]), it=1)
+    assert kept2 == []
+
+
+def test_dedup_keeps_distinct_paths_and_drops_repeats():
+    a1 = "She has 3*4=<<3*4=12>>12 apples.\nThen 12+5=<<12+5=17>>17.\n#### 17"
+    a2 = "3 bags of 4 is <<3*4=12>>12; add 5: <<12+5=17>>17 in all.\n#### 17"  # same path, other words
+    b = "5+12=<<5+12=17>>17 first... <<17*1=17>>17\n#### 17"  # another path
+    kept = star.dedup([a1, a2, b, a1])
+    assert len(kept) == 2 and b in kept and (a1 in kept) != (a2 in kept)
+    # among duplicates, the one farthest in edit distance from what is already kept wins
+    far = "totally different words <<1+1=2>>2 here\n#### 2"
+    near = "x <<1+1=2>>2\n#### 2"
+    first = "y <<2*1=2>>2\n#### 2"
+    assert star.dedup([first, near, far]) == [first, far]
+    assert star.edit_distance("kitten", "sitting") == 3 and star.edit_distance("", "abc") == 3
+
+
+def lucky(real_sample):
+    """
+    Wraps star.sample: the real samples of a tiny random model are never right, so a third of
+    them (chosen by a hash of the real text, so any change in sampling changes the choice) get
+    the right answer line appended. Keeps tiny runs' iterations non-empty and deterministic.
+    """
+    import zlib
+
+    def fake(m, tok, questions, args, k, temperature, seed, hints=None, desc=""):
+        outs = real_sample(m, tok, questions, args, k, temperature, seed, hints, desc)
+        res = []
+        for q, o in zip(questions, outs):
+            gold = sum(int(x) for x in q.split("+"))
+            res.append([(f"{t}\n#### {gold}", True) if zlib.crc32((q + t).encode()) % 3 == 0 else (t, f) for t, f in o])
+        return res
+
+    return fake
+
+
+def test_each_iteration_fine_tunes_from_the_base_weights(monkeypatch, tmp_path):
+    seen = []
+    real = star.fine_tune
+
+    def spy(base_state, config, pairs, steps, args, seed, desc):
+        seen.append((desc, {k: v.clone() for k, v in base_state.items()}))
+        return real(base_state, config, pairs, steps, args, seed, desc)
+
+    monkeypatch.setattr(star, "fine_tune", spy)
+    monkeypatch.setattr(star, "sample", lucky(star.sample))
+    star.main(star.get_args(TINY_STAR + ["--out_dir", str(tmp_path / "run")]))
+    base, _ = model.load_checkpoint(str(tmp_path / "run" / "base.pt"))
+    last, extra = model.load_checkpoint(str(tmp_path / "run" / "model.pt"))
+    iters = [s for d, s in seen if d.startswith("iter")]
+    assert len(iters) == 2 and extra["iter"] == 2
+    for state in iters:
+        for k, v in base.state_dict().items():
+            assert torch.equal(state[k], v), k
+    assert any(not torch.equal(a, b) for a, b in zip(last.state_dict().values(), base.state_dict().values()))
+    metrics = star.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+    assert [r["iter"] for r in metrics] == [0, 1, 2]
+    assert metrics[2]["steps"] == round(20 * 1.2) and metrics[1]["kept"] > 0
+
+
+def test_resume_after_a_crash_gives_the_same_kept_set(monkeypatch, tmp_path):
+    monkeypatch.setattr(star, "sample", lucky(star.sample))
+    args = TINY_STAR + ["--samples", "2", "--temperature", "1.0"]
+    full = tmp_path / "full"
+    star.main(star.get_args(args + ["--out_dir", str(full)]))
+    crashed = tmp_path / "crashed"
+    real = star.collect
+
+    def crash_on_iter2(m, tok, questions, a, it):
+        if it == 2:
+            raise KeyboardInterrupt("simulated crash while sampling iteration 2")
+        return real(m, tok, questions, a, it)
+
+    monkeypatch.setattr(star, "collect", crash_on_iter2)
+    with pytest.raises(KeyboardInterrupt):
+        star.main(star.get_args(args + ["--out_dir", str(crashed)]))
+    assert (crashed / "iter1_kept.jsonl").exists() and not (crashed / "iter2_kept.jsonl").exists()
+    monkeypatch.setattr(star, "collect", real)
+    with pytest.raises(SystemExit, match="--resume"):
+        star.main(star.get_args(args + ["--out_dir", str(crashed)]))
+    star.main(star.get_args(args + ["--out_dir", str(crashed), "--resume"]))
+    for it in (1, 2):
+        kept = star.read_jsonl(str(crashed / f"iter{it}_kept.jsonl"))
+        assert kept and kept == star.read_jsonl(str(full / f"iter{it}_kept.jsonl"))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]
+    assert strip(star.read_jsonl(str(crashed / "metrics.jsonl"))) == strip(star.read_jsonl(str(full / "metrics.jsonl")))
+
+
+def test_v_star_mode_trains_a_verifier_and_reports_greedy_majority_verifier_and_pass_at_n(monkeypatch, tmp_path):
+    monkeypatch.setattr(star, "sample", lucky(star.sample))
+    args = TINY_STAR + ["--iters", "1", "--verifier", "--eval_samples", "3", "--verifier_steps", "5",
+                        "--temperature", "1.0", "--samples", "2", "--out_dir", str(tmp_path / "v")]
+    star.main(star.get_args(args))
+    (res,) = star.read_jsonl(str(tmp_path / "v" / "verifier.jsonl"))
+    assert set(res) >= {"acc", "maj@3", "verifier@3", "pass@3", "pairs"} and res["pairs"] > 0
+    assert res["verifier@3"] <= res["pass@3"] and res["maj@3"] <= res["pass@3"]
+    rows = star.read_jsonl(str(tmp_path / "v" / "iter1_samples.jsonl"))
+    assert {r["correct"] for r in rows} == {True, False}
+
+
+def test_verifier_preference_pairs_put_a_correct_sample_over_an_incorrect_one():
+    qs = [data.Example("1+1", "2"), data.Example("2+2", "4")]
+    rows = [{"q": 0, "completion": "#### 2", "correct": True}, {"q": 0, "completion": "#### 3", "correct": False},
+            {"q": 0, "completion": "#### 5", "correct": False}, {"q": 1, "completion": "#### 4", "correct": True}]
+    pairs = star.preference_pairs(qs, rows, per_question=4, seed=0)
+    assert sorted(pairs) == [("1+1", "#### 2", "#### 3"), ("1+1", "#### 2", "#### 5")]
+    assert len(star.preference_pairs(qs, rows, per_question=1, seed=0)) == 1

@@ -1,0 +1,110 @@
+"""
+Speed, measured side by side in one run. Nothing here is a test: tests check correctness,
+this file shows ratios.
+
+    python bench.py                      # sampler: cached vs no-cache vs transformers' generate()
+    python bench.py --sections sampler --full   # also the no-cache path at the larger shape
+
+Sections:
+- sampler: tokens/s of nanostar's KV-cached batched sampler against its own no-cache path,
+  and against `LlamaForCausalLM.generate()` (random weights, same shapes, KV cache on)
+  when `transformers` happens to be installed. Greedy, no early stop: every row makes
+  exactly `new` tokens, so every path does the same work.
+"""
+
+import argparse
+import time
+
+import torch
+
+import model
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+
+
+def timeit(fn, repeat):
+    """Best wall time of `repeat` runs after one warm-up run (best-of hides other processes' noise)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def hf_llama(cfg):
+    """The same model shape as a transformers LlamaForCausalLM, or None if transformers is missing."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+        max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.qkv_bias,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return LlamaForCausalLM(hf_cfg).eval()
+
+
+def bench_sampler(args):
+    shapes = [
+        ("4L x 256 wide, 4 heads, vocab 512", dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=4, vocab_size=512)),
+        ("8L x 512 wide, 8 heads (2 kv), vocab 512", dict(n_layer=8, n_embd=512, n_head=8, n_kv_head=2, vocab_size=512)),
+    ]
+    P, N = args.prompt_len, args.new_tokens
+    print(f"sampler: {P} prompt + {N} new tokens, greedy, tokens/s = batch * {N} / best of {args.repeat} runs")
+    print(f"{'shape':42s} {'batch':>5s} {'nanostar':>10s} {'no-cache':>10s} {'HF generate':>12s} {'vs no-cache':>12s} {'vs HF':>7s}")
+    for si, (name, kw) in enumerate(shapes):
+        cfg = GPTConfig(block_size=P + N, **kw)
+        torch.manual_seed(0)
+        m = GPT(cfg).eval()
+        hf = hf_llama(cfg) if not args.no_hf else None
+        for B in args.batches:
+            prompts = torch.randint(3, cfg.vocab_size, (B, P))
+            plist = prompts.tolist()
+            ours = timeit(lambda: model.generate(m, plist, N, temperature=0.0), args.repeat)
+            tps = lambda sec: B * N / sec
+            row = f"{name:42s} {B:5d} {tps(ours):10.0f}"
+            if si == 0 or args.full:
+                ref = timeit(lambda: model.generate_reference(m, plist, N, temperature=0.0), 1 if B > 1 else args.repeat)
+                row += f" {tps(ref):10.0f}"
+            else:
+                ref = None
+                row += f" {'-':>10s}"
+            if hf is not None:
+                def run_hf():
+                    with torch.no_grad():
+                        hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=N, min_new_tokens=N,
+                                    do_sample=False, use_cache=True, pad_token_id=0)
+                hft = timeit(run_hf, args.repeat)
+                row += f" {tps(hft):12.0f}"
+            else:
+                hft = None
+                row += f" {'(absent)':>12s}"
+            row += f" {ref / ours:11.1f}x" if ref else f" {'-':>12s}"
+            row += f" {hft / ours:6.1f}x" if hft else f" {'-':>7s}"
+            print(row, flush=True)
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", default=["sampler"], choices=["sampler"], help="what to time")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="sampler batch sizes")
+    parser.add_argument("--prompt_len", type=int, default=32, help="sampler prompt length")
+    parser.add_argument("--new_tokens", type=int, default=128, help="sampler tokens generated per row")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (best is kept)")
+    parser.add_argument("--full", action="store_true", help="also time the slow no-cache path at the larger shape")
+    parser.add_argument("--no_hf", action="store_true", help="skip transformers even when it is installed")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
+    if "sampler" in args.sections:
+        bench_sampler(args)
