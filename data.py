@@ -20,11 +20,16 @@ import os
 import random
 import re
 import socket
+import sys
+import time
+from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
 import tiktoken
 import torch
+
+import model
 
 # -----------------------------------------------------------------------------
 # tokenizer: byte-level tiktoken Encoding built in code (no download, ever)
@@ -320,3 +325,263 @@ def encode_example(tok, question, completion_text, hint=None):
     """(prompt_ids, completion_ids + [eot]) for one training example; hint: the answer to show."""
     p = hint_prompt(question, hint) if hint is not None else prompt(question)
     return tok.encode(p), tok.encode(completion_text) + [tok.eot]
+
+
+# -----------------------------------------------------------------------------
+# files of a run: every write is atomic, so a crash leaves the last finished step intact
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_rows(path, rows):
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+RUN_ARGS = {"resume", "out_dir", "device", "threads", "gen_batch", "compile"}  # may differ on resume
+
+
+def open_run(args):
+    """Create out_dir, or check on --resume that it belongs to the same settings."""
+    cfg_path = os.path.join(args.out_dir, "config.json")
+    mine = {k: v for k, v in vars(args).items() if k not in RUN_ARGS}
+    if os.path.exists(cfg_path):
+        if not args.resume:
+            sys.exit(f"{args.out_dir} already holds a run: pass --resume to continue it, or another --out_dir")
+        with open(cfg_path) as f:
+            theirs = {k: v for k, v in json.load(f).items() if k not in RUN_ARGS}
+        diff = {k: (theirs.get(k), mine.get(k)) for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k)}
+        if diff:
+            sys.exit(f"--resume with other settings than the run in {args.out_dir}: {diff}")
+    else:
+        os.makedirs(args.out_dir, exist_ok=True)
+        write_atomic(cfg_path, json.dumps(vars(args), indent=2))
+
+
+# -----------------------------------------------------------------------------
+# solving questions with a model: sampling, grading, de-duplication (star.py and stepdpo.py)
+
+
+def sample(m, tok, questions, args, k, temperature, seed, hints=None, desc="sample"):
+    """
+    k completions (decoded text) for each question, KV-cached and batched.
+    hints: the answers to show in the prompt (rationalization), or None.
+    Returns a list of len(questions) lists of k (text, finished) pairs.
+    """
+    from tqdm import tqdm
+
+    g = model.make_generator(seed, m.lm_head.weight.device)
+    prompts = [tok.encode(hint_prompt(q, h) if hints else prompt(q)) for q, h in zip(questions, hints or questions)]
+    out = []
+    per_batch = max(1, args.gen_batch // k)
+    for i in tqdm(range(0, len(prompts), per_batch), desc=desc, leave=False, disable=None):
+        chunk = prompts[i : i + per_batch]
+        max_new = min(args.max_new_tokens, m.config.block_size - max(len(p) for p in chunk))
+        s = model.generate(m, chunk, max_new, temperature, args.top_k, tok.eot, g, num_samples=k)
+        texts = [tok.decode(c) for c in s.completions()]
+        fin = s.finished.tolist()
+        for j in range(len(chunk)):
+            out.append(list(zip(texts[j * k : (j + 1) * k], fin[j * k : (j + 1) * k])))
+    return out
+
+
+def correct(text, finished, answer):
+    """A sample counts only if it ended by itself (not cut at the length limit) with the right answer."""
+    return finished and is_correct(text, answer)
+
+
+def edit_distance(a, b):
+    """Levenshtein distance between two strings (one row of the DP table at a time)."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def dedup(texts):
+    """
+    RFT's de-duplication of one question's correct samples: one per distinct reasoning path
+    (`reasoning_path`); among the samples of a path, the one farthest in edit distance from
+    those already kept. Returns the kept texts, first-seen path first.
+    """
+    groups = {}
+    for t in texts:
+        groups.setdefault(reasoning_path(strip_answer(t)), []).append(t)
+    kept = []
+    for members in groups.values():
+        if not kept or len(members) == 1:
+            kept.append(members[0])
+        else:
+            kept.append(max(members, key=lambda t: min(edit_distance(t, k) for k in kept)))
+    return kept
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning and evaluation
+
+
+def fine_tune(base_state, config, pairs, steps, args, seed, desc):
+    """A fresh copy of the base weights fine-tuned on (prompt_ids, completion_ids) pairs."""
+    torch.manual_seed(seed)
+    m = model.GPT(config).to(args.device)
+    m.load_state_dict(base_state)
+    rng = random.Random(seed)
+    order = []
+
+    def get_batch(step, micro):
+        batch = []
+        while len(batch) < args.batch_size:
+            if not order:  # shuffled epochs: every example is seen once before any is seen twice
+                order.extend(rng.sample(range(len(pairs)), len(pairs)))
+            batch.append(pairs[order.pop()])
+        return collate(batch, config.block_size, args.device)
+
+    cfg = model.TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=min(20, steps // 10), compile=args.compile)
+    losses = model.train(m, get_batch, cfg, desc=desc)
+    return m, losses[-1] if losses else float("nan")
+
+
+def seed_pairs(tok, seed_set, answer_only=False):
+    """The warm-start data: every seed example plain and, for rationalization, with its hint."""
+    pairs = []
+    for e in seed_set:
+        text = completion("" if answer_only else e.rationale, e.answer)
+        pairs.append(encode_example(tok, e.question, text))
+        if not answer_only:
+            pairs.append(encode_example(tok, e.question, text, hint=e.answer))
+    return pairs
+
+
+def majority(answers):
+    """The most common parsed answer (ties: the first seen), or None."""
+    answers = [a for a in answers if a is not None]
+    return Counter(answers).most_common(1)[0][0] if answers else None
+
+
+def evaluate(m, tok, test, args, seed, scorer=None):
+    """
+    Greedy accuracy; with --eval_samples N also maj@N and pass@N; with a scorer (question,
+    [completions]) -> [scores], the accuracy of the best-scored of the N (a verifier's best-of-N).
+    """
+    res = {}
+    greedy = sample(m, tok, [e.question for e in test], args, 1, 0.0, seed, desc="eval greedy")
+    res["acc"] = sum(correct(o[0][0], o[0][1], e.answer) for e, o in zip(test, greedy)) / len(test)
+    if args.eval_samples > 1:
+        n = args.eval_samples
+        outs = sample(m, tok, [e.question for e in test], args, n, args.eval_temperature, seed + 1, desc=f"eval {n} samples")
+        maj, oracle, best = 0, 0, 0
+        for e, o in zip(test, outs):
+            ans = [extract_answer(t) if f else None for t, f in o]
+            maj += answers_match(majority(ans), e.answer)
+            oracle += any(correct(t, f, e.answer) for t, f in o)
+        res[f"maj@{n}"], res[f"pass@{n}"] = maj / len(test), oracle / len(test)
+        if scorer is not None:
+            for e, o in zip(test, outs):
+                scores = scorer(e.question, [t for t, _ in o])
+                t, f = o[int(torch.tensor(scores).argmax())]
+                best += correct(t, f, e.answer)
+            res[f"verifier@{n}"] = best / len(test)
+    return res
+
+
+def base_block_size(args):
+    """The context of the model the run starts from: --init's, --block_size, or the task's default."""
+    if args.init:
+        return model.load_checkpoint(args.init)[0].config.block_size
+    return args.block_size or (1024 if args.dataset == "gsm8k" else 256)
+
+
+
+
+# -----------------------------------------------------------------------------
+# the setup every script shares: model and run flags, task loading, the warm start
+
+
+def add_model_args(parser):
+    g = parser.add_argument_group("model and warm start")
+    g.add_argument("--init", default=None, help="start from this checkpoint instead of a warm start from scratch")
+    g.add_argument("--n_layer", type=int, default=3, help="transformer blocks (from scratch)")
+    g.add_argument("--n_embd", type=int, default=96, help="model width (from scratch)")
+    g.add_argument("--n_head", type=int, default=4, help="attention heads (from scratch)")
+    g.add_argument("--block_size", type=int, default=0, help="context length (from scratch; 0 = 256 for arithmetic, 1024 for gsm8k)")
+    g.add_argument("--n_seed", type=int, default=256, help="worked examples for the warm start (taken from the train set)")
+    g.add_argument("--warm_steps", type=int, default=1000, help="fine-tuning steps of the warm start")
+    g.add_argument("--max_new_tokens", type=int, default=0, help="cut generations at this length (0 = from the task)")
+    return g
+
+
+def add_run_args(parser, out_dir):
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    g.add_argument("--batch_size", type=int, default=32, help="sequences per training step")
+    g.add_argument("--gen_batch", type=int, default=512, help="sequences per sampling batch")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g = parser.add_argument_group("run")
+    g.add_argument("--out_dir", default=out_dir, help="where the run's files go")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last finished step")
+    g.add_argument("--seed", type=int, default=1337, help="seed of init, sampling and batching")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    return g
+
+
+def prepare_task(args, tok):
+    """
+    Load the task, drop examples longer than the context (saying how many), split off the seed
+    set, and set args.max_new_tokens from the task when it is 0. Returns (seed_set, questions,
+    test, block_size).
+    """
+    train_set, test = task_from_args(args)
+    block_size = base_block_size(args)
+    fits = lambda e: len(tok.encode(hint_prompt(e.question, e.answer) + completion(e.rationale, e.answer))) + 1 <= block_size
+    for name, split in (("train", train_set), ("test", test)):
+        kept = [e for e in split if fits(e)]
+        if len(kept) < len(split):
+            print(f"dropped {len(split) - len(kept)} of {len(split)} {name} examples longer than block_size {block_size}")
+        split[:] = kept
+    if args.n_seed >= len(train_set):
+        sys.exit(f"--n_seed {args.n_seed} leaves no training questions out of {len(train_set)}")
+    if args.max_new_tokens == 0:  # room for the longest gold solution, and a quarter more
+        longest = max(len(tok.encode(completion(e.rationale, e.answer))) for e in train_set)
+        args.max_new_tokens = min(int(longest * 1.25) + 8, block_size)
+    seed_set, questions = train_set[: args.n_seed], train_set[args.n_seed :]
+    print(f"task {args.dataset}: {len(seed_set)} seed, {len(questions)} train questions, {len(test)} test; "
+          f"generations cut at {args.max_new_tokens} tokens")
+    return seed_set, questions, test, block_size
+
+
+def warm_start(args, tok, seed_set, block_size, path, answer_only=False):
+    """
+    The base model: loaded from `path` if a run already made it, else --init, else a fresh
+    model fine-tuned on the seed set (plain and hinted). Saved to `path` either way.
+    """
+    t0 = time.time()
+    if os.path.exists(path):
+        print(f"resumed: warm-start model from {path}")
+        return model.load_checkpoint(path, args.device)[0]
+    if args.init:
+        base, _ = model.load_checkpoint(args.init, args.device)
+        model.save_checkpoint(path, base)
+        return base
+    config = model.GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
+                             n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
+    torch.manual_seed(args.seed)
+    init_state = model.GPT(config).state_dict()
+    base, loss = fine_tune(init_state, config, seed_pairs(tok, seed_set, answer_only), args.warm_steps, args, args.seed, "warm start")
+    model.save_checkpoint(path, base)
+    print(f"warm start: {base.num_params():,} parameters, {args.warm_steps} steps, loss {loss:.4f}, {time.time() - t0:.0f}s")
+    return base

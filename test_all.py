@@ -355,7 +355,7 @@ TINY_STAR = ["--n_train", "120", "--n_test", "20", "--max_digits", "2", "--n_see
 
 
 def fake_sampler(answer_for):
-    """A stand-in for star.sample: answer_for(question, hint, j) -> (text, finished) for sample j."""
+    """A stand-in for data.sample: answer_for(question, hint, j) -> (text, finished) for sample j."""
     calls = []
 
     def fake(m, tok, questions, args, k, temperature, seed, hints=None, desc=""):
@@ -377,7 +377,7 @@ def test_filtering_keeps_exactly_the_correct_finished_samples(monkeypatch):
         }[q] if hint is None else (f"#### {a + 1}", True)  # rationalization fails too
 
     fake, _ = fake_sampler(answer_for)
-    monkeypatch.setattr(star, "sample", fake)
+    monkeypatch.setattr(data, "sample", fake)
     args = star.get_args([])
     kept, every, stats = star.collect(None, Tokenizer(), qs, args, it=1)
     assert [(r["question"], r["completion"]) for r in kept] == [("1+1", "0+0 c0 2\n#### 2")]
@@ -394,7 +394,7 @@ def test_a_rationalized_example_is_kept_without_its_hint(monkeypatch):
         return (f"0+0 c0 {hint}\n#### {hint}", True) if q == "12+30" else ("#### 11", True)
 
     fake, calls = fake_sampler(answer_for)
-    monkeypatch.setattr(star, "sample", fake)
+    monkeypatch.setattr(data, "sample", fake)
     kept, _, stats = star.collect(None, Tokenizer(), qs, star.get_args([]), it=1)
     assert calls[1]["hints"] == ["42", "10"] and calls[0]["hints"] is None
     assert stats["rationalized"] == 1 and len(kept) == 1
@@ -410,19 +410,19 @@ def test_dedup_keeps_distinct_paths_and_drops_repeats():
     a1 = "She has 3*4=<<3*4=12>>12 apples.\nThen 12+5=<<12+5=17>>17.\n#### 17"
     a2 = "3 bags of 4 is <<3*4=12>>12; add 5: <<12+5=17>>17 in all.\n#### 17"  # same path, other words
     b = "5+12=<<5+12=17>>17 first... <<17*1=17>>17\n#### 17"  # another path
-    kept = star.dedup([a1, a2, b, a1])
+    kept = data.dedup([a1, a2, b, a1])
     assert len(kept) == 2 and b in kept and (a1 in kept) != (a2 in kept)
     # among duplicates, the one farthest in edit distance from what is already kept wins
     far = "totally different words <<1+1=2>>2 here\n#### 2"
     near = "x <<1+1=2>>2\n#### 2"
     first = "y <<2*1=2>>2\n#### 2"
-    assert star.dedup([first, near, far]) == [first, far]
-    assert star.edit_distance("kitten", "sitting") == 3 and star.edit_distance("", "abc") == 3
+    assert data.dedup([first, near, far]) == [first, far]
+    assert data.edit_distance("kitten", "sitting") == 3 and data.edit_distance("", "abc") == 3
 
 
 def lucky(real_sample):
     """
-    Wraps star.sample: the real samples of a tiny random model are never right, so a third of
+    Wraps data.sample: the real samples of a tiny random model are never right, so a third of
     them (chosen by a hash of the real text, so any change in sampling changes the choice) get
     the right answer line appended. Keeps tiny runs' iterations non-empty and deterministic.
     """
@@ -441,14 +441,14 @@ def lucky(real_sample):
 
 def test_each_iteration_fine_tunes_from_the_base_weights(monkeypatch, tmp_path):
     seen = []
-    real = star.fine_tune
+    real = data.fine_tune
 
     def spy(base_state, config, pairs, steps, args, seed, desc):
         seen.append((desc, {k: v.clone() for k, v in base_state.items()}))
         return real(base_state, config, pairs, steps, args, seed, desc)
 
-    monkeypatch.setattr(star, "fine_tune", spy)
-    monkeypatch.setattr(star, "sample", lucky(star.sample))
+    monkeypatch.setattr(data, "fine_tune", spy)
+    monkeypatch.setattr(data, "sample", lucky(data.sample))
     star.main(star.get_args(TINY_STAR + ["--out_dir", str(tmp_path / "run")]))
     base, _ = model.load_checkpoint(str(tmp_path / "run" / "base.pt"))
     last, extra = model.load_checkpoint(str(tmp_path / "run" / "model.pt"))
@@ -458,13 +458,13 @@ def test_each_iteration_fine_tunes_from_the_base_weights(monkeypatch, tmp_path):
         for k, v in base.state_dict().items():
             assert torch.equal(state[k], v), k
     assert any(not torch.equal(a, b) for a, b in zip(last.state_dict().values(), base.state_dict().values()))
-    metrics = star.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+    metrics = data.read_rows(str(tmp_path / "run" / "metrics.jsonl"))
     assert [r["iter"] for r in metrics] == [0, 1, 2]
     assert metrics[2]["steps"] == round(20 * 1.2) and metrics[1]["kept"] > 0
 
 
 def test_resume_after_a_crash_gives_the_same_kept_set(monkeypatch, tmp_path):
-    monkeypatch.setattr(star, "sample", lucky(star.sample))
+    monkeypatch.setattr(data, "sample", lucky(data.sample))
     args = TINY_STAR + ["--samples", "2", "--temperature", "1.0"]
     full = tmp_path / "full"
     star.main(star.get_args(args + ["--out_dir", str(full)]))
@@ -485,21 +485,21 @@ def test_resume_after_a_crash_gives_the_same_kept_set(monkeypatch, tmp_path):
         star.main(star.get_args(args + ["--out_dir", str(crashed)]))
     star.main(star.get_args(args + ["--out_dir", str(crashed), "--resume"]))
     for it in (1, 2):
-        kept = star.read_jsonl(str(crashed / f"iter{it}_kept.jsonl"))
-        assert kept and kept == star.read_jsonl(str(full / f"iter{it}_kept.jsonl"))
+        kept = data.read_rows(str(crashed / f"iter{it}_kept.jsonl"))
+        assert kept and kept == data.read_rows(str(full / f"iter{it}_kept.jsonl"))
     strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]
-    assert strip(star.read_jsonl(str(crashed / "metrics.jsonl"))) == strip(star.read_jsonl(str(full / "metrics.jsonl")))
+    assert strip(data.read_rows(str(crashed / "metrics.jsonl"))) == strip(data.read_rows(str(full / "metrics.jsonl")))
 
 
 def test_v_star_mode_trains_a_verifier_and_reports_greedy_majority_verifier_and_pass_at_n(monkeypatch, tmp_path):
-    monkeypatch.setattr(star, "sample", lucky(star.sample))
+    monkeypatch.setattr(data, "sample", lucky(data.sample))
     args = TINY_STAR + ["--iters", "1", "--verifier", "--eval_samples", "3", "--verifier_steps", "5",
                         "--temperature", "1.0", "--samples", "2", "--out_dir", str(tmp_path / "v")]
     star.main(star.get_args(args))
-    (res,) = star.read_jsonl(str(tmp_path / "v" / "verifier.jsonl"))
+    (res,) = data.read_rows(str(tmp_path / "v" / "verifier.jsonl"))
     assert set(res) >= {"acc", "maj@3", "verifier@3", "pass@3", "pairs"} and res["pairs"] > 0
     assert res["verifier@3"] <= res["pass@3"] and res["maj@3"] <= res["pass@3"]
-    rows = star.read_jsonl(str(tmp_path / "v" / "iter1_samples.jsonl"))
+    rows = data.read_rows(str(tmp_path / "v" / "iter1_samples.jsonl"))
     assert {r["correct"] for r in rows} == {True, False}
 
 
