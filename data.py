@@ -321,10 +321,13 @@ def collate(pairs, block_size, device="cpu"):
     return x.to(device), y.to(device)
 
 
-def encode_example(tok, question, completion_text, hint=None):
-    """(prompt_ids, completion_ids + [eot]) for one training example; hint: the answer to show."""
+def encode_example(tok, question, completion_text, hint=None, complete=True):
+    """
+    (prompt_ids, completion_ids + [eot]) for one training example; hint: the answer to show.
+    complete=False leaves out the end token: a partial solution (stepdpo's cut rejected side).
+    """
     p = hint_prompt(question, hint) if hint is not None else prompt(question)
-    return tok.encode(p), tok.encode(completion_text) + [tok.eot]
+    return tok.encode(p), tok.encode(completion_text) + ([tok.eot] if complete else [])
 
 
 # -----------------------------------------------------------------------------
@@ -386,7 +389,7 @@ def sample(m, tok, questions, args, k, temperature, seed, hints=None, desc="samp
     for i in tqdm(range(0, len(prompts), per_batch), desc=desc, leave=False, disable=None):
         chunk = prompts[i : i + per_batch]
         max_new = min(args.max_new_tokens, m.config.block_size - max(len(p) for p in chunk))
-        s = model.generate(m, chunk, max_new, temperature, args.top_k, tok.eot, g, num_samples=k)
+        s = model.generate(m, chunk, max_new, temperature, getattr(args, "top_k", None), tok.eot, g, num_samples=k)
         texts = [tok.decode(c) for c in s.completions()]
         fin = s.finished.tolist()
         for j in range(len(chunk)):
@@ -480,7 +483,7 @@ def evaluate(m, tok, test, args, seed, scorer=None):
     res = {}
     greedy = sample(m, tok, [e.question for e in test], args, 1, 0.0, seed, desc="eval greedy")
     res["acc"] = sum(correct(o[0][0], o[0][1], e.answer) for e, o in zip(test, greedy)) / len(test)
-    if args.eval_samples > 1:
+    if getattr(args, "eval_samples", 0) > 1:
         n = args.eval_samples
         outs = sample(m, tok, [e.question for e in test], args, n, args.eval_temperature, seed + 1, desc=f"eval {n} samples")
         maj, oracle, best = 0, 0, 0
@@ -585,3 +588,57 @@ def warm_start(args, tok, seed_set, block_size, path, answer_only=False):
     model.save_checkpoint(path, base)
     print(f"warm start: {base.num_params():,} parameters, {args.warm_steps} steps, loss {loss:.4f}, {time.time() - t0:.0f}s")
     return base
+
+
+# -----------------------------------------------------------------------------
+# DPO training (star.py's verifier, stepdpo.py)
+
+
+def reference_logprobs(ref, pairs, args, block_size):
+    """Summed log-probs under the frozen reference of every (chosen, rejected) pair, once, no grad."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(pairs), args.gen_batch):
+            seqs = [s for pair in pairs[i : i + args.gen_batch] for s in pair]  # c0, r0, c1, r1, ...
+            x, y = collate(seqs, block_size, args.device)
+            with model.autocast(args.device):
+                lp = model.sequence_logprobs(ref, x, y).float()
+            out.append(lp.view(-1, 2))
+    return torch.cat(out).cpu()  # (n_pairs, 2): chosen, rejected
+
+
+def dpo_train(base_state, config, pairs, steps, lr, beta, args, seed, sft_weight=0.0, desc="DPO"):
+    """
+    DPO from the base weights; the frozen base model is the reference, its log-probs computed
+    once before training. pairs: list of (chosen, rejected), each a (prompt_ids, completion_ids)
+    as from encode_example (a completion without <|endoftext|> is a partial solution).
+    sft_weight adds that times the mean token NLL of the chosen side. Returns (model, last loss).
+    """
+    ref = model.GPT(config).to(args.device)
+    ref.load_state_dict(base_state)
+    ref_lp = reference_logprobs(ref, pairs, args, config.block_size)
+    del ref
+    torch.manual_seed(seed)
+    m = model.GPT(config).to(args.device)
+    m.load_state_dict(base_state)
+    rng = random.Random(seed)
+    n = max(1, min(args.batch_size // 2, len(pairs)))
+
+    def get_batch(step, micro):
+        idx = rng.sample(range(len(pairs)), n)
+        x, y = collate([pairs[i][0] for i in idx] + [pairs[i][1] for i in idx], config.block_size, args.device)
+        return x, y, ref_lp[idx].to(args.device)
+
+    def loss_fn(m, batch):
+        x, y, ref = batch
+        _, tok_loss = m(x, targets=y)
+        lp = -(tok_loss * (y != -1)).sum(dim=1)  # = model.sequence_logprobs, sharing the forward with the SFT term
+        loss, metrics = model.dpo_loss(lp[:n], lp[n:], ref[:, 0], ref[:, 1], beta)
+        if sft_weight:
+            chosen = y[:n] != -1
+            loss = loss + sft_weight * (tok_loss[:n] * chosen).sum() / chosen.sum()
+        return loss, metrics
+
+    cfg = model.TrainConfig(steps=steps, batch_size=2 * n, lr=lr, warmup=min(20, steps // 10), compile=args.compile)
+    losses = model.train(m, get_batch, cfg, loss_fn=loss_fn, desc=desc)
+    return m, losses[-1] if losses else float("nan")

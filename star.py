@@ -162,30 +162,12 @@ def preference_pairs(questions, sample_rows, per_question, seed):
 
 def train_verifier(base_state, config, tok, pairs, args):
     """DPO from the warm-start weights; the frozen warm-start model is the reference."""
+    enc = [(data.encode_example(tok, q, g), data.encode_example(tok, q, b)) for q, g, b in pairs]
+    verifier, loss = data.dpo_train(base_state, config, enc, args.verifier_steps, args.lr / 3, args.beta, args, args.seed + 7,
+                                    desc="verifier DPO")
     ref = GPT(config).to(args.device)
     ref.load_state_dict(base_state)
-    ref.requires_grad_(False)
-    verifier = GPT(config).to(args.device)
-    verifier.load_state_dict(base_state)
-    enc = [(data.encode_example(tok, q, g), data.encode_example(tok, q, b)) for q, g, b in pairs]
-    rng = random.Random(args.seed + 7)
-
-    def get_batch(step, micro):
-        batch = rng.sample(enc, min(args.batch_size // 2, len(enc)))
-        x, y = data.collate([c for c, _ in batch] + [r for _, r in batch], config.block_size, args.device)
-        with torch.no_grad():  # reference log-probs carry no gradient
-            ref_lp = model.sequence_logprobs(ref, x, y)
-        return x, y, ref_lp
-
-    def loss_fn(m, batch):
-        x, y, ref_lp = batch
-        lp = model.sequence_logprobs(m, x, y)
-        n = x.size(0) // 2
-        return model.dpo_loss(lp[:n], lp[n:], ref_lp[:n], ref_lp[n:], args.beta)
-
-    cfg = model.TrainConfig(steps=args.verifier_steps, lr=args.lr / 3, warmup=20, compile=args.compile)
-    losses = model.train(verifier, get_batch, cfg, loss_fn=loss_fn, desc="verifier DPO")
-    return verifier, ref, losses[-1]
+    return verifier, ref, loss
 
 
 # -----------------------------------------------------------------------------

@@ -510,3 +510,113 @@ def test_verifier_preference_pairs_put_a_correct_sample_over_an_incorrect_one():
     pairs = star.preference_pairs(qs, rows, per_question=4, seed=0)
     assert sorted(pairs) == [("1+1", "#### 2", "#### 3"), ("1+1", "#### 2", "#### 5")]
     assert len(star.preference_pairs(qs, rows, per_question=1, seed=0)) == 1
+
+
+# -----------------------------------------------------------------------------
+# stepdpo.py
+
+import stepdpo  # noqa: E402
+
+TINY_DPO = ["--n_train", "120", "--n_test", "20", "--max_digits", "2", "--n_seed", "40", "--warm_steps", "30",
+            "--n_questions", "24", "--samples", "3", "--rollouts", "3", "--temperature", "1.0", "--train_steps", "6",
+            "--n_layer", "1", "--n_embd", "32", "--batch_size", "8", "--threads", "2", "--show", "1"]
+
+
+def hashed_grade(monkeypatch, k=3):
+    """Grade a text right when a hash of it says so: any change in the sampled tokens changes the grade."""
+    import zlib
+
+    monkeypatch.setattr(data, "correct", lambda text, finished, answer: zlib.crc32(text.encode()) % k == 0)
+
+
+def test_critical_step_is_the_first_minimum_not_a_later_one():
+    assert stepdpo.critical_step([0.5, 0.0, 0.25, 0.0]) == 1
+    assert stepdpo.critical_step([0.75, 0.5, 0.5, 1.0]) == 1
+    assert stepdpo.critical_step([1.0, 1.0, 1.0]) == 0
+    assert stepdpo.critical_step([0.25, 0.5, 0.0]) == 2
+
+
+def test_rejected_side_is_cut_exactly_after_the_critical_step():
+    samples = [
+        {"q": 0, "question": "12+34", "completion": "1+3 c0 6\n0+0 c0 46\n#### 46", "finished": True, "correct": True},
+        {"q": 0, "question": "12+34", "completion": "1+3 c0 7\n0+0 c0 47\n#### 47", "finished": True, "correct": False},
+        {"q": 1, "question": "5+5", "completion": "#### 11", "finished": True, "correct": False},  # no right one: no pair
+    ]
+    steps = data.split_steps(samples[1]["completion"])
+    assert steps == ["1+3 c0 7\n", "0+0 c0 47\n", "#### 47"]
+    q_rows = [{"sample": 1, "steps": steps, "q_values": [0.0, 0.0, 0.0], "critical": 0},
+              {"sample": 2, "steps": ["#### 11"], "q_values": [0.0], "critical": 0}]
+    (pair,) = stepdpo.make_pairs(samples, q_rows, "perstep", seed=0)
+    assert pair["chosen"] == samples[0]["completion"]
+    assert pair["rejected"] == "1+3 c0 7\n" and not pair["rejected_complete"]
+    q_rows[0]["critical"] = 2  # the pit is the answer line itself: the whole (finished) solution
+    (pair,) = stepdpo.make_pairs(samples, q_rows, "perstep", seed=0)
+    assert pair["rejected"] == samples[1]["completion"] and pair["rejected_complete"]
+    (plain,) = stepdpo.make_pairs(samples, [], "plain", seed=0)
+    assert plain["rejected"] == samples[1]["completion"] and plain["rejected_complete"]
+    # a cut rejected side is encoded without the end token, a whole one with it
+    tok = Tokenizer()
+    assert data.encode_example(tok, "q", "1+3 c0 7\n", complete=False)[1][-1] != tok.eot
+    assert data.encode_example(tok, "q", "#### 47")[1][-1] == tok.eot
+
+
+def test_q_values_with_a_forced_continuation_are_0_or_1_and_match_the_no_cache_path():
+    m = tiny_model(vocab_size=260, block_size=128, n_layer=1, std=0.1)
+    tok = Tokenizer()
+    args = stepdpo.get_args(TINY_DPO + ["--temperature", "0.0"])
+    args.max_new_tokens = 12
+    items = [("1+2", "3", ["0+0 c0 3\n", "#### 3"], True), ("4+4", "8", ["0+0 c0 9\n", "0+0 c0 9\n", "#### 9"], False)]
+    qv = stepdpo.mc_q_values(m, tok, items, args, seed=0)
+    assert [len(q) for q in qv] == [2, 3] and qv[0][-1] == 1.0 and qv[1][-1] == 0.0  # last step: the solution's grade
+    for (q, a, steps, _), values in zip(items, qv):
+        for i, v in enumerate(values[:-1]):
+            assert v in (0.0, 1.0)  # greedy rollouts: K copies of one continuation
+            prefix = data.prompt(q) + "".join(steps[: i + 1])
+            cont = model.generate_reference(m, [tok.encode(prefix)], 12, temperature=0.0, stop_token=tok.eot)[0]
+            finished = len(cont) < 12 or (tok.eot in cont)
+            assert v == float(data.correct(prefix + tok.decode(cont), finished, a))
+
+
+def test_shared_prefix_rollouts_give_the_same_q_values_as_recomputed_prefixes(monkeypatch):
+    hashed_grade(monkeypatch)
+    m = tiny_model(vocab_size=260, block_size=128, n_layer=1, std=0.1)
+    tok = Tokenizer()
+    args = stepdpo.get_args(TINY_DPO)
+    args.max_new_tokens = 10
+    items = [("12+34", "46", [f"line {i}\n" for i in range(4)] + ["#### 46"], False), ("1+1", "2", ["a\n", "#### 3"], False)]
+    shared = stepdpo.mc_q_values(m, tok, items, args, seed=4, share_prefix=True)
+    recomputed = stepdpo.mc_q_values(m, tok, items, args, seed=4, share_prefix=False)
+    assert shared == recomputed
+    assert len({v for q in shared for v in q[:-1]}) > 1, "hashed grades should give varied Q values"
+
+
+def test_reference_logprobs_carry_no_gradient_and_dpo_leaves_the_base_weights_alone():
+    m = tiny_model(vocab_size=260, block_size=64)
+    tok = Tokenizer()
+    args = stepdpo.get_args(TINY_DPO + ["--device", "cpu"])
+    pairs = [(data.encode_example(tok, "1+1", "#### 2"), data.encode_example(tok, "1+1", "#### 3", complete=False))] * 3
+    ref_lp = data.reference_logprobs(m, pairs, args, 64)
+    assert ref_lp.shape == (3, 2) and not ref_lp.requires_grad and ref_lp.grad_fn is None
+    x, y = data.collate([pairs[0][0], pairs[0][1]], 64)
+    torch.testing.assert_close(ref_lp[0], model.sequence_logprobs(m, x, y).detach())
+    base_state = {k: v.clone() for k, v in m.state_dict().items()}
+    trained, _ = data.dpo_train(base_state, m.config, pairs, 5, 1e-2, 0.1, args, seed=0, sft_weight=1.0)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in base_state.items())
+    assert any(not torch.equal(v, trained.state_dict()[k]) for k, v in base_state.items())
+
+
+@pytest.mark.parametrize("variant", ["perstep", "plain", "rft"])
+def test_a_tiny_stepdpo_run_completes_and_writes_its_files(monkeypatch, tmp_path, variant):
+    hashed_grade(monkeypatch)
+    out = tmp_path / variant
+    res = stepdpo.main(stepdpo.get_args(TINY_DPO + ["--variant", variant, "--out_dir", str(out)]))
+    assert res["variant"] == variant and 0.0 <= res["acc"] <= 1.0 and res["train_examples"] > 0
+    assert (out / "model.pt").exists() and (out / "pairs.jsonl").exists()
+    if variant == "perstep":
+        rows = data.read_rows(str(out / "q_values.jsonl"))
+        assert rows and all(r["critical"] == stepdpo.critical_step(r["q_values"]) for r in rows)
+        pairs = data.read_rows(str(out / "pairs.jsonl"))
+        assert all("".join(p_steps) for p_steps in [r["steps"] for r in rows])
+        assert all(p["rejected"] == "".join(data.split_steps(p["rejected"])) for p in pairs)
+    again = stepdpo.main(stepdpo.get_args(TINY_DPO + ["--variant", variant, "--out_dir", str(out), "--resume"]))
+    assert again == json.load(open(out / "metrics.json"))

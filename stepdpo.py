@@ -1,0 +1,246 @@
+"""
+Per-step DPO on incorrect synthetic data (Setlur et al. 2024, "RL on Incorrect Synthetic Data
+Scales the Efficiency of LLM Math Reasoning by Eight-Fold"). Self-generated *wrong* solutions,
+used right, teach as much as many more right ones:
+
+    1. start from an SFT model (star.py's warm start, or --init); it is also the DPO reference
+    2. sample N solutions per training question; split each into steps (one per line); grade it
+    3. Monte-Carlo step values: from every step prefix of a wrong solution, K rollouts with the
+       same policy; Q(x, y_1..i) = fraction that reach the right answer. Rollouts are batched
+       across prefixes and questions, and each prefix is prefilled once, its KV cache shared
+       by its K rollouts
+    4. critical step: the first step with the lowest Q (the "first pit"); the DPO pair is
+       (chosen = a correct solution to the same question, rejected = the wrong one cut after
+       its critical step)
+    5. DPO (summed token log-probs of the response, --beta, reference log-probs computed once),
+       optionally plus SFT on the chosen side (--sft_weight)
+    6. greedy test accuracy, as star.py reports it
+
+    python stepdpo.py                                   # per-step DPO from a fresh warm start
+    python stepdpo.py --init out/star/base.pt           # ... from star.py's warm start
+    python stepdpo.py --variant plain                   # plain DPO: correct vs whole wrong, random pairs
+    python stepdpo.py --variant rft                     # SFT on the correct samples only (RFT)
+    python stepdpo.py --out_dir out/stepdpo --resume    # continue a killed run
+
+How this departs from the paper: the paper weights every step by its advantage (an
+advantage-weighted DPO objective); here, as in its simplest form, each wrong solution gives
+one pair cut at its first pit. Q of the last step is the solution's own grade (no rollout).
+"""
+
+import argparse
+import json
+import os
+import random
+import time
+
+import torch
+
+import data
+import model
+from data import Tokenizer
+
+# -----------------------------------------------------------------------------
+# arguments
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data.add_task_args(p)
+    data.add_model_args(p)
+    g = p.add_argument_group("per-step DPO")
+    g.add_argument("--variant", default="perstep", choices=["perstep", "plain", "rft"],
+                   help="perstep: rejected cut at the critical step; plain: whole wrong solution; rft: SFT on correct samples only")
+    g.add_argument("--n_questions", type=int, default=1000, help="training questions to sample solutions for")
+    g.add_argument("--samples", type=int, default=4, help="N: solutions sampled per question (the synthetic data)")
+    g.add_argument("--temperature", type=float, default=0.7, help="temperature of solutions and rollouts")
+    g.add_argument("--rollouts", type=int, default=4, help="K: Monte-Carlo rollouts per step prefix")
+    g.add_argument("--no_share_prefix", action="store_true", help="recompute each prefix for each rollout (for comparison)")
+    g.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+    g.add_argument("--sft_weight", type=float, default=0.0, help="weight of an SFT loss on the chosen side")
+    g.add_argument("--train_steps", type=int, default=300, help="DPO (or RFT) training steps")
+    g.add_argument("--dpo_lr", type=float, default=3e-4, help="DPO learning rate (RFT uses --lr)")
+    g.add_argument("--show", type=int, default=3, help="print this many wrong solutions with their Q values")
+    data.add_run_args(p, "out/stepdpo")
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# Monte-Carlo step values
+
+
+def mc_q_values(m, tok, items, args, seed, share_prefix=True):
+    """
+    items: list of (question, answer, steps, correct). Returns for each a list of Q values, one
+    per step: Q[i] = fraction of K rollouts from prompt + steps[:i+1] that reach the answer.
+    The last step's Q is the solution's own grade. All prefixes of all items go through the
+    sampler together; with share_prefix each prefix is prefilled once for its K rollouts.
+    """
+    from tqdm import tqdm
+
+    K = args.rollouts
+    prefixes, owner = [], []
+    for j, (q, a, steps, _) in enumerate(items):
+        for i in range(len(steps) - 1):
+            prefixes.append(data.prompt(q) + "".join(steps[: i + 1]))
+            owner.append((j, i))
+    q_values = [[0.0] * (len(steps) - 1) + [float(ok)] for _, _, steps, ok in items]
+    g = model.make_generator(seed, m.lm_head.weight.device)
+    per_batch = max(1, args.gen_batch // K)
+    for b in tqdm(range(0, len(prefixes), per_batch), desc="rollouts", leave=False, disable=None):
+        chunk = [tok.encode(p) for p in prefixes[b : b + per_batch]]
+        max_new = min(args.max_new_tokens, m.config.block_size - max(len(p) for p in chunk))
+        if share_prefix:
+            s = model.generate(m, chunk, max_new, args.temperature, None, tok.eot, g, num_samples=K)
+        else:  # the same rows, each prefix recomputed for each rollout
+            s = model.generate(m, [p for p in chunk for _ in range(K)], max_new, args.temperature, None, tok.eot, g)
+        texts, fin = [tok.decode(c) for c in s.completions()], s.finished.tolist()
+        for r in range(len(chunk)):
+            j, i = owner[b + r]
+            prefix, answer = prefixes[b + r], items[j][1]
+            hits = sum(data.correct(prefix + texts[r * K + k], fin[r * K + k], answer) for k in range(K))
+            q_values[j][i] = hits / K
+    return q_values
+
+
+def critical_step(q_values):
+    """The first step with the lowest Q: where the solution first falls into its deepest pit."""
+    return min(range(len(q_values)), key=lambda i: (q_values[i], i))
+
+
+def show_steps(question, steps, q, c):
+    print(f"Q: {question}")
+    for i, (step, v) in enumerate(zip(steps, q)):
+        mark = "  <- critical step" if i == c else ""
+        print(f"  Q={v:.2f} | {step.rstrip()}{mark}")
+
+
+# -----------------------------------------------------------------------------
+# pairs
+
+
+def make_pairs(samples, q_rows, variant, seed):
+    """
+    DPO pairs from graded samples: one per wrong solution of a question that also has a right
+    one. perstep: rejected = the wrong solution cut after its critical step; plain: the whole
+    wrong solution. chosen: a right solution of the same question, drawn at random.
+    """
+    rng = random.Random(seed)
+    right = {}
+    for s in samples:
+        if s["correct"]:
+            right.setdefault(s["q"], []).append(s["completion"])
+    q_by_sample = {r["sample"]: r for r in q_rows}
+    pairs = []
+    for n, s in enumerate(samples):
+        if s["correct"] or s["q"] not in right:
+            continue
+        pair = {"q": s["q"], "question": s["question"], "chosen": rng.choice(right[s["q"]])}
+        if variant == "perstep":
+            r = q_by_sample[n]
+            cut = "".join(r["steps"][: r["critical"] + 1])
+            complete = r["critical"] == len(r["steps"]) - 1 and s["finished"]
+            pair.update(rejected=cut, rejected_complete=complete, q_values=r["q_values"], critical=r["critical"])
+        else:
+            pair.update(rejected=s["completion"], rejected_complete=s["finished"])
+        pairs.append(pair)
+    return pairs
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(args):
+    args.device = model.autodetect_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data.open_run(args)
+    path = lambda name: os.path.join(args.out_dir, name)
+    print(f"nanostar per-step DPO: {json.dumps(vars(args))}")
+    tok = Tokenizer()
+    seed_set, questions, test, block_size = data.prepare_task(args, tok)
+    questions = questions[: args.n_questions]
+
+    # --- 1. the SFT model, also the reference
+    base = data.warm_start(args, tok, seed_set, block_size, path("base.pt"))
+    config, base_state = base.config, {k: v.clone() for k, v in base.state_dict().items()}
+
+    # --- 2. N solutions per question, graded
+    if os.path.exists(path("samples.jsonl")):
+        samples = data.read_rows(path("samples.jsonl"))
+        print(f"resumed: {len(samples)} samples from samples.jsonl")
+    else:
+        t0 = time.time()
+        outs = data.sample(base, tok, [e.question for e in questions], args, args.samples, args.temperature, args.seed, desc="sample")
+        samples = [{"q": i, "question": e.question, "answer": e.answer, "completion": t, "finished": f,
+                    "correct": data.correct(t, f, e.answer)}
+                   for i, (e, o) in enumerate(zip(questions, outs)) for t, f in o]
+        data.write_rows(path("samples.jsonl"), samples)
+        print(f"sampled {len(samples)} solutions ({args.samples} per question) in {time.time() - t0:.0f}s")
+    n_right = sum(s["correct"] for s in samples)
+    print(f"{n_right} right, {len(samples) - n_right} wrong")
+    if args.variant != "rft" and (n_right == 0 or n_right == len(samples)):
+        raise SystemExit(f"cannot pair: every sample is {'wrong' if n_right == 0 else 'right'}; "
+                         "try more --samples, another --temperature or a different SFT model")
+
+    # --- 3-4. Q values of every wrong solution's steps, its critical step, the pairs
+    if args.variant == "rft":
+        by_q = {}
+        for s in samples:
+            if s["correct"]:
+                by_q.setdefault(s["q"], []).append(s["completion"])
+        train_rows = [{"question": questions[q].question, "completion": t} for q, ts in sorted(by_q.items()) for t in data.dedup(ts)]
+        print(f"RFT: {len(train_rows)} distinct right solutions out of {n_right} right samples, {len(by_q)} questions")
+        data.write_rows(path("pairs.jsonl"), train_rows)
+    else:
+        q_rows = []
+        if args.variant == "perstep":
+            if os.path.exists(path("q_values.jsonl")):
+                q_rows = data.read_rows(path("q_values.jsonl"))
+            else:
+                t0 = time.time()
+                wrong = [(n, s) for n, s in enumerate(samples) if not s["correct"]]
+                items = [(s["question"], s["answer"], data.split_steps(s["completion"]), False) for _, s in wrong]
+                qv = mc_q_values(base, tok, items, args, args.seed + 1, share_prefix=not args.no_share_prefix)
+                n_roll = sum(len(it[2]) - 1 for it in items) * args.rollouts
+                dt = time.time() - t0
+                print(f"{n_roll} rollouts from {sum(len(it[2]) - 1 for it in items)} step prefixes in {dt:.0f}s ({n_roll / max(dt, 1e-9):.0f} rollouts/s)")
+                q_rows = [{"sample": n, "steps": it[2], "q_values": q, "critical": critical_step(q)}
+                          for (n, _), it, q in zip(wrong, items, qv)]
+                data.write_rows(path("q_values.jsonl"), q_rows)
+            for r in q_rows[: args.show]:
+                show_steps(samples[r["sample"]]["question"], r["steps"], r["q_values"], r["critical"])
+        pairs = make_pairs(samples, q_rows, args.variant, args.seed)
+        if not pairs:
+            raise SystemExit("no question has both a right and a wrong sample: no DPO pairs")
+        data.write_rows(path("pairs.jsonl"), pairs)
+        print(f"{len(pairs)} DPO pairs ({args.variant})")
+
+    # --- 5. train, 6. evaluate
+    if os.path.exists(path("metrics.json")):
+        print(f"already finished: {open(path('metrics.json')).read()}")
+        return json.load(open(path("metrics.json")))
+    t0 = time.time()
+    if args.variant == "rft":
+        enc = data.seed_pairs(tok, seed_set) + [data.encode_example(tok, r["question"], r["completion"]) for r in train_rows]
+        m, loss = data.fine_tune(base_state, config, enc, args.train_steps, args, args.seed + 2, "RFT")
+        n_train = len(train_rows)
+    else:
+        enc = [(data.encode_example(tok, p["question"], p["chosen"]),
+                data.encode_example(tok, p["question"], p["rejected"], complete=p["rejected_complete"])) for p in pairs]
+        m, loss = data.dpo_train(base_state, config, enc, args.train_steps, args.dpo_lr, args.beta, args, args.seed + 2,
+                                 sft_weight=args.sft_weight, desc=f"{args.variant} DPO")
+        n_train = len(pairs)
+    model.save_checkpoint(path("model.pt"), m)
+    base_acc = data.evaluate(base, tok, test, args, args.seed)["acc"]
+    acc = data.evaluate(m, tok, test, args, args.seed)["acc"]
+    res = {"variant": args.variant, "samples_per_question": args.samples, "synthetic_samples": len(samples),
+           "train_examples": n_train, "sft_acc": base_acc, "acc": acc, "loss": loss, "train_time": time.time() - t0}
+    data.write_atomic(path("metrics.json"), json.dumps(res))
+    print(f"{args.variant}: test acc {base_acc:.3f} (SFT model) -> {acc:.3f} after {args.train_steps} steps on "
+          f"{n_train} {'solutions' if args.variant == 'rft' else 'pairs'} from {len(samples)} samples")
+    return res
+
+
+if __name__ == "__main__":
+    main(get_args())
