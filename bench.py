@@ -4,12 +4,15 @@ this file shows ratios.
 
     python bench.py                      # sampler: cached vs no-cache vs transformers' generate()
     python bench.py --sections sampler --full   # also the no-cache path at the larger shape
+    python bench.py --sections rollouts         # stepdpo.py's shared-prefix rollouts vs recomputed prefixes
 
 Sections:
 - sampler: tokens/s of nanostar's KV-cached batched sampler against its own no-cache path,
   and against `LlamaForCausalLM.generate()` (random weights, same shapes, KV cache on)
   when `transformers` happens to be installed. Greedy, no early stop: every row makes
   exactly `new` tokens, so every path does the same work.
+- rollouts: stepdpo.py's K rollouts per step prefix, with the prefix's KV cache shared by
+  its K rollouts against the prefix recomputed for each.
 """
 
 import argparse
@@ -90,17 +93,46 @@ def bench_sampler(args):
             print(row, flush=True)
 
 
+def bench_rollouts(args):
+    """
+    stepdpo.py's Monte-Carlo rollouts: K continuations from each of many step prefixes. Shared:
+    each prefix prefilled once and its KV cache repeated for its K rollouts (generate's
+    num_samples); recomputed: the prefix repeated K times as separate prompts. Same seed, same
+    samples (test_all.py checks it); only the prefill work differs.
+    """
+    cfg = GPTConfig(block_size=256, n_layer=4, n_embd=256, n_head=4, n_kv_head=4, vocab_size=512)
+    torch.manual_seed(0)
+    m = GPT(cfg).eval()
+    n_prefix, K, new = args.prefixes, args.rollouts, args.rollout_tokens
+    print(f"rollouts: {n_prefix} prefixes of 64..{args.prefix_len} tokens x {K} rollouts x {new} new tokens, "
+          f"temperature 1, best of {args.repeat} runs")
+    g = torch.Generator()
+    lens = torch.randint(64, args.prefix_len + 1, (n_prefix,), generator=g.manual_seed(1)).tolist()
+    prefixes = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in lens]
+    shared = timeit(lambda: model.generate(m, prefixes, new, 1.0, None, None, g.manual_seed(0), num_samples=K), args.repeat)
+    repeated = [p for p in prefixes for _ in range(K)]
+    recomputed = timeit(lambda: model.generate(m, repeated, new, 1.0, None, None, g.manual_seed(0)), args.repeat)
+    n = n_prefix * K
+    print(f"  shared prefix:     {n / shared:8.1f} rollouts/s ({shared:.2f} s)")
+    print(f"  recomputed prefix: {n / recomputed:8.1f} rollouts/s ({recomputed:.2f} s)")
+    print(f"  sharing saves {1 - shared / recomputed:.0%} of the time ({recomputed / shared:.2f}x)")
+
+
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["sampler"], choices=["sampler"], help="what to time")
+    parser.add_argument("--sections", nargs="+", default=["sampler"], choices=["sampler", "rollouts"], help="what to time")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="sampler batch sizes")
     parser.add_argument("--prompt_len", type=int, default=32, help="sampler prompt length")
     parser.add_argument("--new_tokens", type=int, default=128, help="sampler tokens generated per row")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (best is kept)")
     parser.add_argument("--full", action="store_true", help="also time the slow no-cache path at the larger shape")
     parser.add_argument("--no_hf", action="store_true", help="skip transformers even when it is installed")
+    parser.add_argument("--prefixes", type=int, default=32, help="rollouts: step prefixes")
+    parser.add_argument("--prefix_len", type=int, default=160, help="rollouts: longest prefix (shortest is 64)")
+    parser.add_argument("--rollouts", type=int, default=8, help="rollouts: K per prefix")
+    parser.add_argument("--rollout_tokens", type=int, default=32, help="rollouts: new tokens per rollout")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -108,3 +140,5 @@ if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
     if "sampler" in args.sections:
         bench_sampler(args)
+    if "rollouts" in args.sections:
+        bench_rollouts(args)

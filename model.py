@@ -99,6 +99,13 @@ class KVCache:
         self.v = self.v.repeat_interleave(n, dim=1)
         self.valid = self.valid.repeat_interleave(n, dim=0)
 
+    def update(self, layer, k, v):
+        """Write this call's keys/values at slots [length, length + T); return every written slot (views)."""
+        start, end = self.length, self.length + k.size(2)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
     def default_mask(self, T):
         """(B, 1, T, end) mask for T new tokens: causal over slots, padding hidden, each token sees itself."""
         start, end = self.length, self.length + T
@@ -108,6 +115,25 @@ class KVCache:
         q = torch.arange(start, end, device=keys.device)[:, None]
         j = torch.arange(end, device=keys.device)[None, :]
         return (keys & (j <= q)) | (j == q)  # the `j == q` keeps padded rows from attending to nothing
+
+
+class GrowingKVCache:
+    """
+    A cache autograd can run through, for training over cached positions (Quiet-STaR's thoughts):
+    keys/values are appended with torch.cat, so nothing saved for backward is ever overwritten.
+    Sampling uses the preallocated KVCache above. Callers pass the attention mask explicitly.
+    """
+
+    def __init__(self, n_layer):
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+        self.length = 0
+        self.max_len = float("inf")
+
+    def update(self, layer, k, v):
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
 
 
 class Attention(nn.Module):
@@ -128,10 +154,7 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin  # cos, sin: (B, 1, T, D)
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
-            start, end = cache.length, cache.length + T
-            cache.k[layer, :, :, start:end] = k
-            cache.v[layer, :, :, start:end] = v
-            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # (B, Hkv, end, D), views
+            k, v = cache.update(layer, k, v)  # (B, Hkv, length + T, D)
         if mask is None:  # plain causal over this call's tokens
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
         else:  # mask: (B, 1, T, S) bool, True = attend

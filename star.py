@@ -236,6 +236,9 @@ def main(args):
         print(f"iter {it}: test acc {res['acc']:.3f} {extra} | kept {stats.get('kept')} "
               f"(rationalized {stats.get('rationalized', 0)}, solved {stats.get('solved_frac', 0):.3f} of train) "
               f"| {steps} steps, loss {loss:.4f} | {row['time']:.0f}s")
+        if args.samples > 1 and not args.answer_only:
+            print(f"  RFT: {stats['correct_per_question']:.2f} correct samples per question, "
+                  f"{stats['distinct_per_question']:.2f} distinct paths kept after de-duplication")
 
     # --- V-STaR: verifier trained on every sample of every iteration
     if args.verifier:

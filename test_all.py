@@ -620,3 +620,119 @@ def test_a_tiny_stepdpo_run_completes_and_writes_its_files(monkeypatch, tmp_path
         assert all(p["rejected"] == "".join(data.split_steps(p["rejected"])) for p in pairs)
     again = stepdpo.main(stepdpo.get_args(TINY_DPO + ["--variant", variant, "--out_dir", str(out), "--resume"]))
     assert again == json.load(open(out / "metrics.json"))
+
+
+# -----------------------------------------------------------------------------
+# quietstar.py
+
+import quietstar  # noqa: E402
+
+
+def tiny_quiet(std=0.3, **kw):
+    argv = ["--n_thoughts", "2", "--thought_len", "3", "--n_talk", "2", "--seq_len", "8", "--batch_size", "2", "--device", "cpu"]
+    args = quietstar.get_args(argv)
+    m = tiny_model(vocab_size=260, block_size=8 + 3 + 2 + 2, std=std, **kw)
+    torch.manual_seed(1)
+    head = quietstar.MixingHead(m.config.n_embd)
+    return m, head, args
+
+
+def test_parallel_thoughts_equal_a_slow_per_position_reference():
+    m, head, args = tiny_quiet()
+    with torch.no_grad():  # a mixing head away from its zero start, so the mix is exercised
+        head.out.weight.normal_(0, 0.5)
+        head.out.bias.fill_(0.3)
+    tok = Tokenizer()
+    x = torch.randint(0, 256, (2, 8))
+    noise = quietstar.gumbel((4, 3, 8, 260), torch.Generator().manual_seed(0), "cpu")
+    with torch.no_grad():
+        out = quietstar.think(m, head, x, args, tok, noise)
+    ref_thoughts, ref_talk = quietstar.think_reference(m, head, x, args, tok, noise)
+    assert torch.equal(out["thoughts"], ref_thoughts)
+    assert len(set(ref_thoughts.flatten().tolist())) > 3, "thoughts should vary"
+    torch.testing.assert_close(out["talk_logits"], ref_talk, atol=1e-4, rtol=1e-4)
+    assert 0 < out["w"].mean() < 1
+
+
+def test_the_diagonal_mask_hides_later_text_and_other_positions_thoughts():
+    T = 5
+    mask = quietstar.diagonal_mask(T, 2, "cpu")[0, 0]  # step 2 over [text | step 0 | step 1 | step 2]
+    assert mask.shape == (T, 4 * T)
+    for t in range(T):
+        assert mask[t, :T].tolist() == [s <= t for s in range(T)]  # text up to t only
+        for j in range(3):
+            assert mask[t, T * (j + 1) : T * (j + 2)].tolist() == [s == t for s in range(T)]  # its own thought only
+    # behaviourally: changing later text or another position's thought leaves a thought's logits alone
+    m, head, args = tiny_quiet()
+    tok = Tokenizer()
+    x = torch.randint(0, 256, (1, 8))
+    noise = quietstar.gumbel((2, 3, 8, 260), torch.Generator().manual_seed(0), "cpu")
+    x2 = x.clone()
+    x2[0, 5:] = (x2[0, 5:] + 1) % 256
+    with torch.no_grad():
+        a = quietstar.think(m, head, x, args, tok, noise)
+        b = quietstar.think(m, head, x2, args, tok, noise)
+    assert torch.equal(a["thoughts"][:, :5], b["thoughts"][:, :5])  # thoughts at t < 5 never saw x[5:]
+    assert not torch.equal(a["thoughts"][:, 5:], b["thoughts"][:, 5:])
+    torch.testing.assert_close(a["thought_logits"][:, :3, 0], b["thought_logits"][:, :3, 0])  # predicts x[t+1], t+1 < 5
+
+
+def test_with_the_mixing_head_at_its_zero_start_mixed_logits_equal_base_logits():
+    m, head, args = tiny_quiet()
+    tok = Tokenizer()
+    x = torch.randint(0, 256, (2, 8))
+    noise = quietstar.gumbel((4, 3, 8, 260), torch.Generator().manual_seed(0), "cpu")
+    with torch.no_grad():
+        out = quietstar.think(m, head, x, args, tok, noise)
+    assert (out["w"] == 0).all()
+    base = out["base_logits"]  # predicts x[t+1] at t; talk k = 1 must equal it exactly
+    assert torch.equal(out["talk_logits"][:, :, 0], base)
+    assert torch.equal(out["talk_logits"][:, :-1, 1], base[:, 1:])  # k = 2 at t is the base prediction at t+1
+    assert not torch.allclose(out["thought_logits"][:, :, 0], base)
+
+
+def test_reinforce_gradient_reaches_thought_logprobs_and_not_the_reward():
+    m, head, args = tiny_quiet()
+    with torch.no_grad():
+        head.out.bias.fill_(0.5)
+    tok = Tokenizer()
+    x = torch.randint(0, 256, (2, 8))
+    noise = quietstar.gumbel((4, 3, 8, 260), torch.Generator().manual_seed(0), "cpu")
+    grads = {}
+    for weight in (0.0, 1.0):
+        args.reinforce_weight = weight
+        m.zero_grad()
+        loss, metrics, out = quietstar.quietstar_loss(m, head, x, args, tok, noise)
+        assert out["thought_logp"].requires_grad
+        loss.backward()
+        grads[weight] = m.lm_head.weight.grad.clone()
+    assert not torch.allclose(grads[0.0], grads[1.0])  # the REINFORCE term reaches the weights
+    # the REINFORCE term (loss at weight 1 minus loss at weight 0, one forward) has a gradient on
+    # the thought log-probs and none on the mixed logits the reward is computed from
+    out = quietstar.think(m, head, x, args, tok, noise)
+    args.reinforce_weight = 1.0
+    with_rl = quietstar.quietstar_loss(m, head, x, args, tok, noise, out=out)[0]
+    args.reinforce_weight = 0.0
+    without = quietstar.quietstar_loss(m, head, x, args, tok, noise, out=out)[0]
+    g_logp, g_talk = torch.autograd.grad(with_rl - without, [out["thought_logp"], out["talk_logits"]], allow_unused=True)
+    assert g_logp.abs().sum() > 0
+    assert g_talk is None or g_talk.abs().sum() == 0
+    assert metrics["reward_abs"] > 0 and 0 < metrics["w"] <= 1
+
+
+def test_one_quietstar_training_step_runs_and_generation_thinks(tmp_path):
+    argv = ["--n_train", "60", "--n_test", "20", "--max_digits", "2", "--n_layer", "1", "--n_embd", "32", "--seq_len", "16",
+            "--thought_len", "2", "--n_talk", "2", "--batch_size", "4", "--pretrain_steps", "3", "--steps", "2",
+            "--eval_chunks", "4", "--threads", "2", "--out_dir", str(tmp_path / "q")]
+    res = quietstar.main(quietstar.get_args(argv))
+    assert set(res) == {"pretrained", "no_thoughts", "thoughts"}
+    assert all(math.isfinite(r["nll"]) for r in res.values())
+    assert res["thoughts"]["sample"].count("[") >= 1
+    again = quietstar.main(quietstar.get_args(argv + ["--resume"]))
+    assert again["thoughts"]["nll"] == res["thoughts"]["nll"]
+
+
+def test_computed_mask_marks_digits_after_equals():
+    text = "12+34=46\nx=1,200.5 and 7"
+    mask = quietstar.computed_mask(text)
+    assert "".join(c for c, m in zip(text, mask) if m) == "4612005"

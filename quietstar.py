@@ -1,0 +1,459 @@
+"""
+Quiet-STaR (Zelikman et al. 2024): a model that thinks before every token of ordinary text.
+After each position t it samples a short thought <|startthought|> z_1..z_L <|endthought|>,
+predicts the next tokens with and without it, mixes the two through a learned mixing head,
+and is rewarded (REINFORCE) for thoughts that made the true next tokens more likely.
+
+    python quietstar.py                                     # arithmetic text, CPU, both arms
+    python quietstar.py --dataset gsm8k --data_dir ../shared/data/gsm8k
+    python quietstar.py --out_dir out/quietstar --generate "Q: 12+34"
+
+What the script does: pretrain a small LM on the corpus (--pretrain_steps), then continue
+training two copies for the same number of steps, one with thoughts and one without, and
+compare held-out NLL on all tokens and on the tokens that need computing (digits after '=').
+
+How it is done, as in the paper and its code:
+- parallel thoughts: for a sequence of T tokens, thoughts for all T positions are generated
+  at once, one forward per thought token over all T positions, through a KV cache and a
+  "diagonal" attention mask: the thought token at position t sees the text up to t and the
+  earlier tokens of its own thought, nothing else. No Python loop over positions.
+- teacher-forced lookahead: after <|endthought|> the true next --n_talk tokens are fed and
+  scored, so a thought is rewarded for helping the next few tokens.
+- mixing head: an MLP on [h_base, h_thought] giving w; the hidden fed to the LM head is
+  (1 - w) h_base + w h_thought. w = clamp(mlp output, 0, 1) and the MLP's last layer starts
+  at zero, so training starts exactly at the base model (the paper's head ends in a sigmoid
+  started near 0; a clamp makes the start exact).
+- thought embeddings: <|startthought|>/<|endthought|> are rows of the embedding matrix,
+  initialised from the embedding of "-" (the paper starts from "---"); their gradient is
+  multiplied by --embed_grad_scale (the paper also trains them faster).
+- losses: NLL of the base prediction + NLL of the mixed predictions on the lookahead tokens
+  + --reinforce_weight * REINFORCE on the thought tokens. A thought's reward is its summed
+  mixed log-likelihood of the true lookahead tokens minus the mean over the other thoughts
+  at the same position (the baseline); rewards are not clamped.
+
+Simplifications: a tiny model pretrained from scratch stands in for Mistral-7B; the text is
+cut in fixed-length chunks; no thoughts are generated for the last --n_talk positions' targets
+beyond the chunk (those terms are masked).
+"""
+
+import argparse
+import json
+import os
+import random
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import model
+from data import Tokenizer
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# arguments
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data.add_task_args(p)
+    g = p.add_argument_group("model")
+    g.add_argument("--n_layer", type=int, default=3, help="transformer blocks")
+    g.add_argument("--n_embd", type=int, default=96, help="model width")
+    g.add_argument("--n_head", type=int, default=4, help="attention heads")
+    g.add_argument("--seq_len", type=int, default=64, help="T: tokens per training chunk")
+    g = p.add_argument_group("Quiet-STaR")
+    g.add_argument("--n_thoughts", type=int, default=2, help="thoughts sampled per position")
+    g.add_argument("--thought_len", type=int, default=4, help="L: sampled tokens per thought (plus start and end)")
+    g.add_argument("--n_talk", type=int, default=4, help="true tokens after a thought that it is scored on")
+    g.add_argument("--thought_temperature", type=float, default=1.0, help="temperature of thought tokens")
+    g.add_argument("--reinforce_weight", type=float, default=1.0, help="weight of the REINFORCE term")
+    g.add_argument("--embed_grad_scale", type=float, default=10.0, help="gradient multiplier of the start/end thought embeddings")
+    g.add_argument("--pretrain_steps", type=int, default=1500, help="plain LM steps before the two arms split")
+    g.add_argument("--steps", type=int, default=300, help="training steps of each arm")
+    g.add_argument("--eval_chunks", type=int, default=64, help="held-out chunks for the NLL comparison")
+    g.add_argument("--generate", default=None, help="after training, continue this text, thinking at each token")
+    data.add_run_args(p, "out/quietstar")
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# the corpus: text where thinking helps predict the next token
+
+
+def corpus_text(examples, dataset):
+    """arithmetic: 'a+b=c' lines; gsm8k: question and solution texts."""
+    if dataset == "arithmetic":
+        return "".join(f"{e.question}={e.answer}\n" for e in examples)
+    return "".join(f"{e.question}\n{data.completion(e.rationale, e.answer)}\n\n" for e in examples)
+
+
+def computed_mask(text):
+    """True on every character that is a digit right after '=' (a result the writer had to compute)."""
+    out, after_eq = [], False
+    for ch in text:
+        out.append(after_eq and ch.isdigit())
+        if ch == "=":
+            after_eq = True
+        elif not (ch.isdigit() or ch in ",."):
+            after_eq = False
+    return out
+
+
+def encode_corpus(tok, text):
+    """Token ids and the 'computed' mask, one entry per token (byte-level: one per byte)."""
+    ids = tok.encode(text)
+    mask = []
+    for ch, m in zip(text, computed_mask(text)):
+        mask += [m] * len(ch.encode("utf-8"))
+    assert len(mask) == len(ids)
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+def random_chunks(ids, mask, T, B, rng):
+    starts = [rng.randrange(0, len(ids) - T) for _ in range(B)]
+    return torch.stack([ids[s : s + T] for s in starts]), torch.stack([mask[s : s + T] for s in starts])
+
+
+# -----------------------------------------------------------------------------
+# the mixing head and thought embeddings
+
+
+class MixingHead(nn.Module):
+    """w = clamp(MLP([h_base, h_thought]), 0, 1); the last layer starts at zero, so w starts at 0."""
+
+    def __init__(self, n_embd):
+        super().__init__()
+        self.fc = nn.Linear(2 * n_embd, n_embd)
+        self.out = nn.Linear(n_embd, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h_base, h_thought):
+        z = self.out(F.gelu(self.fc(torch.cat([h_base, h_thought], dim=-1))))
+        return z.clamp(0.0, 1.0)  # (..., 1)
+
+
+def init_thought_embeddings(gpt, tok, scale):
+    """Start/end thought embeddings start as the embedding of '-'; their gradient is scaled."""
+    with torch.no_grad():
+        dash = tok.encode("-")[0]
+        for t in (tok.start_thought, tok.end_thought):
+            gpt.embed_tokens.weight[t] = gpt.embed_tokens.weight[dash]
+    rows = torch.ones(gpt.config.vocab_size, 1)
+    rows[[tok.start_thought, tok.end_thought]] = scale
+    gpt.embed_tokens.weight.register_hook(lambda g: g * rows.to(g.device))
+
+
+# -----------------------------------------------------------------------------
+# parallel thoughts
+
+
+def diagonal_mask(T, j, device):
+    """
+    (1, 1, T, T + (j+1) T) mask of thought step j over [text | step 0 | ... | step j]:
+    the step-j token at position t sees text 0..t and steps 0..j at position t only.
+    """
+    text = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    own = torch.eye(T, dtype=torch.bool, device=device)
+    return torch.cat([text] + [own] * (j + 1), dim=1)[None, None]
+
+
+def think(gpt, head, x, args, tok, noise):
+    """
+    Thoughts for every position of x (B, T), n_thoughts each, all generated in parallel.
+    noise: (B * n_thoughts, L, T, V) Gumbel noise; thought token j at (row, t) is
+    argmax(logits / temperature + noise[row, j, t]), i.e. a sample at that temperature,
+    made reproducible across implementations.
+    Returns a dict with (R = B * n_thoughts rows, K = n_talk):
+      thoughts (R, T, L); thought_logp (R, T) summed log-probs of the sampled thought tokens;
+      base_logits (R, T, V); talk_logits (R, T, K, V) mixed logits for x[t+k], k = 1..K;
+      thought_logits (R, T, K, V) the same without mixing; w (R, T, K); valid (T, K).
+    """
+    B, T = x.shape
+    N, L, K = args.n_thoughts, args.thought_len, args.n_talk
+    R, dev = B * N, x.device
+    xr = x.repeat_interleave(N, dim=0)  # (R, T): rows b*N .. b*N+N-1 share a text
+    cache = model.GrowingKVCache(gpt.config.n_layer)
+    t_pos = torch.arange(T, device=dev)
+    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None, None]
+    h_text = gpt.hidden(xr, pos=t_pos.expand(R, T), cache=cache, mask=causal)  # (R, T, C)
+    base_logits = gpt.lm_head(h_text)
+    # what step j feeds: start, L sampled tokens, end, then the true tokens x[t+1..t+K-1]
+    shifted = [torch.cat([xr[:, k:], xr.new_full((R, k), tok.eot)], dim=1) for k in range(K)]
+    inp = xr.new_full((R, T), tok.start_thought)
+    thoughts, thought_logp, talk_h = [], torch.zeros(R, T, device=dev), []
+    for j in range(L + 1 + K):
+        pos = (t_pos + 1 + j).clamp(max=gpt.config.block_size - 1).expand(R, T)
+        h = gpt.hidden(inp, pos=pos, cache=cache, mask=diagonal_mask(T, j, dev))  # (R, T, C)
+        if j < L:  # sample the next thought token
+            logits = gpt.lm_head(h).float()
+            z = (logits.detach() / args.thought_temperature + noise[:, j]).argmax(-1)  # (R, T)
+            thought_logp = thought_logp + F.log_softmax(logits / args.thought_temperature, -1).gather(-1, z[..., None]).squeeze(-1)
+            thoughts.append(z)
+            inp = z
+        elif j == L:
+            inp = xr.new_full((R, T), tok.end_thought)
+        else:  # j = L + k: h predicts x[t+k]; feed x[t+k] next
+            talk_h.append(h)
+            inp = shifted[j - L] if j - L < K else inp
+    h_thought = torch.stack(talk_h, dim=2)  # (R, T, K, C): after thought, predicting x[t+1..t+K]
+    # the base hidden that predicts x[t+k] is the text hidden at t+k-1
+    h_base = torch.stack([torch.cat([h_text[:, k:], h_text[:, -1:].expand(R, k, -1)], dim=1) for k in range(K)], dim=2)
+    w = head(h_base, h_thought)  # (R, T, K, 1)
+    mixed = (1 - w) * h_base + w * h_thought
+    valid = (t_pos[:, None] + torch.arange(1, K + 1, device=dev)[None, :]) < T  # (T, K): x[t+k] inside the chunk
+    return {
+        "thoughts": torch.stack(thoughts, dim=2) if thoughts else xr.new_zeros(R, T, 0),
+        "thought_logp": thought_logp, "base_logits": base_logits,
+        "talk_logits": gpt.lm_head(mixed), "thought_logits": gpt.lm_head(h_thought),
+        "w": w.squeeze(-1), "valid": valid,
+    }
+
+
+def talk_targets(x, K, pad):
+    """(B, T, K): x[t+k] for k = 1..K (pad past the end)."""
+    B, T = x.shape
+    return torch.stack([torch.cat([x[:, k:], x.new_full((B, k), pad)], dim=1) for k in range(1, K + 1)], dim=2)
+
+
+def quietstar_loss(gpt, head, x, args, tok, noise, out=None):
+    """
+    NLL(base) + NLL(mixed, lookahead) + reinforce_weight * REINFORCE. Returns (loss, metrics, out).
+    reward(thought) = sum_k log p_mixed(x[t+k]) - mean of the same over the other thoughts at t.
+    """
+    N, K = args.n_thoughts, args.n_talk
+    out = think(gpt, head, x, args, tok, noise) if out is None else out
+    R, T = out["thought_logp"].shape
+    xr = x.repeat_interleave(N, dim=0)
+    nll_base = F.cross_entropy(out["base_logits"][:, :-1].flatten(0, 1).float(), xr[:, 1:].flatten())
+    tgt = talk_targets(xr, K, tok.eot)  # (R, T, K)
+    logp = F.log_softmax(out["talk_logits"].float(), -1).gather(-1, tgt[..., None]).squeeze(-1)  # (R, T, K)
+    valid = out["valid"][None].expand(R, T, K).float()
+    nll_mixed = -(logp * valid).sum() / valid.sum()
+    ll = (logp * valid).sum(-1).detach().view(-1, N, T)  # (B, N, T): a thought's log-likelihood of the truth
+    baseline = (ll.sum(1, keepdim=True) - ll) / max(1, N - 1)  # mean over the other thoughts at t
+    reward = (ll - baseline).view(R, T) if N > 1 else torch.zeros(R, T, device=x.device)
+    has_target = out["valid"][:, 0].float()[None]  # positions with at least one target
+    reinforce = -(reward * out["thought_logp"] * has_target).sum() / (has_target.sum() * R)
+    loss = nll_base + nll_mixed + args.reinforce_weight * reinforce
+    metrics = {  # reward_abs: mean |reward| (the mean reward is 0 by construction of the baseline)
+        "nll_base": nll_base.item(), "nll_mixed": nll_mixed.item(),
+        "reward_abs": (reward.abs() * has_target).sum().item() / (has_target.sum().item() * R),
+        "w": out["w"][..., 0].mean().item(),
+    }
+    return loss, metrics, out
+
+
+def gumbel(shape, generator, device):
+    u = torch.rand(shape, generator=generator).clamp(1e-9, 1 - 1e-9)
+    return (-torch.log(-torch.log(u))).to(device)
+
+
+# -----------------------------------------------------------------------------
+# the slow reference: one position at a time, no cache (kept for tests and bench.py)
+
+
+@torch.no_grad()
+def think_reference(gpt, head, x, args, tok, noise):
+    """The same thoughts and mixed logits as `think`, one position and one row at a time, full forwards."""
+    B, T = x.shape
+    N, L, K = args.n_thoughts, args.thought_len, args.n_talk
+    xr = x.repeat_interleave(N, dim=0)
+    R = xr.size(0)
+    V = gpt.config.vocab_size
+    thoughts = torch.zeros(R, T, L, dtype=torch.long)
+    talk = torch.zeros(R, T, K, V)
+    base_h = gpt.hidden(xr)
+    for r in range(R):
+        for t in range(T):
+            seq = xr[r, : t + 1].tolist() + [tok.start_thought]
+            for j in range(L):
+                pos = torch.tensor([list(range(t + 1)) + [min(t + 1 + i, gpt.config.block_size - 1) for i in range(len(seq) - t - 1)]])
+                logits = gpt(torch.tensor([seq]), pos=pos)[0][0, -1].float()
+                z = int((logits / args.thought_temperature + noise[r, j, t]).argmax())
+                thoughts[r, t, j] = z
+                seq.append(z)
+            seq.append(tok.end_thought)
+            for k in range(1, K + 1):
+                pos = torch.tensor([list(range(t + 1)) + [min(t + 1 + i, gpt.config.block_size - 1) for i in range(len(seq) - t - 1)]])
+                h_th = gpt.hidden(torch.tensor([seq]), pos=pos)[0, -1]
+                h_b = base_h[r, min(t + k - 1, T - 1)]
+                w = head(h_b, h_th)
+                talk[r, t, k - 1] = gpt.lm_head((1 - w) * h_b + w * h_th)
+                seq.append(int(xr[r, t + k]) if t + k < T else tok.eot)
+    return thoughts, talk
+
+
+# -----------------------------------------------------------------------------
+# thinking while generating
+
+
+@torch.no_grad()
+def generate_thinking(gpt, head, tok, text, n_new, args, generator, show_thoughts=True):
+    """
+    Continue `text` greedily for n_new tokens, thinking before each one: the thought is
+    written into the KV cache after the text, used, then dropped by moving the cache's write
+    position back (the next text token overwrites it). Returns the text, thoughts in [brackets].
+    """
+    dev = gpt.lm_head.weight.device
+    ids = tok.encode(text)
+    L = args.thought_len
+    if len(ids) + n_new + L + 2 > gpt.config.block_size:
+        raise ValueError(f"text of {len(ids)} tokens + {n_new} new + a thought of {L + 2} exceeds block_size {gpt.config.block_size}")
+    cache = gpt.new_cache(1, len(ids) + n_new + L + 2)
+    cache.valid[:] = True
+    h = gpt.hidden(torch.tensor([ids], device=dev), cache=cache)[:, -1]
+    out = []
+    for _ in range(n_new):
+        n_text = cache.length  # text tokens so far: the thought starts at position n_text
+        tok_in, thought = tok.start_thought, []
+        for j in range(L + 2):  # feed start, z_1..z_L, end
+            pos = torch.tensor([[n_text + j]], device=dev)
+            hj = gpt.hidden(torch.tensor([[tok_in]], device=dev), pos=pos, cache=cache)[:, -1]
+            if j < L:
+                logits = gpt.lm_head(hj).float() / args.thought_temperature
+                tok_in = int(torch.multinomial(F.softmax(logits, -1), 1, generator=generator))
+                thought.append(tok_in)
+            elif j == L:
+                tok_in = tok.end_thought
+        w = head(h, hj)  # hj: the hidden after <|endthought|>
+        nxt = int(gpt.lm_head((1 - w) * h + w * hj).argmax(-1))
+        cache.length = n_text  # drop the thought: the next text token overwrites its slots
+        h = gpt.hidden(torch.tensor([[nxt]], device=dev), pos=torch.tensor([[n_text]], device=dev), cache=cache)[:, -1]
+        if show_thoughts:
+            out.append("[" + tok.decode([t for t in thought if t < 256]) + "]")
+        if nxt == tok.eot:
+            break
+        out.append(tok.decode([nxt]) if nxt < 256 else "")
+    return text + "".join(out)
+
+
+# -----------------------------------------------------------------------------
+# training and evaluation
+
+
+def train_arm(gpt, head, ids, mask, steps, args, tok, thoughts, seed, desc, log=None):
+    """`steps` of training: with thoughts (Quiet-STaR loss) or without (plain LM loss)."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    V = gpt.config.vocab_size
+    params = list(gpt.parameters()) + (list(head.parameters()) if thoughts else [])
+
+    def get_batch(step, micro):
+        x, _ = random_chunks(ids, mask, args.seq_len, args.batch_size, rng)
+        noise = gumbel((args.batch_size * args.n_thoughts, args.thought_len, args.seq_len, V), g, args.device) if thoughts else None
+        return x.to(args.device), noise
+
+    def loss_fn(m, batch):
+        x, noise = batch
+        if not thoughts:
+            logits, _ = gpt(x)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+            return loss, {"nll_base": loss.item()}
+        loss, metrics, _ = quietstar_loss(gpt, head, x, args, tok, noise)
+        if log is not None:
+            log.append(metrics)
+        return loss, metrics
+
+    cfg = model.TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=min(50, steps // 10), compile=False)
+    return model.train(gpt, get_batch, cfg, loss_fn=loss_fn, params=params, desc=desc, log_every=max(1, steps // 5) if thoughts else 0)
+
+
+@torch.no_grad()
+def evaluate(gpt, head, chunks, hard, args, tok, thoughts, seed):
+    """Held-out next-token NLL on all predicted tokens and on the computed ones (digits after '=')."""
+    g = torch.Generator().manual_seed(seed)
+    tot = tot_hard = n = n_hard = 0.0
+    for i in range(0, len(chunks), args.batch_size):
+        x, hm = chunks[i : i + args.batch_size].to(args.device), hard[i : i + args.batch_size].to(args.device)
+        tgt, tmask = x[:, 1:], hm[:, 1:].float()
+        if thoughts:
+            noise = gumbel((x.size(0) * args.n_thoughts, args.thought_len, args.seq_len, gpt.config.vocab_size), g, args.device)
+            out = think(gpt, head, x, args, tok, noise)
+            # the next-token (k = 1) mixed prediction, averaged in probability over the thoughts
+            lp = F.log_softmax(out["talk_logits"][:, :-1, 0].float(), -1)  # (R, T-1, V)
+            lp = lp.view(x.size(0), args.n_thoughts, *lp.shape[1:]).logsumexp(1) - torch.log(torch.tensor(float(args.n_thoughts)))
+        else:
+            lp = F.log_softmax(gpt(x)[0][:, :-1].float(), -1)
+        nll = -lp.gather(-1, tgt[..., None]).squeeze(-1)
+        tot += nll.sum().item()
+        n += nll.numel()
+        tot_hard += (nll * tmask).sum().item()
+        n_hard += tmask.sum().item()
+    return {"nll": tot / n, "nll_computed": tot_hard / max(1, n_hard)}
+
+
+def main(args):
+    args.device = model.autodetect_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data.open_run(args)
+    path = lambda name: os.path.join(args.out_dir, name)
+    print(f"nanostar Quiet-STaR: {json.dumps(vars(args))}")
+    tok = Tokenizer()
+    train_set, test = data.task_from_args(args)
+    ids, mask = encode_corpus(tok, corpus_text(train_set, args.dataset))
+    tids, tmask = encode_corpus(tok, corpus_text(test, args.dataset))
+    erng = random.Random(args.seed + 99)
+    eval_x, eval_m = random_chunks(tids, tmask, args.seq_len, args.eval_chunks, erng)
+    print(f"corpus: {len(ids):,} train tokens ({int(mask.sum()):,} computed), {len(tids):,} held-out tokens")
+    block = args.seq_len + args.thought_len + 2 + args.n_talk
+    cfg = GPTConfig(block_size=block, vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
+                    n_kv_head=args.n_head, n_embd=args.n_embd)
+
+    # --- pretrain the base LM (shared by both arms)
+    if os.path.exists(path("pretrained.pt")):
+        base, _ = model.load_checkpoint(path("pretrained.pt"), args.device)
+        print("resumed: pretrained model from pretrained.pt")
+    else:
+        torch.manual_seed(args.seed)
+        base = GPT(cfg).to(args.device)
+        t0 = time.time()
+        train_arm(base, None, ids, mask, args.pretrain_steps, args, tok, False, args.seed, "pretrain")
+        model.save_checkpoint(path("pretrained.pt"), base)
+        print(f"pretrained {base.num_params():,} parameters for {args.pretrain_steps} steps in {time.time() - t0:.0f}s")
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    results = {"pretrained": evaluate(base, None, eval_x, eval_m, args, tok, False, args.seed)}
+
+    # --- the two arms, same steps, same data order
+    for arm, thoughts in (("no_thoughts", False), ("thoughts", True)):
+        if os.path.exists(path(f"{arm}.json")):
+            with open(path(f"{arm}.json")) as f:
+                results[arm] = json.load(f)
+            continue
+        torch.manual_seed(args.seed + 1)
+        gpt = GPT(cfg).to(args.device)
+        gpt.load_state_dict(state)
+        head = MixingHead(args.n_embd).to(args.device) if thoughts else None
+        if thoughts:
+            init_thought_embeddings(gpt, tok, args.embed_grad_scale)
+        log = []
+        t0 = time.time()
+        train_arm(gpt, head, ids, mask, args.steps, args, tok, thoughts, args.seed + 1, arm, log)
+        res = evaluate(gpt, head, eval_x, eval_m, args, tok, thoughts, args.seed + 2)
+        res["time"] = time.time() - t0
+        if thoughts:
+            k = max(1, len(log) // 5)
+            res["trajectory"] = [{key: sum(r[key] for r in log[i : i + k]) / len(log[i : i + k]) for key in log[0]} | {"step": i}
+                                 for i in range(0, len(log), k)]
+            torch.save({"gpt": gpt.state_dict(), "head": head.state_dict(), "config": vars(args)}, path("thoughts.tmp"))
+            os.replace(path("thoughts.tmp"), path("thoughts.pt"))
+            g = torch.Generator().manual_seed(args.seed)
+            prompt_text = args.generate or corpus_text(test[:1], args.dataset).split("=")[0] + "="
+            res["sample"] = generate_thinking(gpt, head, tok, prompt_text, 12, args, g)
+            print(f"thinking sample: {res['sample']!r}")
+        data.write_atomic(path(f"{arm}.json"), json.dumps(res))
+        results[arm] = res
+        print(f"{arm}: held-out NLL {res['nll']:.4f}, on computed tokens {res['nll_computed']:.4f} ({res['time']:.0f}s)")
+    data.write_atomic(path("results.json"), json.dumps(results, indent=1))
+    p, a, b = results["pretrained"], results["no_thoughts"], results["thoughts"]
+    print(f"held-out NLL (all / computed tokens): pretrained {p['nll']:.4f} / {p['nll_computed']:.4f} | "
+          f"+{args.steps} steps without thoughts {a['nll']:.4f} / {a['nll_computed']:.4f} | "
+          f"with thoughts {b['nll']:.4f} / {b['nll_computed']:.4f}")
+    return results
+
+
+if __name__ == "__main__":
+    main(get_args())
