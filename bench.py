@@ -5,6 +5,7 @@ this file shows ratios.
     python bench.py                      # sampler: cached vs no-cache vs transformers' generate()
     python bench.py --sections sampler --full   # also the no-cache path at the larger shape
     python bench.py --sections rollouts         # stepdpo.py's shared-prefix rollouts vs recomputed prefixes
+    python bench.py --sections thoughts         # quietstar.py's parallel thoughts vs a per-position loop; memory
 
 Sections:
 - sampler: tokens/s of nanostar's KV-cached batched sampler against its own no-cache path,
@@ -13,6 +14,8 @@ Sections:
   exactly `new` tokens, so every path does the same work.
 - rollouts: stepdpo.py's K rollouts per step prefix, with the prefix's KV cache shared by
   its K rollouts against the prefix recomputed for each.
+- thoughts: Quiet-STaR's parallel thought generation against the per-position loop, and
+  the activation memory of a training step as T and the thought length grow.
 """
 
 import argparse
@@ -118,11 +121,61 @@ def bench_rollouts(args):
     print(f"  sharing saves {1 - shared / recomputed:.0%} of the time ({recomputed / shared:.2f}x)")
 
 
+def saved_bytes(fn):
+    """Bytes of the tensors autograd saves for backward during fn(): a training step's activation memory."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def bench_thoughts(args):
+    """
+    quietstar.py: thoughts for all T positions generated in parallel (one forward per thought
+    token through the diagonal mask) against the per-position reference loop that makes the
+    same thoughts (the test suite checks they match), and the activation memory of one
+    training step as T and the thought length grow.
+    """
+    import quietstar
+    from data import Tokenizer
+
+    tok = Tokenizer()
+    T, L, K, N = args.thought_T, 4, 4, 2
+    qargs = quietstar.get_args(["--n_thoughts", str(N), "--thought_len", str(L), "--n_talk", str(K), "--device", "cpu"])
+    cfg = GPTConfig(block_size=512, vocab_size=tok.vocab_size, n_layer=3, n_embd=96, n_head=4, n_kv_head=4)
+    torch.manual_seed(0)
+    m, head = GPT(cfg).eval(), quietstar.MixingHead(cfg.n_embd)
+    x = torch.randint(0, 256, (1, T))
+    noise = quietstar.gumbel((N, L, T, cfg.vocab_size), torch.Generator().manual_seed(0), "cpu")
+    with torch.no_grad():
+        par = timeit(lambda: quietstar.think(m, head, x, qargs, tok, noise), args.repeat)
+    ref = timeit(lambda: quietstar.think_reference(m, head, x, qargs, tok, noise), 1)
+    print(f"thoughts: T={T}, {N} thoughts x {L} tokens, {K} lookahead, 3L x 96 model, batch 1")
+    print(f"  parallel (diagonal mask, KV cache): {par * 1e3:8.1f} ms")
+    print(f"  per-position reference loop:        {ref * 1e3:8.1f} ms   ({ref / par:.0f}x slower)")
+    print("activation memory of one Quiet-STaR training step (tensors saved for backward), batch 4:")
+    print(f"  {'T':>5s} " + " ".join(f"{'L=' + str(l):>9s}" for l in (2, 4, 8)) + f" {'no thoughts':>12s}")
+    for t in (32, 64, 128):
+        row = []
+        xb = torch.randint(0, 256, (4, t))
+        for l in (2, 4, 8):
+            qa = quietstar.get_args(["--n_thoughts", str(N), "--thought_len", str(l), "--n_talk", str(K), "--device", "cpu"])
+            nz = quietstar.gumbel((4 * N, l, t, cfg.vocab_size), torch.Generator().manual_seed(0), "cpu")
+            row.append(saved_bytes(lambda: quietstar.quietstar_loss(m, head, xb, qa, tok, nz)[0]))
+        plain = saved_bytes(lambda: m(xb)[0].sum())
+        print(f"  {t:5d} " + " ".join(f"{b / 2**20:7.1f}MB" for b in row) + f" {plain / 2**20:10.1f}MB")
+
+
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["sampler"], choices=["sampler", "rollouts"], help="what to time")
+    parser.add_argument("--sections", nargs="+", default=["sampler"], choices=["sampler", "rollouts", "thoughts"], help="what to time")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="sampler batch sizes")
     parser.add_argument("--prompt_len", type=int, default=32, help="sampler prompt length")
     parser.add_argument("--new_tokens", type=int, default=128, help="sampler tokens generated per row")
@@ -133,6 +186,7 @@ if __name__ == "__main__":
     parser.add_argument("--prefix_len", type=int, default=160, help="rollouts: longest prefix (shortest is 64)")
     parser.add_argument("--rollouts", type=int, default=8, help="rollouts: K per prefix")
     parser.add_argument("--rollout_tokens", type=int, default=32, help="rollouts: new tokens per rollout")
+    parser.add_argument("--thought_T", type=int, default=128, help="thoughts: sequence length")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -142,3 +196,5 @@ if __name__ == "__main__":
         bench_sampler(args)
     if "rollouts" in args.sections:
         bench_rollouts(args)
+    if "thoughts" in args.sections:
+        bench_thoughts(args)

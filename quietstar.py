@@ -62,7 +62,7 @@ def get_args(argv=None):
     g.add_argument("--n_layer", type=int, default=3, help="transformer blocks")
     g.add_argument("--n_embd", type=int, default=96, help="model width")
     g.add_argument("--n_head", type=int, default=4, help="attention heads")
-    g.add_argument("--seq_len", type=int, default=64, help="T: tokens per training chunk")
+    g.add_argument("--seq_len", type=int, default=48, help="T: tokens per training chunk")
     g = p.add_argument_group("Quiet-STaR")
     g.add_argument("--n_thoughts", type=int, default=2, help="thoughts sampled per position")
     g.add_argument("--thought_len", type=int, default=4, help="L: sampled tokens per thought (plus start and end)")
@@ -71,10 +71,11 @@ def get_args(argv=None):
     g.add_argument("--reinforce_weight", type=float, default=1.0, help="weight of the REINFORCE term")
     g.add_argument("--embed_grad_scale", type=float, default=10.0, help="gradient multiplier of the start/end thought embeddings")
     g.add_argument("--pretrain_steps", type=int, default=1500, help="plain LM steps before the two arms split")
-    g.add_argument("--steps", type=int, default=300, help="training steps of each arm")
+    g.add_argument("--steps", type=int, default=150, help="training steps of each arm")
     g.add_argument("--eval_chunks", type=int, default=64, help="held-out chunks for the NLL comparison")
     g.add_argument("--generate", default=None, help="after training, continue this text, thinking at each token")
     data.add_run_args(p, "out/quietstar")
+    p.set_defaults(batch_size=8)
     return p.parse_args(argv)
 
 
