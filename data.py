@@ -353,6 +353,16 @@ def read_rows(path):
 RUN_ARGS = {"resume", "out_dir", "device", "threads", "gen_batch", "compile"}  # may differ on resume
 
 
+def start_run(args, name):
+    """Pick the device and threads, open the run directory, log the settings; returns out_dir's path()."""
+    args.device = model.autodetect_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    open_run(args)
+    print(f"nanostar {name}: {json.dumps(vars(args))}")
+    return lambda filename: os.path.join(args.out_dir, filename)
+
+
 def open_run(args):
     """Create out_dir, or check on --resume that it belongs to the same settings."""
     cfg_path = os.path.join(args.out_dir, "config.json")

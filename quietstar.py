@@ -387,12 +387,7 @@ def evaluate(gpt, head, chunks, hard, args, tok, thoughts, seed):
 
 
 def main(args):
-    args.device = model.autodetect_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data.open_run(args)
-    path = lambda name: os.path.join(args.out_dir, name)
-    print(f"nanostar Quiet-STaR: {json.dumps(vars(args))}")
+    path = data.start_run(args, "Quiet-STaR")
     tok = Tokenizer()
     train_set, test = data.task_from_args(args)
     ids, mask = encode_corpus(tok, corpus_text(train_set, args.dataset))

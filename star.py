@@ -32,7 +32,6 @@ How this departs from the papers:
 """
 
 import argparse
-import json
 import os
 import random
 import time
@@ -175,12 +174,7 @@ def train_verifier(base_state, config, tok, pairs, args):
 
 
 def main(args):
-    args.device = model.autodetect_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data.open_run(args)
-    path = lambda name: os.path.join(args.out_dir, name)
-    print(f"nanostar STaR: {json.dumps(vars(args))}")
+    path = data.start_run(args, "STaR")
     tok = Tokenizer()
     seed_set, questions, test, block_size = data.prepare_task(args, tok)
 

@@ -33,7 +33,6 @@ import os
 import random
 import time
 
-import torch
 
 import data
 import model
@@ -151,12 +150,7 @@ def make_pairs(samples, q_rows, variant, seed):
 
 
 def main(args):
-    args.device = model.autodetect_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data.open_run(args)
-    path = lambda name: os.path.join(args.out_dir, name)
-    print(f"nanostar per-step DPO: {json.dumps(vars(args))}")
+    path = data.start_run(args, "per-step DPO")
     tok = Tokenizer()
     seed_set, questions, test, block_size = data.prepare_task(args, tok)
     questions = questions[: args.n_questions]
