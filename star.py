@@ -235,7 +235,9 @@ def main(args):
                   f"{stats['distinct_per_question']:.2f} distinct paths kept after de-duplication")
 
     # --- V-STaR: verifier trained on every sample of every iteration
-    if args.verifier:
+    if args.verifier and os.path.exists(path("verifier.jsonl")):
+        print(f"V-STaR already evaluated: {data.read_rows(path('verifier.jsonl'))[0]}")
+    elif args.verifier:
         rows = []
         for it in range(1, args.iters + 1):
             if os.path.exists(path(f"iter{it}_samples.jsonl")):
