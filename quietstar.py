@@ -20,9 +20,10 @@ How it is done, as in the paper and its code:
 - teacher-forced lookahead: after <|endthought|> the true next --n_talk tokens are fed and
   scored, so a thought is rewarded for helping the next few tokens.
 - mixing head: an MLP on [h_base, h_thought] giving w; the hidden fed to the LM head is
-  (1 - w) h_base + w h_thought. w = clamp(mlp output, 0, 1) and the MLP's last layer starts
-  at zero, so training starts exactly at the base model (the paper's head ends in a sigmoid
-  started near 0; a clamp makes the start exact).
+  (1 - w) h_base + w h_thought. w = tanh(mlp output) and the MLP's last layer starts at
+  zero, so training starts exactly at the base model and the gradient on w is never cut off
+  (a first version clamped w to [0, 1]: it was pushed below 0 in the first steps and stayed
+  there with no gradient). w may go negative: the mix then leans away from the thought.
 - thought embeddings: <|startthought|>/<|endthought|> are rows of the embedding matrix,
   initialised from the embedding of "-" (the paper starts from "---"); their gradient is
   multiplied by --embed_grad_scale (the paper also trains them faster).
@@ -122,7 +123,7 @@ def random_chunks(ids, mask, T, B, rng):
 
 
 class MixingHead(nn.Module):
-    """w = clamp(MLP([h_base, h_thought]), 0, 1); the last layer starts at zero, so w starts at 0."""
+    """w = tanh(MLP([h_base, h_thought])); the last layer starts at zero, so w starts at exactly 0."""
 
     def __init__(self, n_embd):
         super().__init__()
@@ -133,7 +134,7 @@ class MixingHead(nn.Module):
 
     def forward(self, h_base, h_thought):
         z = self.out(F.gelu(self.fc(torch.cat([h_base, h_thought], dim=-1))))
-        return z.clamp(0.0, 1.0)  # (..., 1)
+        return torch.tanh(z)  # (..., 1)
 
 
 def init_thought_embeddings(gpt, tok, scale):

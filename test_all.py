@@ -689,6 +689,11 @@ def test_with_the_mixing_head_at_its_zero_start_mixed_logits_equal_base_logits()
     assert torch.equal(out["talk_logits"][:, :, 0], base)
     assert torch.equal(out["talk_logits"][:, :-1, 1], base[:, 1:])  # k = 2 at t is the base prediction at t+1
     assert not torch.allclose(out["thought_logits"][:, :, 0], base)
+    # and from that start the mixing weight still gets a gradient (a clamp to [0, 1] here once
+    # left w stuck at 0 for good)
+    loss, _, _ = quietstar.quietstar_loss(m, head, x, args, tok, noise)
+    loss.backward()
+    assert head.out.bias.grad.abs().sum() > 0 and head.out.weight.grad.abs().sum() > 0
 
 
 def test_reinforce_gradient_reaches_thought_logprobs_and_not_the_reward():
@@ -717,7 +722,7 @@ def test_reinforce_gradient_reaches_thought_logprobs_and_not_the_reward():
     g_logp, g_talk = torch.autograd.grad(with_rl - without, [out["thought_logp"], out["talk_logits"]], allow_unused=True)
     assert g_logp.abs().sum() > 0
     assert g_talk is None or g_talk.abs().sum() == 0
-    assert metrics["reward_abs"] > 0 and 0 < metrics["w"] <= 1
+    assert metrics["reward_abs"] > 0 and 0 < metrics["w"] < 1
 
 
 def test_one_quietstar_training_step_runs_and_generation_thinks(tmp_path):
