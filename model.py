@@ -17,7 +17,6 @@ Importing this file does nothing but define things.
 
 import math
 import os
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -581,21 +580,7 @@ def load_checkpoint(path, device="cpu"):
     return model, ckpt.get("extra", {})
 
 
-def seed_everything(seed):
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
 def make_generator(seed, device):
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
-
-
-class Timer:
-    def __enter__(self):
-        self.t0 = time.time()
-        return self
-
-    def __exit__(self, *a):
-        self.seconds = time.time() - self.t0
