@@ -350,7 +350,7 @@ def read_rows(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-RUN_ARGS = {"resume", "out_dir", "device", "threads", "gen_batch", "compile"}  # may differ on resume
+RUN_ARGS = {"resume", "out_dir", "device", "threads", "gen_batch", "compile", "generate", "n_generate", "hide_thoughts"}  # may differ on resume
 
 
 def start_run(args, name):

@@ -6,7 +6,8 @@ and is rewarded (REINFORCE) for thoughts that made the true next tokens more lik
 
     python quietstar.py                                     # arithmetic text, CPU, both arms
     python quietstar.py --dataset gsm8k --data_dir ../shared/data/gsm8k
-    python quietstar.py --out_dir out/quietstar --generate "Q: 12+34"
+    python quietstar.py --out_dir out/quietstar --resume --generate "123+456="   # think while writing
+    python quietstar.py --out_dir out/quietstar --resume --generate "123+456=" --hide_thoughts
 
 What the script does: pretrain a small LM on the corpus (--pretrain_steps), then continue
 training two copies for the same number of steps, one with thoughts and one without, and
@@ -74,7 +75,9 @@ def get_args(argv=None):
     g.add_argument("--pretrain_steps", type=int, default=1500, help="plain LM steps before the two arms split")
     g.add_argument("--steps", type=int, default=150, help="training steps of each arm")
     g.add_argument("--eval_chunks", type=int, default=64, help="held-out chunks for the NLL comparison")
-    g.add_argument("--generate", default=None, help="after training, continue this text, thinking at each token")
+    g.add_argument("--generate", default=None, help="after training, continue this text, thinking before each token")
+    g.add_argument("--n_generate", type=int, default=12, help="tokens to write for --generate")
+    g.add_argument("--hide_thoughts", action="store_true", help="print --generate's text without its thoughts")
     data.add_run_args(p, "out/quietstar")
     p.set_defaults(batch_size=8)
     return p.parse_args(argv)
@@ -445,6 +448,14 @@ def main(args):
         results[arm] = res
         print(f"{arm}: held-out NLL {res['nll']:.4f}, on computed tokens {res['nll_computed']:.4f} ({res['time']:.0f}s)")
     data.write_atomic(path("results.json"), json.dumps(results, indent=1))
+    if args.generate:  # think while writing, with the trained thought model
+        ckpt = torch.load(path("thoughts.pt"), map_location=args.device, weights_only=True)
+        gpt, head = GPT(cfg).to(args.device), MixingHead(args.n_embd).to(args.device)
+        gpt.load_state_dict(ckpt["gpt"])
+        head.load_state_dict(ckpt["head"])
+        text = generate_thinking(gpt.eval(), head, tok, args.generate, args.n_generate, args,
+                                 torch.Generator().manual_seed(args.seed), show_thoughts=not args.hide_thoughts)
+        print(f"generated: {text!r}")
     p, a, b = results["pretrained"], results["no_thoughts"], results["thoughts"]
     print(f"held-out NLL (all / computed tokens): pretrained {p['nll']:.4f} / {p['nll_computed']:.4f} | "
           f"+{args.steps} steps without thoughts {a['nll']:.4f} / {a['nll_computed']:.4f} | "

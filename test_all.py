@@ -725,7 +725,7 @@ def test_reinforce_gradient_reaches_thought_logprobs_and_not_the_reward():
     assert metrics["reward_abs"] > 0 and 0 < metrics["w"] < 1
 
 
-def test_one_quietstar_training_step_runs_and_generation_thinks(tmp_path):
+def test_one_quietstar_training_step_runs_and_generation_thinks(tmp_path, capsys):
     argv = ["--n_train", "60", "--n_test", "20", "--max_digits", "2", "--n_layer", "1", "--n_embd", "32", "--seq_len", "16",
             "--thought_len", "2", "--n_talk", "2", "--batch_size", "4", "--pretrain_steps", "3", "--steps", "2",
             "--eval_chunks", "4", "--threads", "2", "--out_dir", str(tmp_path / "q")]
@@ -733,8 +733,14 @@ def test_one_quietstar_training_step_runs_and_generation_thinks(tmp_path):
     assert set(res) == {"pretrained", "no_thoughts", "thoughts"}
     assert all(math.isfinite(r["nll"]) for r in res.values())
     assert res["thoughts"]["sample"].count("[") >= 1
-    again = quietstar.main(quietstar.get_args(argv + ["--resume"]))
+    capsys.readouterr()
+    again = quietstar.main(quietstar.get_args(argv + ["--resume", "--generate", "12+3=", "--n_generate", "3"]))
     assert again["thoughts"]["nll"] == res["thoughts"]["nll"]
+    shown = [l for l in capsys.readouterr().out.splitlines() if l.startswith("generated: ")]
+    assert len(shown) == 1 and shown[0].startswith("generated: '12+3=[")
+    quietstar.main(quietstar.get_args(argv + ["--resume", "--generate", "12+3=", "--n_generate", "3", "--hide_thoughts"]))
+    hidden = [l for l in capsys.readouterr().out.splitlines() if l.startswith("generated: ")]
+    assert len(hidden) == 1 and hidden[0].startswith("generated: '12+3=") and len(hidden[0]) < len(shown[0])
 
 
 def test_computed_mask_marks_digits_after_equals():
