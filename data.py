@@ -518,8 +518,6 @@ def base_block_size(args):
     return args.block_size or (1024 if args.dataset == "gsm8k" else 256)
 
 
-
-
 # -----------------------------------------------------------------------------
 # the setup every script shares: model and run flags, task loading, the warm start
 

@@ -438,8 +438,7 @@ def main(args):
             k = max(1, len(log) // 5)
             res["trajectory"] = [{key: sum(r[key] for r in log[i : i + k]) / len(log[i : i + k]) for key in log[0]} | {"step": i}
                                  for i in range(0, len(log), k)]
-            torch.save({"gpt": gpt.state_dict(), "head": head.state_dict(), "config": vars(args)}, path("thoughts.tmp"))
-            os.replace(path("thoughts.tmp"), path("thoughts.pt"))
+            model.atomic_save({"gpt": gpt.state_dict(), "head": head.state_dict(), "config": vars(args)}, path("thoughts.pt"))
             g = torch.Generator().manual_seed(args.seed)
             prompt_text = args.generate or corpus_text(test[:1], args.dataset).split("=")[0] + "="
             res["sample"] = generate_thinking(gpt, head, tok, prompt_text, 12, args, g)

@@ -110,7 +110,7 @@ def collect(m, tok, questions, args, it):
     if failed and not args.no_rationalize:
         fq = [questions[i] for i in failed]
         hinted = data.sample(m, tok, [e.question for e in fq], args, 1, args.temperature, base_seed + 1,
-                        hints=[e.answer for e in fq], desc=f"iter {it} rationalize")
+                             hints=[e.answer for e in fq], desc=f"iter {it} rationalize")
         for qi, e, outs in zip(failed, fq, hinted):
             text, fin = outs[0]
             if data.correct(text, fin, e.answer):
@@ -125,10 +125,6 @@ def collect(m, tok, questions, args, it):
         "distinct_per_question": sum(not r["rationalized"] for r in kept) / max(1, len(questions)),
     }
     return kept, every, stats
-
-
-# -----------------------------------------------------------------------------
-# fine-tuning and evaluation
 
 
 # -----------------------------------------------------------------------------
@@ -224,8 +220,7 @@ def main(args):
         row = {"iter": it, **res, **stats, "steps": steps, "loss": loss, "time": time.time() - t0}
         metrics.append(row)
         data.write_rows(path("metrics.jsonl"), metrics)
-        stale = 0 if res["acc"] > best else stale + 1
-        best = max(best, res["acc"])
+        best, stale = (res["acc"], 0) if res["acc"] > best else (best, stale + 1)
         extra = " ".join(f"{k} {v:.3f}" for k, v in res.items() if k != "acc")
         print(f"iter {it}: test acc {res['acc']:.3f} {extra} | kept {stats.get('kept')} "
               f"(rationalized {stats.get('rationalized', 0)}, solved {stats.get('solved_frac', 0):.3f} of train) "

@@ -117,6 +117,15 @@ def show_steps(question, steps, q, c):
 # pairs
 
 
+def right_by_question(samples):
+    """{question index: [its right completions, in sample order]}."""
+    right = {}
+    for s in samples:
+        if s["correct"]:
+            right.setdefault(s["q"], []).append(s["completion"])
+    return right
+
+
 def make_pairs(samples, q_rows, variant, seed):
     """
     DPO pairs from graded samples: one per wrong solution of a question that also has a right
@@ -124,10 +133,7 @@ def make_pairs(samples, q_rows, variant, seed):
     wrong solution. chosen: a right solution of the same question, drawn at random.
     """
     rng = random.Random(seed)
-    right = {}
-    for s in samples:
-        if s["correct"]:
-            right.setdefault(s["q"], []).append(s["completion"])
+    right = right_by_question(samples)
     q_by_sample = {r["sample"]: r for r in q_rows}
     pairs = []
     for n, s in enumerate(samples):
@@ -179,10 +185,7 @@ def main(args):
 
     # --- 3-4. Q values of every wrong solution's steps, its critical step, the pairs
     if args.variant == "rft":
-        by_q = {}
-        for s in samples:
-            if s["correct"]:
-                by_q.setdefault(s["q"], []).append(s["completion"])
+        by_q = right_by_question(samples)
         train_rows = [{"question": questions[q].question, "completion": t} for q, ts in sorted(by_q.items()) for t in data.dedup(ts)]
         print(f"RFT: {len(train_rows)} distinct right solutions out of {n_right} right samples, {len(by_q)} questions")
         data.write_rows(path("pairs.jsonl"), train_rows)
