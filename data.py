@@ -1,5 +1,7 @@
 """
-Tasks, answers and the tokenizer: everything nanostar knows about text lives here.
+Text, and only text: the tokenizers, the tasks, the solution format, answer parsing and
+grading, encoding and batching. It never imports model.py and never reads an argparse
+namespace; the steps that run a model live in loop.py.
 
 Every task is a list of `Example(question, answer, rationale)` for train and test, and every
 task writes a solution the same way, so the scripts never special-case a task:
@@ -20,8 +22,6 @@ import os
 import random
 import re
 import socket
-import sys
-import time
 from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -29,7 +29,9 @@ from decimal import Decimal, InvalidOperation
 import tiktoken
 import torch
 
-import model
+
+class InputError(ValueError):
+    """Bad input from the user (a data file, a flag, an unreachable hub): one line, no traceback."""
 
 # -----------------------------------------------------------------------------
 # tokenizer: byte-level tiktoken Encoding built in code (no download, ever)
@@ -88,22 +90,35 @@ def completion(rationale, answer):
     return f"{rationale}\n{ANSWER_MARK}{answer}" if rationale else f"{ANSWER_MARK}{answer}"
 
 
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# a minus sign may be ASCII '-', the Unicode minus U+2212, or a dash (hyphen, figure dash, en/em
+# dash, small and fullwidth hyphen-minus): all of them mean minus before a number, never plus
+MINUS_SIGNS = "-\u2212\u2010\u2011\u2012\u2013\u2014\ufe63\uff0d"
+_NUMBER = re.compile(f"[{MINUS_SIGNS}]?\\$?(?:\\d[\\d,]*(?:\\.\\d+)?|\\.\\d+)")
 
 
 def parse_number(text):
-    """The first number in text as a Decimal ('1,234' -> 1234, '$5.50' -> 5.50), or None."""
+    """The first number in text as a Decimal ('1,234' -> 1234, '$5.50' -> 5.50, '\u22125' -> -5), or None."""
     m = _NUMBER.search(text)
     if m is None:
         return None
+    s = m.group(0)
+    sign = "-" if s[0] in MINUS_SIGNS else ""
     try:
-        return Decimal(m.group(0).replace(",", "").replace("$", ""))
+        return Decimal(sign + s.lstrip(MINUS_SIGNS).replace(",", "").replace("$", ""))
     except InvalidOperation:
         return None
 
 
+def number_text(d):
+    """A Decimal as plain text without exponent or trailing zeros: 1200 -> '1200', 0.50 -> '0.5'."""
+    s = format(d, "f")
+    if "." in s:
+        s = s.rstrip("0").rstrip(".")
+    return "0" if s in ("-0", "") else s
+
+
 def extract_answer(text):
-    """The number after the last '#### ' of a generated completion, or None if there is none."""
+    """The number on the line after the last '####' of a completion, or None if there is none."""
     i = text.rfind(ANSWER_MARK.strip())
     if i < 0:
         return None
@@ -118,13 +133,30 @@ def answers_match(pred, gold):
     return pred is not None and gold is not None and pred == gold
 
 
-def is_correct(completion_text, gold_answer):
+def answer_correct(completion_text, gold_answer):
+    """The completion's '#### ' answer equals the gold answer (whether or not the sample finished)."""
     return answers_match(extract_answer(completion_text), gold_answer)
 
 
+def sample_correct(completion_text, finished, gold_answer):
+    """How every script grades a sample: it ended by itself (not cut at the length limit) with the right answer."""
+    return finished and answer_correct(completion_text, gold_answer)
+
+
+def majority(answers):
+    """The most common parsed answer (ties: the first seen), or None."""
+    answers = [a for a in answers if a is not None]
+    return Counter(answers).most_common(1)[0][0] if answers else None
+
+
 def split_steps(text):
-    """A completion's steps: one per line, each keeping its newline, so ''.join(steps) == text."""
-    return text.splitlines(keepends=True)
+    """
+    A completion's steps: one per line, each keeping its '\\n', so ''.join(steps) == text.
+    Only '\\n' ends a step (str.splitlines would also split at '\\r', '\\x1d', '\\u2028', ... that a
+    sampled solution may contain).
+    """
+    parts = text.split("\n")
+    return [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
 
 
 def strip_answer(text):
@@ -145,6 +177,37 @@ def reasoning_path(rationale):
     if eqs:
         return tuple(e.replace(" ", "") for e in eqs)
     return tuple(line.strip() for line in rationale.splitlines() if line.strip())
+
+
+def edit_distance(a, b):
+    """Levenshtein distance between two strings (one row of the DP table at a time)."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def dedup(texts):
+    """
+    RFT's de-duplication of one question's correct samples: one per distinct reasoning path
+    (`reasoning_path`); among the samples of a path, the one farthest in edit distance from
+    those already kept. Returns the kept texts, first-seen path first.
+    """
+    groups = {}
+    for t in texts:
+        groups.setdefault(reasoning_path(strip_answer(t)), []).append(t)
+    kept = []
+    for members in groups.values():
+        if not kept or len(members) == 1:
+            kept.append(members[0])
+        else:
+            kept.append(max(members, key=lambda t: min(edit_distance(t, k) for k in kept)))
+    return kept
 
 
 # -----------------------------------------------------------------------------
@@ -185,7 +248,7 @@ def arithmetic_task(n_train=4000, n_test=500, min_digits=1, max_digits=8, seed=0
     Deterministic in seed; the test set is drawn first and no train question repeats a test one.
     """
     if not 1 <= min_digits <= max_digits:
-        raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
+        raise InputError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
     rng = random.Random(f"arithmetic-{seed}")
 
     def draw(n, exclude):
@@ -198,7 +261,7 @@ def arithmetic_task(n_train=4000, n_test=500, min_digits=1, max_digits=8, seed=0
                 seen.add((a, b))
                 out.append(Example(f"{a}+{b}", str(a + b), addition_rationale(a, b)))
         if len(out) < n:
-            raise ValueError(f"only {len(out)} distinct questions with {min_digits}-{max_digits} digits, asked for {n}")
+            raise InputError(f"only {len(out)} distinct questions with {min_digits}-{max_digits} digits, asked for {n}")
         return out, seen
 
     test, seen = draw(n_test, ())
@@ -211,36 +274,44 @@ def arithmetic_task(n_train=4000, n_test=500, min_digits=1, max_digits=8, seed=0
 
 
 def gsm8k_example(record, where):
-    """A GSM8K record {'question', 'answer'} -> Example; `where` names the file:line for errors."""
+    """
+    A GSM8K record {'question', 'answer'} -> Example; `where` names the file:line for errors.
+    The gold answer is read by the same parser that grades samples and stored normalized
+    ('$1,234' -> '1234'), so the record's own solution always grades as correct.
+    """
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
     for key in ("question", "answer"):
         if not isinstance(record.get(key), str):
-            raise ValueError(f"{where}: missing or non-text field '{key}'")
+            raise InputError(f"{where}: missing or non-text field '{key}'")
     text = record["answer"]
     i = text.rfind(ANSWER_MARK.strip())
-    if i < 0 or parse_number(text[i:]) is None:
-        raise ValueError(f"{where}: answer has no '#### <number>' final line")
-    answer = text[i + len(ANSWER_MARK.strip()) :].strip().replace(",", "")
-    return Example(record["question"].strip(), answer, text[:i].strip())
+    gold = extract_answer(text)
+    if gold is None:
+        raise InputError(f"{where}: answer has no '#### <number>' final line")
+    return Example(record["question"].strip(), number_text(gold), text[:i].strip())
 
 
 def read_jsonl(path):
-    """Examples from a GSM8K-format JSONL file, with an error naming file and line for bad input."""
+    """Examples from a GSM8K-format JSONL file; bad input is an InputError naming file and line."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
+        raise InputError(f"{path}: no such file")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             out.append(gsm8k_example(record, f"{path}:{n}"))
     if not out:
-        raise ValueError(f"{path}: the file is empty")
+        raise InputError(f"{path}: the file is empty")
     return out
 
 
@@ -262,7 +333,7 @@ def gsm8k_task(data_dir=None):
         return read_jsonl(os.path.join(data_dir, "train.jsonl")), read_jsonl(os.path.join(data_dir, "test.jsonl"))
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
     if not offline and not hub_reachable():
-        raise ConnectionError(
+        raise InputError(
             f"cannot reach {HUB_HOST} to download openai/gsm8k; pass --data_dir DIR with a local "
             "train.jsonl and test.jsonl (GSM8K's own format) instead"
         )
@@ -272,28 +343,18 @@ def gsm8k_task(data_dir=None):
     return tuple([gsm8k_example(r, f"openai/gsm8k {split}[{i}]") for i, r in enumerate(ds[split])] for split in ("train", "test"))
 
 
-# -----------------------------------------------------------------------------
-# the command-line face of the tasks, shared by every script
-
-
-def add_task_args(parser):
-    g = parser.add_argument_group("task")
-    g.add_argument("--dataset", default="arithmetic", choices=["arithmetic", "gsm8k"], help="which task to learn")
-    g.add_argument("--data_dir", default=None, help="gsm8k: local directory with train.jsonl and test.jsonl (skips the hub)")
-    g.add_argument("--n_train", type=int, default=4000, help="training questions used (gsm8k: at most this many)")
-    g.add_argument("--n_test", type=int, default=500, help="test questions evaluated (gsm8k: the first this many)")
-    g.add_argument("--min_digits", type=int, default=1, help="arithmetic: fewest digits per operand")
-    g.add_argument("--max_digits", type=int, default=5, help="arithmetic: most digits per operand")
-    g.add_argument("--data_seed", type=int, default=0, help="arithmetic: seed of the generated train/test sets")
-    return g
-
-
-def task_from_args(args):
-    """(train, test) lists of Examples for the parsed args."""
-    if args.dataset == "arithmetic":
-        return arithmetic_task(args.n_train, args.n_test, args.min_digits, args.max_digits, args.data_seed)
-    train, test = gsm8k_task(args.data_dir)
-    return train[: args.n_train], test[: args.n_test]
+def load_task(dataset, data_dir=None, n_train=4000, n_test=0, min_digits=1, max_digits=5, seed=0):
+    """
+    (train, test) lists of Examples. n_test 0 means the task's default: 500 generated
+    arithmetic questions, or GSM8K's full 1,319-question test set (the only size whose
+    accuracy is comparable with published figures).
+    """
+    if dataset == "arithmetic":
+        return arithmetic_task(n_train, n_test or 500, min_digits, max_digits, seed)
+    if dataset == "gsm8k":
+        train, test = gsm8k_task(data_dir)
+        return train[:n_train], test[: n_test or len(test)]
+    raise InputError(f"unknown dataset {dataset!r}: arithmetic or gsm8k")
 
 
 # -----------------------------------------------------------------------------
@@ -330,144 +391,6 @@ def encode_example(tok, question, completion_text, hint=None, complete=True):
     return tok.encode(p), tok.encode(completion_text) + ([tok.eot] if complete else [])
 
 
-# -----------------------------------------------------------------------------
-# files of a run: every write is atomic, so a crash leaves the last finished step intact
-
-
-def write_atomic(path, text):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_rows(path, rows):
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def read_rows(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-RUN_ARGS = {"resume", "out_dir", "device", "threads", "gen_batch", "compile", "generate", "n_generate", "hide_thoughts"}  # may differ on resume
-
-
-def start_run(args, name):
-    """Pick the device and threads, open the run directory, log the settings; returns out_dir's path()."""
-    args.device = model.autodetect_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    open_run(args)
-    print(f"nanostar {name}: {json.dumps(vars(args))}")
-    return lambda filename: os.path.join(args.out_dir, filename)
-
-
-def open_run(args):
-    """Create out_dir, or check on --resume that it belongs to the same settings."""
-    cfg_path = os.path.join(args.out_dir, "config.json")
-    mine = {k: v for k, v in vars(args).items() if k not in RUN_ARGS}
-    if os.path.exists(cfg_path):
-        if not args.resume:
-            sys.exit(f"{args.out_dir} already holds a run: pass --resume to continue it, or another --out_dir")
-        with open(cfg_path) as f:
-            theirs = {k: v for k, v in json.load(f).items() if k not in RUN_ARGS}
-        diff = {k: (theirs.get(k), mine.get(k)) for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k)}
-        if diff:
-            sys.exit(f"--resume with other settings than the run in {args.out_dir}: {diff}")
-    else:
-        os.makedirs(args.out_dir, exist_ok=True)
-        write_atomic(cfg_path, json.dumps(vars(args), indent=2))
-
-
-# -----------------------------------------------------------------------------
-# solving questions with a model: sampling, grading, de-duplication (star.py and stepdpo.py)
-
-
-def sample(m, tok, questions, args, k, temperature, seed, hints=None, desc="sample"):
-    """
-    k completions (decoded text) for each question, KV-cached and batched.
-    hints: the answers to show in the prompt (rationalization), or None.
-    Returns a list of len(questions) lists of k (text, finished) pairs.
-    """
-    from tqdm import tqdm
-
-    g = model.make_generator(seed, m.lm_head.weight.device)
-    prompts = [tok.encode(hint_prompt(q, h) if hints else prompt(q)) for q, h in zip(questions, hints or questions)]
-    out = []
-    per_batch = max(1, args.gen_batch // k)
-    for i in tqdm(range(0, len(prompts), per_batch), desc=desc, leave=False, disable=None):
-        chunk = prompts[i : i + per_batch]
-        max_new = min(args.max_new_tokens, m.config.block_size - max(len(p) for p in chunk))
-        s = model.generate(m, chunk, max_new, temperature, getattr(args, "top_k", None), tok.eot, g, num_samples=k)
-        texts = [tok.decode(c) for c in s.completions()]
-        fin = s.finished.tolist()
-        for j in range(len(chunk)):
-            out.append(list(zip(texts[j * k : (j + 1) * k], fin[j * k : (j + 1) * k])))
-    return out
-
-
-def correct(text, finished, answer):
-    """A sample counts only if it ended by itself (not cut at the length limit) with the right answer."""
-    return finished and is_correct(text, answer)
-
-
-def edit_distance(a, b):
-    """Levenshtein distance between two strings (one row of the DP table at a time)."""
-    if len(a) < len(b):
-        a, b = b, a
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
-def dedup(texts):
-    """
-    RFT's de-duplication of one question's correct samples: one per distinct reasoning path
-    (`reasoning_path`); among the samples of a path, the one farthest in edit distance from
-    those already kept. Returns the kept texts, first-seen path first.
-    """
-    groups = {}
-    for t in texts:
-        groups.setdefault(reasoning_path(strip_answer(t)), []).append(t)
-    kept = []
-    for members in groups.values():
-        if not kept or len(members) == 1:
-            kept.append(members[0])
-        else:
-            kept.append(max(members, key=lambda t: min(edit_distance(t, k) for k in kept)))
-    return kept
-
-
-# -----------------------------------------------------------------------------
-# fine-tuning and evaluation
-
-
-def fine_tune(base_state, config, pairs, steps, args, seed, desc):
-    """A fresh copy of the base weights fine-tuned on (prompt_ids, completion_ids) pairs."""
-    torch.manual_seed(seed)
-    m = model.GPT(config).to(args.device)
-    m.load_state_dict(base_state)
-    rng = random.Random(seed)
-    order = []
-
-    def get_batch(step, micro):
-        batch = []
-        while len(batch) < args.batch_size:
-            if not order:  # shuffled epochs: every example is seen once before any is seen twice
-                order.extend(rng.sample(range(len(pairs)), len(pairs)))
-            batch.append(pairs[order.pop()])
-        return collate(batch, config.block_size, args.device)
-
-    cfg = model.TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=min(20, steps // 10), compile=args.compile)
-    losses = model.train(m, get_batch, cfg, desc=desc)
-    return m, losses[-1] if losses else float("nan")
-
-
 def seed_pairs(tok, seed_set, answer_only=False):
     """The warm-start data: every seed example plain and, for rationalization, with its hint."""
     pairs = []
@@ -477,176 +400,3 @@ def seed_pairs(tok, seed_set, answer_only=False):
         if not answer_only:
             pairs.append(encode_example(tok, e.question, text, hint=e.answer))
     return pairs
-
-
-def majority(answers):
-    """The most common parsed answer (ties: the first seen), or None."""
-    answers = [a for a in answers if a is not None]
-    return Counter(answers).most_common(1)[0][0] if answers else None
-
-
-def evaluate(m, tok, test, args, seed, scorer=None):
-    """
-    Greedy accuracy; with --eval_samples N also maj@N and pass@N; with a scorer (question,
-    [completions]) -> [scores], the accuracy of the best-scored of the N (a verifier's best-of-N).
-    """
-    res = {}
-    greedy = sample(m, tok, [e.question for e in test], args, 1, 0.0, seed, desc="eval greedy")
-    res["acc"] = sum(correct(o[0][0], o[0][1], e.answer) for e, o in zip(test, greedy)) / len(test)
-    if getattr(args, "eval_samples", 0) > 1:
-        n = args.eval_samples
-        outs = sample(m, tok, [e.question for e in test], args, n, args.eval_temperature, seed + 1, desc=f"eval {n} samples")
-        maj, oracle, best = 0, 0, 0
-        for e, o in zip(test, outs):
-            ans = [extract_answer(t) if f else None for t, f in o]
-            maj += answers_match(majority(ans), e.answer)
-            oracle += any(correct(t, f, e.answer) for t, f in o)
-        res[f"maj@{n}"], res[f"pass@{n}"] = maj / len(test), oracle / len(test)
-        if scorer is not None:
-            for e, o in zip(test, outs):
-                scores = scorer(e.question, [t for t, _ in o])
-                t, f = o[int(torch.tensor(scores).argmax())]
-                best += correct(t, f, e.answer)
-            res[f"verifier@{n}"] = best / len(test)
-    return res
-
-
-def base_block_size(args):
-    """The context of the model the run starts from: --init's, --block_size, or the task's default."""
-    if args.init:
-        return model.load_checkpoint(args.init)[0].config.block_size
-    return args.block_size or (1024 if args.dataset == "gsm8k" else 256)
-
-
-# -----------------------------------------------------------------------------
-# the setup every script shares: model and run flags, task loading, the warm start
-
-
-def add_model_args(parser):
-    g = parser.add_argument_group("model and warm start")
-    g.add_argument("--init", default=None, help="start from this checkpoint instead of a warm start from scratch")
-    g.add_argument("--n_layer", type=int, default=3, help="transformer blocks (from scratch)")
-    g.add_argument("--n_embd", type=int, default=96, help="model width (from scratch)")
-    g.add_argument("--n_head", type=int, default=4, help="attention heads (from scratch)")
-    g.add_argument("--block_size", type=int, default=0, help="context length (from scratch; 0 = 256 for arithmetic, 1024 for gsm8k)")
-    g.add_argument("--n_seed", type=int, default=256, help="worked examples for the warm start (taken from the train set)")
-    g.add_argument("--warm_steps", type=int, default=1000, help="fine-tuning steps of the warm start")
-    g.add_argument("--max_new_tokens", type=int, default=0, help="cut generations at this length (0 = from the task)")
-    return g
-
-
-def add_run_args(parser, out_dir):
-    g = parser.add_argument_group("optimization")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    g.add_argument("--batch_size", type=int, default=32, help="sequences per training step")
-    g.add_argument("--gen_batch", type=int, default=512, help="sequences per sampling batch")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    g = parser.add_argument_group("run")
-    g.add_argument("--out_dir", default=out_dir, help="where the run's files go")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last finished step")
-    g.add_argument("--seed", type=int, default=1337, help="seed of init, sampling and batching")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    return g
-
-
-def prepare_task(args, tok):
-    """
-    Load the task, drop examples longer than the context (saying how many), split off the seed
-    set, and set args.max_new_tokens from the task when it is 0. Returns (seed_set, questions,
-    test, block_size).
-    """
-    train_set, test = task_from_args(args)
-    block_size = base_block_size(args)
-    fits = lambda e: len(tok.encode(hint_prompt(e.question, e.answer) + completion(e.rationale, e.answer))) + 1 <= block_size
-    for name, split in (("train", train_set), ("test", test)):
-        kept = [e for e in split if fits(e)]
-        if len(kept) < len(split):
-            print(f"dropped {len(split) - len(kept)} of {len(split)} {name} examples longer than block_size {block_size}")
-        split[:] = kept
-    if args.n_seed >= len(train_set):
-        sys.exit(f"--n_seed {args.n_seed} leaves no training questions out of {len(train_set)}")
-    if args.max_new_tokens == 0:  # room for the longest gold solution, and a quarter more
-        longest = max(len(tok.encode(completion(e.rationale, e.answer))) for e in train_set)
-        args.max_new_tokens = min(int(longest * 1.25) + 8, block_size)
-    seed_set, questions = train_set[: args.n_seed], train_set[args.n_seed :]
-    print(f"task {args.dataset}: {len(seed_set)} seed, {len(questions)} train questions, {len(test)} test; "
-          f"generations cut at {args.max_new_tokens} tokens")
-    return seed_set, questions, test, block_size
-
-
-def warm_start(args, tok, seed_set, block_size, path, answer_only=False):
-    """
-    The base model: loaded from `path` if a run already made it, else --init, else a fresh
-    model fine-tuned on the seed set (plain and hinted). Saved to `path` either way.
-    """
-    t0 = time.time()
-    if os.path.exists(path):
-        print(f"resumed: warm-start model from {path}")
-        return model.load_checkpoint(path, args.device)[0]
-    if args.init:
-        base, _ = model.load_checkpoint(args.init, args.device)
-        model.save_checkpoint(path, base)
-        return base
-    config = model.GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
-                             n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
-    torch.manual_seed(args.seed)
-    init_state = model.GPT(config).state_dict()
-    base, loss = fine_tune(init_state, config, seed_pairs(tok, seed_set, answer_only), args.warm_steps, args, args.seed, "warm start")
-    model.save_checkpoint(path, base)
-    print(f"warm start: {base.num_params():,} parameters, {args.warm_steps} steps, loss {loss:.4f}, {time.time() - t0:.0f}s")
-    return base
-
-
-# -----------------------------------------------------------------------------
-# DPO training (star.py's verifier, stepdpo.py)
-
-
-def reference_logprobs(ref, pairs, args, block_size):
-    """Summed log-probs under the frozen reference of every (chosen, rejected) pair, once, no grad."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(pairs), args.gen_batch):
-            seqs = [s for pair in pairs[i : i + args.gen_batch] for s in pair]  # c0, r0, c1, r1, ...
-            x, y = collate(seqs, block_size, args.device)
-            with model.autocast(args.device):
-                lp = model.sequence_logprobs(ref, x, y).float()
-            out.append(lp.view(-1, 2))
-    return torch.cat(out).cpu()  # (n_pairs, 2): chosen, rejected
-
-
-def dpo_train(base_state, config, pairs, steps, lr, beta, args, seed, sft_weight=0.0, desc="DPO"):
-    """
-    DPO from the base weights; the frozen base model is the reference, its log-probs computed
-    once before training. pairs: list of (chosen, rejected), each a (prompt_ids, completion_ids)
-    as from encode_example (a completion without <|endoftext|> is a partial solution).
-    sft_weight adds that times the mean token NLL of the chosen side. Returns (model, last loss).
-    """
-    ref = model.GPT(config).to(args.device)
-    ref.load_state_dict(base_state)
-    ref_lp = reference_logprobs(ref, pairs, args, config.block_size)
-    del ref
-    torch.manual_seed(seed)
-    m = model.GPT(config).to(args.device)
-    m.load_state_dict(base_state)
-    rng = random.Random(seed)
-    n = max(1, min(args.batch_size // 2, len(pairs)))
-
-    def get_batch(step, micro):
-        idx = rng.sample(range(len(pairs)), n)
-        x, y = collate([pairs[i][0] for i in idx] + [pairs[i][1] for i in idx], config.block_size, args.device)
-        return x, y, ref_lp[idx].to(args.device)
-
-    def loss_fn(m, batch):
-        x, y, ref = batch
-        _, tok_loss = m(x, targets=y)
-        lp = -(tok_loss * (y != -1)).sum(dim=1)  # = model.sequence_logprobs, sharing the forward with the SFT term
-        loss, metrics = model.dpo_loss(lp[:n], lp[n:], ref[:, 0], ref[:, 1], beta)
-        if sft_weight:
-            chosen = y[:n] != -1
-            loss = loss + sft_weight * (tok_loss[:n] * chosen).sum() / chosen.sum()
-        return loss, metrics
-
-    cfg = model.TrainConfig(steps=steps, batch_size=2 * n, lr=lr, warmup=min(20, steps // 10), compile=args.compile)
-    losses = model.train(m, get_batch, cfg, loss_fn=loss_fn, desc=desc)
-    return m, losses[-1] if losses else float("nan")

@@ -246,9 +246,9 @@ class GPT(nn.Module):
             cache.length += T
         return self.norm(x)
 
-    def forward(self, idx, targets=None, pos=None, cache=None, mask=None, return_hidden=False):
+    def forward(self, idx, targets=None, pos=None, cache=None, mask=None):
         """
-        Returns (logits, loss), or (logits, loss, hidden) with return_hidden.
+        Returns (logits, loss).
         logits: (B, T, vocab). loss: None without targets; with targets (B, T, ids, -1 = ignore) the
         per-token cross-entropy, reduction='none', shape (B, T), 0 where ignored. Every log-prob
         in nanostar (SFT, DPO, verifier scores, REINFORCE) is minus this number.
@@ -259,7 +259,7 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
             loss = loss.view(targets.shape)
-        return (logits, loss, h) if return_hidden else (logits, loss)
+        return logits, loss
 
     def new_cache(self, batch_size, max_len):
         p = self.lm_head.weight
@@ -449,18 +449,36 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
         L = -log sigmoid( beta * [ (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)) ] )
 
     y_w is the chosen (preferred) response, y_l the rejected one. Returns the mean loss and
-    detached diagnostics: the implicit rewards beta * (log pi - log ref) of each side and the
-    fraction of pairs the policy already ranks right.
+    detached diagnostics (tensors, so nothing syncs with the GPU here): the implicit rewards
+    beta * (log pi - log ref) of each side and the fraction of pairs the policy already ranks right.
     """
     chosen_reward = beta * (policy_chosen - ref_chosen)
     rejected_reward = beta * (policy_rejected - ref_rejected)
     losses = -F.logsigmoid(chosen_reward - rejected_reward)
     metrics = {
-        "chosen_reward": chosen_reward.detach().mean().item(),
-        "rejected_reward": rejected_reward.detach().mean().item(),
-        "reward_acc": (chosen_reward > rejected_reward).float().mean().item(),
+        "chosen_reward": chosen_reward.detach().mean(),
+        "rejected_reward": rejected_reward.detach().mean(),
+        "reward_acc": (chosen_reward > rejected_reward).float().mean(),
     }
     return losses.mean(), metrics
+
+
+def dpo_sft_loss(model, x, y, ref_logprobs, beta, sft_weight=0.0):
+    """
+    DPO plus an optional SFT term on the chosen side, on one forward of a batch of pairs:
+
+        L = dpo_loss(...) + sft_weight * (- sum of chosen-token log-probs / number of chosen tokens)
+
+    x, y: (2n, T) from data.collate, rows 0..n-1 the chosen and n..2n-1 the rejected side of
+    the same n pairs; ref_logprobs: (n, 2) the frozen reference's summed log-probs (chosen,
+    rejected). The SFT term is the mean token NLL of the chosen completions.
+    """
+    n = x.size(0) // 2
+    lp = sequence_logprobs(model, x, y)  # (2n,)
+    loss, metrics = dpo_loss(lp[:n], lp[n:], ref_logprobs[:, 0], ref_logprobs[:, 1], beta)
+    if sft_weight:
+        loss = loss + sft_weight * -lp[:n].sum() / (y[:n] != -1).sum()
+    return loss, metrics
 
 
 # -----------------------------------------------------------------------------
@@ -470,13 +488,10 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
 @dataclass
 class TrainConfig:
     steps: int = 500  # optimizer steps
-    batch_size: int = 32  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate
+    warmup: int = 20  # linear warmup steps, then cosine decay
     min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
-    warmup: int = 20  # linear warmup steps
-    schedule: str = "cosine"  # "cosine" or "constant" (after warmup)
-    weight_decay: float = 0.0  # AdamW weight decay on 2D weights
+    grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float = 1.0  # max grad norm (0 = off)
     compile: bool = False  # torch.compile the model for training
 
@@ -484,8 +499,6 @@ class TrainConfig:
 def get_lr(step, cfg):
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.schedule == "constant":
-        return cfg.lr
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * coeff)
@@ -502,30 +515,28 @@ def lm_loss(model, batch):
 def train(model, get_batch, cfg, loss_fn=lm_loss, params=None, desc="train", log_every=0):
     """
     The one fine-tuning loop. get_batch(step, micro) -> a batch for loss_fn(model, batch) ->
-    (loss, metrics dict). Returns the list of per-step losses. params: what to optimize
-    (default all of the model's), or a list of param groups.
+    (loss, metrics), both tensors. params: what to optimize (default: all of the model's).
+    Returns the per-step losses as a list of floats. Losses and metrics stay on the device
+    until a step is logged (every log_every steps, and the last), where .item() is the one
+    CPU-GPU sync; the losses are fetched once at the end.
     """
     from tqdm import tqdm
 
     device = model.lm_head.weight.device
-    params = list(model.parameters()) if params is None else params
-    if params and isinstance(params[0], dict):
-        groups = params
-    else:
-        decay = [p for p in params if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in params if p.requires_grad and p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    for g in groups:
-        g.setdefault("lr_scale", 1.0)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+    # weight decay 0: these are short fine-tunes from a good start, not pretraining
+    decay, no_decay = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay}], lr=cfg.lr, betas=(0.9, 0.95),
+                            weight_decay=0.0, fused=device.type == "cuda")
     fwd = torch.compile(model) if cfg.compile else model
     model.train()
     losses = []
+    every = log_every or max(1, cfg.steps // 20)  # progress bar refresh; printed lines only with log_every
     bar = tqdm(range(cfg.steps), desc=desc, leave=False, disable=None if cfg.steps >= 10 else True, mininterval=1.0)
     for step in bar:
         lr = get_lr(step, cfg)
         for g in opt.param_groups:
-            g["lr"] = lr * g["lr_scale"]
+            g["lr"] = lr
         total = 0.0
         for micro in range(cfg.grad_accum):
             batch = get_batch(step, micro)
@@ -534,17 +545,18 @@ def train(model, get_batch, cfg, loss_fn=lm_loss, params=None, desc="train", log
             (loss / cfg.grad_accum).backward()
             total += loss.detach()
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(decay + no_decay, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss_value = total.item() / cfg.grad_accum  # one sync per step
-        losses.append(loss_value)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.1e}")
-        if log_every and (step % log_every == 0 or step == cfg.steps - 1):
-            extra = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            print(f"{desc} step {step}/{cfg.steps} loss {loss_value:.4f} {extra}")
+        losses.append(total / cfg.grad_accum)
+        if step % every == 0 or step == cfg.steps - 1:
+            loss_value = losses[-1].item()  # the one sync, on logged steps only
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.1e}")
+            if log_every:
+                extra = " ".join(f"{k} {float(v):.4f}" for k, v in metrics.items())
+                print(f"{desc} step {step}/{cfg.steps} loss {loss_value:.4f} {extra}")
     model.eval()
-    return losses
+    return torch.stack(losses).tolist() if losses else []
 
 
 # -----------------------------------------------------------------------------
@@ -565,17 +577,21 @@ def save_checkpoint(path, model, **extra):
     atomic_save({"config": asdict(model.config), "model": state, "extra": extra}, path)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or not one this code can load."""
+
+
 def load_checkpoint(path, device="cpu"):
     """Rebuild the model from a checkpoint. Returns (model, extra). Clear errors for bad files."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
         config = GPTConfig(**ckpt["config"])
         model = GPT(config)
         model.load_state_dict(ckpt["model"])
     except Exception as e:  # a truncated zip, a pickle we refuse, missing keys...
-        raise RuntimeError(f"could not load checkpoint {path}: it is corrupt or not a nanostar checkpoint ({e})") from e
+        raise CheckpointError(f"could not load checkpoint {path}: it is corrupt or not a nanostar checkpoint ({e})") from e
     model.to(device).eval()
     return model, ckpt.get("extra", {})
 

@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import loop
 import model
 from data import Tokenizer
 from model import GPT, GPTConfig
@@ -59,26 +60,23 @@ from model import GPT, GPTConfig
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data.add_task_args(p)
-    g = p.add_argument_group("model")
-    g.add_argument("--n_layer", type=int, default=3, help="transformer blocks")
-    g.add_argument("--n_embd", type=int, default=96, help="model width")
-    g.add_argument("--n_head", type=int, default=4, help="attention heads")
-    g.add_argument("--seq_len", type=int, default=48, help="T: tokens per training chunk")
+    loop.add_task_args(p)
+    loop.add_model_args(p)  # --block_size 0: just enough for a chunk, a thought and its lookahead
     g = p.add_argument_group("Quiet-STaR")
+    g.add_argument("--seq_len", type=int, default=48, help="T: tokens per training chunk")
     g.add_argument("--n_thoughts", type=int, default=2, help="thoughts sampled per position")
     g.add_argument("--thought_len", type=int, default=4, help="L: sampled tokens per thought (plus start and end)")
     g.add_argument("--n_talk", type=int, default=4, help="true tokens after a thought that it is scored on")
     g.add_argument("--thought_temperature", type=float, default=1.0, help="temperature of thought tokens")
     g.add_argument("--reinforce_weight", type=float, default=1.0, help="weight of the REINFORCE term")
     g.add_argument("--embed_grad_scale", type=float, default=10.0, help="gradient multiplier of the start/end thought embeddings")
-    g.add_argument("--pretrain_steps", type=int, default=1500, help="plain LM steps before the two arms split")
+    g.add_argument("--pretrain_steps", type=int, default=1500, help="plain LM steps before the two arms split (none with --init)")
     g.add_argument("--steps", type=int, default=150, help="training steps of each arm")
     g.add_argument("--eval_chunks", type=int, default=64, help="held-out chunks for the NLL comparison")
     g.add_argument("--generate", default=None, help="after training, continue this text, thinking before each token")
     g.add_argument("--n_generate", type=int, default=12, help="tokens to write for --generate")
     g.add_argument("--hide_thoughts", action="store_true", help="print --generate's text without its thoughts")
-    data.add_run_args(p, "out/quietstar")
+    loop.add_run_args(p, "out/quietstar", compile_flag=False)
     p.set_defaults(batch_size=8)
     return p.parse_args(argv)
 
@@ -155,6 +153,14 @@ def init_thought_embeddings(gpt, tok, scale):
 # parallel thoughts
 
 
+def check_context(gpt, T, args):
+    """The last thought token of the last position sits at T + thought_len + n_talk: it must have a rotary position."""
+    need = T + args.thought_len + args.n_talk + 1
+    if need > gpt.config.block_size:
+        raise ValueError(f"{T} tokens + a thought of {args.thought_len} + {args.n_talk} lookahead need positions up to "
+                         f"{need - 1}, beyond the model's block_size of {gpt.config.block_size}")
+
+
 def diagonal_mask(T, j, device):
     """
     (1, 1, T, T + (j+1) T) mask of thought step j over [text | step 0 | ... | step j]:
@@ -178,6 +184,7 @@ def think(gpt, head, x, args, tok, noise):
     """
     B, T = x.shape
     N, L, K = args.n_thoughts, args.thought_len, args.n_talk
+    check_context(gpt, T, args)
     R, dev = B * N, x.device
     xr = x.repeat_interleave(N, dim=0)  # (R, T): rows b*N .. b*N+N-1 share a text
     cache = model.GrowingKVCache(gpt.config.n_layer)
@@ -190,7 +197,7 @@ def think(gpt, head, x, args, tok, noise):
     inp = xr.new_full((R, T), tok.start_thought)
     thoughts, thought_logp, talk_h = [], torch.zeros(R, T, device=dev), []
     for j in range(L + 1 + K):
-        pos = (t_pos + 1 + j).clamp(max=gpt.config.block_size - 1).expand(R, T)
+        pos = (t_pos + 1 + j).expand(R, T)  # the thought continues its position's text
         h = gpt.hidden(inp, pos=pos, cache=cache, mask=diagonal_mask(T, j, dev))  # (R, T, C)
         if j < L:  # sample the next thought token
             logits = gpt.lm_head(h).float()
@@ -243,10 +250,10 @@ def quietstar_loss(gpt, head, x, args, tok, noise, out=None):
     has_target = out["valid"][:, 0].float()[None]  # positions with at least one target
     reinforce = -(reward * out["thought_logp"] * has_target).sum() / (has_target.sum() * R)
     loss = nll_base + nll_mixed + args.reinforce_weight * reinforce
-    metrics = {  # reward_abs: mean |reward| (the mean reward is 0 by construction of the baseline)
-        "nll_base": nll_base.item(), "nll_mixed": nll_mixed.item(),
-        "reward_abs": (reward.abs() * has_target).sum().item() / (has_target.sum().item() * R),
-        "w": out["w"][..., 0].mean().item(),
+    metrics = {  # detached tensors; reward_abs: mean |reward| (the mean reward is 0 by construction of the baseline)
+        "nll_base": nll_base.detach(), "nll_mixed": nll_mixed.detach(),
+        "reward_abs": (reward.abs() * has_target).sum() / (has_target.sum() * R),
+        "w": out["w"][..., 0].detach().mean(),
     }
     return loss, metrics, out
 
@@ -265,6 +272,7 @@ def think_reference(gpt, head, x, args, tok, noise):
     """The same thoughts and mixed logits as `think`, one position and one row at a time, full forwards."""
     B, T = x.shape
     N, L, K = args.n_thoughts, args.thought_len, args.n_talk
+    check_context(gpt, T, args)
     xr = x.repeat_interleave(N, dim=0)
     R = xr.size(0)
     V = gpt.config.vocab_size
@@ -275,14 +283,14 @@ def think_reference(gpt, head, x, args, tok, noise):
         for t in range(T):
             seq = xr[r, : t + 1].tolist() + [tok.start_thought]
             for j in range(L):
-                pos = torch.tensor([list(range(t + 1)) + [min(t + 1 + i, gpt.config.block_size - 1) for i in range(len(seq) - t - 1)]])
+                pos = torch.tensor([list(range(len(seq)))])  # a thought continues its position's text
                 logits = gpt(torch.tensor([seq]), pos=pos)[0][0, -1].float()
                 z = int((logits / args.thought_temperature + noise[r, j, t]).argmax())
                 thoughts[r, t, j] = z
                 seq.append(z)
             seq.append(tok.end_thought)
             for k in range(1, K + 1):
-                pos = torch.tensor([list(range(t + 1)) + [min(t + 1 + i, gpt.config.block_size - 1) for i in range(len(seq) - t - 1)]])
+                pos = torch.tensor([list(range(len(seq)))])
                 h_th = gpt.hidden(torch.tensor([seq]), pos=pos)[0, -1]
                 h_b = base_h[r, min(t + k - 1, T - 1)]
                 w = head(h_b, h_th)
@@ -356,13 +364,13 @@ def train_arm(gpt, head, ids, mask, steps, args, tok, thoughts, seed, desc, log=
         if not thoughts:
             logits, _ = gpt(x)
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
-            return loss, {"nll_base": loss.item()}
+            return loss, {"nll_base": loss.detach()}
         loss, metrics, _ = quietstar_loss(gpt, head, x, args, tok, noise)
         if log is not None:
             log.append(metrics)
         return loss, metrics
 
-    cfg = model.TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=min(50, steps // 10), compile=False)
+    cfg = model.TrainConfig(steps=steps, lr=args.lr, warmup=min(50, steps // 10))
     return model.train(gpt, get_batch, cfg, loss_fn=loss_fn, params=params, desc=desc, log_every=max(1, steps // 5) if thoughts else 0)
 
 
@@ -391,22 +399,26 @@ def evaluate(gpt, head, chunks, hard, args, tok, thoughts, seed):
 
 
 def main(args):
-    path = data.start_run(args, "Quiet-STaR")
+    args.device = loop.setup_device(args.device, args.threads)
+    path = loop.open_run(args.out_dir, vars(args), args.resume, "Quiet-STaR")
     tok = Tokenizer()
-    train_set, test = data.task_from_args(args)
+    train_set, test = loop.task_from_args(args)
     ids, mask = encode_corpus(tok, corpus_text(train_set, args.dataset))
     tids, tmask = encode_corpus(tok, corpus_text(test, args.dataset))
     erng = random.Random(args.seed + 99)
     eval_x, eval_m = random_chunks(tids, tmask, args.seq_len, args.eval_chunks, erng)
     print(f"corpus: {len(ids):,} train tokens ({int(mask.sum()):,} computed), {len(tids):,} held-out tokens")
-    block = args.seq_len + args.thought_len + 2 + args.n_talk
+    block = args.block_size or args.seq_len + args.thought_len + 2 + args.n_talk
     cfg = GPTConfig(block_size=block, vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
                     n_kv_head=args.n_head, n_embd=args.n_embd)
 
-    # --- pretrain the base LM (shared by both arms)
+    # --- the base LM (shared by both arms): --init, or pretrained here
     if os.path.exists(path("pretrained.pt")):
         base, _ = model.load_checkpoint(path("pretrained.pt"), args.device)
         print("resumed: pretrained model from pretrained.pt")
+    elif args.init:
+        base, _ = model.load_checkpoint(args.init, args.device)
+        model.save_checkpoint(path("pretrained.pt"), base)
     else:
         torch.manual_seed(args.seed)
         base = GPT(cfg).to(args.device)
@@ -414,6 +426,8 @@ def main(args):
         train_arm(base, None, ids, mask, args.pretrain_steps, args, tok, False, args.seed, "pretrain")
         model.save_checkpoint(path("pretrained.pt"), base)
         print(f"pretrained {base.num_params():,} parameters for {args.pretrain_steps} steps in {time.time() - t0:.0f}s")
+    cfg = base.config
+    check_context(base, args.seq_len, args)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     results = {"pretrained": evaluate(base, None, eval_x, eval_m, args, tok, False, args.seed)}
 
@@ -426,7 +440,7 @@ def main(args):
         torch.manual_seed(args.seed + 1)
         gpt = GPT(cfg).to(args.device)
         gpt.load_state_dict(state)
-        head = MixingHead(args.n_embd).to(args.device) if thoughts else None
+        head = MixingHead(cfg.n_embd).to(args.device) if thoughts else None
         if thoughts:
             init_thought_embeddings(gpt, tok, args.embed_grad_scale)
         log = []
@@ -436,23 +450,22 @@ def main(args):
         res["time"] = time.time() - t0
         if thoughts:
             k = max(1, len(log) // 5)
-            res["trajectory"] = [{key: sum(r[key] for r in log[i : i + k]) / len(log[i : i + k]) for key in log[0]} | {"step": i}
+            res["trajectory"] = [{key: float(sum(r[key] for r in log[i : i + k]) / len(log[i : i + k])) for key in log[0]} | {"step": i}
                                  for i in range(0, len(log), k)]
-            model.atomic_save({"gpt": gpt.state_dict(), "head": head.state_dict(), "config": vars(args)}, path("thoughts.pt"))
+            model.save_checkpoint(path("thoughts.pt"), gpt, head=head.state_dict())
             g = torch.Generator().manual_seed(args.seed)
             prompt_text = args.generate or corpus_text(test[:1], args.dataset).split("=")[0] + "="
             res["sample"] = generate_thinking(gpt, head, tok, prompt_text, 12, args, g)
             print(f"thinking sample: {res['sample']!r}")
-        data.write_atomic(path(f"{arm}.json"), json.dumps(res))
+        loop.write_atomic(path(f"{arm}.json"), json.dumps(res))
         results[arm] = res
         print(f"{arm}: held-out NLL {res['nll']:.4f}, on computed tokens {res['nll_computed']:.4f} ({res['time']:.0f}s)")
-    data.write_atomic(path("results.json"), json.dumps(results, indent=1))
+    loop.write_atomic(path("results.json"), json.dumps(results, indent=1))
     if args.generate:  # think while writing, with the trained thought model
-        ckpt = torch.load(path("thoughts.pt"), map_location=args.device, weights_only=True)
-        gpt, head = GPT(cfg).to(args.device), MixingHead(args.n_embd).to(args.device)
-        gpt.load_state_dict(ckpt["gpt"])
-        head.load_state_dict(ckpt["head"])
-        text = generate_thinking(gpt.eval(), head, tok, args.generate, args.n_generate, args,
+        gpt, extra = model.load_checkpoint(path("thoughts.pt"), args.device)
+        head = MixingHead(gpt.config.n_embd).to(args.device)
+        head.load_state_dict(extra["head"])
+        text = generate_thinking(gpt, head, tok, args.generate, args.n_generate, args,
                                  torch.Generator().manual_seed(args.seed), show_thoughts=not args.hide_thoughts)
         print(f"generated: {text!r}")
     p, a, b = results["pretrained"], results["no_thoughts"], results["thoughts"]
@@ -463,4 +476,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    loop.run_cli(main, get_args())

@@ -39,6 +39,7 @@ import time
 import torch
 
 import data
+import loop
 import model
 from data import Tokenizer
 from model import GPT
@@ -49,8 +50,9 @@ from model import GPT
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data.add_task_args(p)
-    data.add_model_args(p)
+    loop.add_task_args(p)
+    loop.add_model_args(p)
+    loop.add_warm_start_args(p)
     g = p.add_argument_group("STaR")
     g.add_argument("--iters", type=int, default=5, help="most STaR iterations")
     g.add_argument("--patience", type=int, default=2, help="stop after this many iterations without a better test accuracy")
@@ -68,17 +70,13 @@ def get_args(argv=None):
     g.add_argument("--verifier_steps", type=int, default=300, help="DPO steps of the verifier")
     g.add_argument("--verifier_pairs", type=int, default=4, help="most (correct, incorrect) pairs per question")
     g.add_argument("--beta", type=float, default=0.1, help="DPO beta of the verifier")
-    data.add_run_args(p, "out/star")
+    loop.add_run_args(p, "out/star")
     args = p.parse_args(argv)
     if args.samples > 1 and args.temperature == 0:
         p.error("--samples > 1 needs --temperature > 0 (greedy samples are all the same)")
     if args.verifier and args.eval_samples < 2:
         args.eval_samples = 8
     return args
-
-
-# -----------------------------------------------------------------------------
-# files of a run: every write is atomic, so a crash leaves the last finished step intact
 
 
 # -----------------------------------------------------------------------------
@@ -91,33 +89,35 @@ def collect(m, tok, questions, args, it):
     all sample rows for the verifier, stats). A kept row is a training example, never with a hint.
     """
     base_seed = args.seed * 1000 + it * 10
-    samples = data.sample(m, tok, [e.question for e in questions], args, args.samples, args.temperature, base_seed, desc=f"iter {it} generate")
+    gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, top_k=args.top_k)
+    samples = loop.sample(m, tok, [data.prompt(e.question) for e in questions], args.samples, args.temperature,
+                          seed=base_seed, desc=f"iter {it} generate", **gen)
     kept, every, failed = [], [], []
     n_correct_samples = 0
     for qi, (e, outs) in enumerate(zip(questions, samples)):
         good = []
         for text, fin in outs:
-            ok = data.correct(text, fin, e.answer)
-            every.append({"q": qi, "completion": text, "correct": ok})
+            ok = data.sample_correct(text, fin, e.answer)
+            every.append({"index": qi, "completion": text, "correct": ok})
             if ok:
                 good.append(text)
         n_correct_samples += len(good)
         for text in data.dedup(good) if args.samples > 1 else good[:1]:
-            kept.append({"q": qi, "question": e.question, "completion": text, "rationalized": False})
+            kept.append({"index": qi, "question": e.question, "completion": text, "rationalized": False})
         if not good:
             failed.append(qi)
     n_rationalized = 0
     if failed and not args.no_rationalize:
         fq = [questions[i] for i in failed]
-        hinted = data.sample(m, tok, [e.question for e in fq], args, 1, args.temperature, base_seed + 1,
-                             hints=[e.answer for e in fq], desc=f"iter {it} rationalize")
+        hinted = loop.sample(m, tok, [data.hint_prompt(e.question, e.answer) for e in fq], 1, args.temperature,
+                             seed=base_seed + 1, desc=f"iter {it} rationalize", **gen)
         for qi, e, outs in zip(failed, fq, hinted):
             text, fin = outs[0]
-            if data.correct(text, fin, e.answer):
+            if data.sample_correct(text, fin, e.answer):
                 # stored without the hint: the model learns to reach the answer from the question alone
-                kept.append({"q": qi, "question": e.question, "completion": text, "rationalized": True})
+                kept.append({"index": qi, "question": e.question, "completion": text, "rationalized": True})
                 n_rationalized += 1
-    solved = len({r["q"] for r in kept if not r["rationalized"]})
+    solved = len({r["index"] for r in kept if not r["rationalized"]})
     stats = {
         "solved": solved, "solved_frac": solved / max(1, len(questions)), "rationalized": n_rationalized,
         "kept": len(kept), "correct_samples": n_correct_samples,
@@ -131,12 +131,13 @@ def collect(m, tok, questions, args, it):
 # V-STaR: a verifier trained with DPO on correct vs incorrect samples
 
 
-def verifier_scores(verifier, ref, tok, qa, args):
-    """DPO implicit reward beta * (log p_verifier - log p_ref) of each (question, completion)."""
-    pairs = [data.encode_example(tok, q, c) for q, c in qa]
-    x, y = data.collate(pairs, verifier.config.block_size, args.device)
-    with torch.no_grad(), model.autocast(args.device):
-        s = args.beta * (model.sequence_logprobs(verifier, x, y) - model.sequence_logprobs(ref, x, y))
+@torch.no_grad()
+def verifier_scores(verifier, ref, tok, question, completions, beta, device):
+    """V-STaR's score of each completion: the DPO implicit reward beta * (log p_verifier - log p_ref)."""
+    pairs = [data.encode_example(tok, question, c) for c in completions]
+    x, y = data.collate(pairs, verifier.config.block_size, device)
+    with model.autocast(device):
+        s = beta * (model.sequence_logprobs(verifier, x, y) - model.sequence_logprobs(ref, x, y))
     return s.float().tolist()
 
 
@@ -144,7 +145,7 @@ def preference_pairs(questions, sample_rows, per_question, seed):
     """(question, chosen=correct, rejected=incorrect) for the same question, at most per_question each."""
     by_q = {}
     for r in sample_rows:
-        by_q.setdefault(r["q"], ([], []))[0 if r["correct"] else 1].append(r["completion"])
+        by_q.setdefault(r["index"], ([], []))[0 if r["correct"] else 1].append(r["completion"])
     rng = random.Random(seed)
     out = []
     for qi, (good, bad) in sorted(by_q.items()):
@@ -158,8 +159,8 @@ def preference_pairs(questions, sample_rows, per_question, seed):
 def train_verifier(base_state, config, tok, pairs, args):
     """DPO from the warm-start weights; the frozen warm-start model is the reference."""
     enc = [(data.encode_example(tok, q, g), data.encode_example(tok, q, b)) for q, g, b in pairs]
-    verifier, loss = data.dpo_train(base_state, config, enc, args.verifier_steps, args.lr / 3, args.beta, args, args.seed + 7,
-                                    desc="verifier DPO")
+    verifier, loss = loop.dpo_train(base_state, config, enc, args.verifier_steps, args.lr / 3, args.beta, args.batch_size,
+                                    args.seed + 7, args.device, compile=args.compile, desc="verifier DPO")
     ref = GPT(config).to(args.device)
     ref.load_state_dict(base_state)
     return verifier, ref, loss
@@ -170,19 +171,26 @@ def train_verifier(base_state, config, tok, pairs, args):
 
 
 def main(args):
-    path = data.start_run(args, "STaR")
+    args.device = loop.setup_device(args.device, args.threads)
+    path = loop.open_run(args.out_dir, vars(args), args.resume, "STaR")
     tok = Tokenizer()
-    seed_set, questions, test, block_size = data.prepare_task(args, tok)
+    block_size = loop.base_block_size(args.init, args.block_size, args.dataset)
+    seed_set, questions, test, args.max_new_tokens = loop.prepare_task(
+        *loop.task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset)
+    evaluate = lambda m, scorer=None: loop.evaluate(m, tok, test, args.seed, args.max_new_tokens, args.gen_batch,
+                                                    args.eval_samples, args.eval_temperature, scorer)
 
     # --- 0. warm start (the base model every iteration fine-tunes from)
-    metrics = data.read_rows(path("metrics.jsonl")) if os.path.exists(path("metrics.jsonl")) else []
+    metrics = loop.read_rows(path("metrics.jsonl")) if os.path.exists(path("metrics.jsonl")) else []
     t0 = time.time()
-    base = data.warm_start(args, tok, seed_set, block_size, path("base.pt"), args.answer_only)
+    config = model.GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
+                             n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
+    base = loop.warm_start(path("base.pt"), tok, seed_set, config, args.warm_steps, args.lr, args.batch_size, args.seed,
+                           args.device, args.init, args.compile, args.answer_only)
     config, base_state = base.config, {k: v.clone() for k, v in base.state_dict().items()}
     if not metrics:
-        res = data.evaluate(base, tok, test, args, args.seed)
-        metrics.append({"iter": 0, **res, "time": time.time() - t0})
-        data.write_rows(path("metrics.jsonl"), metrics)
+        metrics.append({"iter": 0, **evaluate(base), "time": time.time() - t0})
+        loop.write_rows(path("metrics.jsonl"), metrics)
     print("iter 0 (warm start): " + " ".join(f"{k} {v:.3f}" for k, v in metrics[0].items() if k not in ("iter", "time")))
 
     # --- 1-4. iterate
@@ -197,29 +205,30 @@ def main(args):
         t0 = time.time()
         kept_path = path(f"iter{it}_kept.jsonl")
         if args.answer_only:  # the baseline: gold answers for every question, no rationale
-            kept = [{"q": i, "question": e.question, "completion": data.completion("", e.answer), "rationalized": False}
+            kept = [{"index": i, "question": e.question, "completion": data.completion("", e.answer), "rationalized": False}
                     for i, e in enumerate(questions)]
             stats = {"kept": len(kept)}
         elif os.path.exists(kept_path):
-            kept, stats = data.read_rows(kept_path), data.read_rows(path(f"iter{it}_stats.jsonl"))[0]
+            kept, stats = loop.read_rows(kept_path), loop.read_rows(path(f"iter{it}_stats.jsonl"))[0]
             print(f"resumed: iteration {it}'s {len(kept)} kept rationales from {kept_path}")
         else:
             kept, every, stats = collect(current, tok, questions, args, it)
             if args.verifier:
-                data.write_rows(path(f"iter{it}_samples.jsonl"), every)
-            data.write_rows(path(f"iter{it}_stats.jsonl"), [stats])
-            data.write_rows(kept_path, kept)  # written last: its presence means the round finished
+                loop.write_rows(path(f"iter{it}_samples.jsonl"), every)
+            loop.write_rows(path(f"iter{it}_stats.jsonl"), [stats])
+            loop.write_rows(kept_path, kept)  # written last: its presence means the round finished
         if not kept:
             print(f"iteration {it} kept no rationales (no sample reached a right answer): stopping")
             break
         steps = int(round(args.steps * args.step_growth ** (it - 1)))
         pairs = data.seed_pairs(tok, seed_set, args.answer_only) + [data.encode_example(tok, r["question"], r["completion"]) for r in kept]
-        current, loss = data.fine_tune(base_state, config, pairs, steps, args, args.seed + it, f"iter {it} fine-tune")
-        res = data.evaluate(current, tok, test, args, args.seed)
+        current, loss = loop.fine_tune(base_state, config, pairs, steps, args.lr, args.batch_size, args.seed + it, args.device,
+                                       args.compile, f"iter {it} fine-tune")
+        res = evaluate(current)
         model.save_checkpoint(path("model.pt"), current, iter=it)
         row = {"iter": it, **res, **stats, "steps": steps, "loss": loss, "time": time.time() - t0}
         metrics.append(row)
-        data.write_rows(path("metrics.jsonl"), metrics)
+        loop.write_rows(path("metrics.jsonl"), metrics)
         best, stale = (res["acc"], 0) if res["acc"] > best else (best, stale + 1)
         extra = " ".join(f"{k} {v:.3f}" for k, v in res.items() if k != "acc")
         print(f"iter {it}: test acc {res['acc']:.3f} {extra} | kept {stats.get('kept')} "
@@ -231,26 +240,27 @@ def main(args):
 
     # --- V-STaR: verifier trained on every sample of every iteration
     if args.verifier and os.path.exists(path("verifier.jsonl")):
-        print(f"V-STaR already evaluated: {data.read_rows(path('verifier.jsonl'))[0]}")
+        print(f"V-STaR already evaluated: {loop.read_rows(path('verifier.jsonl'))[0]}")
     elif args.verifier:
         rows = []
         for it in range(1, args.iters + 1):
             if os.path.exists(path(f"iter{it}_samples.jsonl")):
-                rows += data.read_rows(path(f"iter{it}_samples.jsonl"))
+                rows += loop.read_rows(path(f"iter{it}_samples.jsonl"))
         prefs = preference_pairs(questions, rows, args.verifier_pairs, args.seed)
         if not prefs:
             print("V-STaR: no question has both a correct and an incorrect sample; no verifier trained")
         else:
             verifier, ref, loss = train_verifier(base_state, config, tok, prefs, args)
             model.save_checkpoint(path("verifier.pt"), verifier)
-            scorer = lambda q, texts: verifier_scores(verifier, ref, tok, [(q, t) for t in texts], args)
-            res = data.evaluate(current, tok, test, args, args.seed, scorer)
+            scorer = lambda q, texts: verifier_scores(verifier, ref, tok, q, texts, args.beta, args.device)
+            res = evaluate(current, scorer)
             n = args.eval_samples
-            data.write_rows(path("verifier.jsonl"), [{**res, "pairs": len(prefs), "loss": loss}])
+            res[f"verifier@{n}"] = res.pop(f"best@{n}")
+            loop.write_rows(path("verifier.jsonl"), [{**res, "pairs": len(prefs), "loss": loss}])
             print(f"V-STaR ({len(prefs)} pairs, DPO loss {loss:.4f}): greedy {res['acc']:.3f} | maj@{n} {res[f'maj@{n}']:.3f} "
                   f"| verifier best-of-{n} {res[f'verifier@{n}']:.3f} | pass@{n} {res[f'pass@{n}']:.3f}")
     return metrics
 
 
 if __name__ == "__main__":
-    main(get_args())
+    loop.run_cli(main, get_args())

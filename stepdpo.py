@@ -33,8 +33,8 @@ import os
 import random
 import time
 
-
 import data
+import loop
 import model
 from data import Tokenizer
 
@@ -44,8 +44,9 @@ from data import Tokenizer
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data.add_task_args(p)
-    data.add_model_args(p)
+    loop.add_task_args(p)
+    loop.add_model_args(p)
+    loop.add_warm_start_args(p)
     g = p.add_argument_group("per-step DPO")
     g.add_argument("--variant", default="perstep", choices=["perstep", "plain", "rft"],
                    help="perstep: rejected cut at the critical step; plain: whole wrong solution; rft: SFT on correct samples only")
@@ -59,7 +60,7 @@ def get_args(argv=None):
     g.add_argument("--train_steps", type=int, default=300, help="DPO (or RFT) training steps")
     g.add_argument("--dpo_lr", type=float, default=3e-4, help="DPO learning rate (RFT uses --lr)")
     g.add_argument("--show", type=int, default=3, help="print this many wrong solutions with their Q values")
-    data.add_run_args(p, "out/stepdpo")
+    loop.add_run_args(p, "out/stepdpo")
     return p.parse_args(argv)
 
 
@@ -74,30 +75,18 @@ def mc_q_values(m, tok, items, args, seed, share_prefix=True):
     The last step's Q is the solution's own grade. All prefixes of all items go through the
     sampler together; with share_prefix each prefix is prefilled once for its K rollouts.
     """
-    from tqdm import tqdm
-
     K = args.rollouts
-    prefixes, owner = [], []
-    for j, (q, a, steps, _) in enumerate(items):
+    prefixes, owner = [], []  # owner: (item, step) of each prefix
+    for j, (question, _, steps, _) in enumerate(items):
         for i in range(len(steps) - 1):
-            prefixes.append(data.prompt(q) + "".join(steps[: i + 1]))
+            prefixes.append(data.prompt(question) + "".join(steps[: i + 1]))
             owner.append((j, i))
     q_values = [[0.0] * (len(steps) - 1) + [float(ok)] for _, _, steps, ok in items]
-    g = model.make_generator(seed, m.lm_head.weight.device)
-    per_batch = max(1, args.gen_batch // K)
-    for b in tqdm(range(0, len(prefixes), per_batch), desc="rollouts", leave=False, disable=None):
-        chunk = [tok.encode(p) for p in prefixes[b : b + per_batch]]
-        max_new = min(args.max_new_tokens, m.config.block_size - max(len(p) for p in chunk))
-        if share_prefix:
-            s = model.generate(m, chunk, max_new, args.temperature, None, tok.eot, g, num_samples=K)
-        else:  # the same rows, each prefix recomputed for each rollout
-            s = model.generate(m, [p for p in chunk for _ in range(K)], max_new, args.temperature, None, tok.eot, g)
-        texts, fin = [tok.decode(c) for c in s.completions()], s.finished.tolist()
-        for r in range(len(chunk)):
-            j, i = owner[b + r]
-            prefix, answer = prefixes[b + r], items[j][1]
-            hits = sum(data.correct(prefix + texts[r * K + k], fin[r * K + k], answer) for k in range(K))
-            q_values[j][i] = hits / K
+    rollouts = loop.sample(m, tok, prefixes, K, args.temperature, args.max_new_tokens, args.gen_batch, seed,
+                           share_prefix=share_prefix, desc="rollouts")
+    for prefix, (j, i), outs in zip(prefixes, owner, rollouts):
+        answer = items[j][1]
+        q_values[j][i] = sum(data.sample_correct(prefix + text, fin, answer) for text, fin in outs) / K
     return q_values
 
 
@@ -106,10 +95,10 @@ def critical_step(q_values):
     return min(range(len(q_values)), key=lambda i: (q_values[i], i))
 
 
-def show_steps(question, steps, q, c):
+def show_steps(question, steps, q_values, critical):
     print(f"Q: {question}")
-    for i, (step, v) in enumerate(zip(steps, q)):
-        mark = "  <- critical step" if i == c else ""
+    for i, (step, v) in enumerate(zip(steps, q_values)):
+        mark = "  <- critical step" if i == critical else ""
         print(f"  Q={v:.2f} | {step.rstrip()}{mark}")
 
 
@@ -122,7 +111,7 @@ def right_by_question(samples):
     right = {}
     for s in samples:
         if s["correct"]:
-            right.setdefault(s["q"], []).append(s["completion"])
+            right.setdefault(s["index"], []).append(s["completion"])
     return right
 
 
@@ -137,9 +126,9 @@ def make_pairs(samples, q_rows, variant, seed):
     q_by_sample = {r["sample"]: r for r in q_rows}
     pairs = []
     for n, s in enumerate(samples):
-        if s["correct"] or s["q"] not in right:
+        if s["correct"] or s["index"] not in right:
             continue
-        pair = {"q": s["q"], "question": s["question"], "chosen": rng.choice(right[s["q"]])}
+        pair = {"index": s["index"], "question": s["question"], "chosen": rng.choice(right[s["index"]])}
         if variant == "perstep":
             r = q_by_sample[n]
             cut = "".join(r["steps"][: r["critical"] + 1])
@@ -156,26 +145,34 @@ def make_pairs(samples, q_rows, variant, seed):
 
 
 def main(args):
-    path = data.start_run(args, "per-step DPO")
+    args.device = loop.setup_device(args.device, args.threads)
+    path = loop.open_run(args.out_dir, vars(args), args.resume, "per-step DPO")
     tok = Tokenizer()
-    seed_set, questions, test, block_size = data.prepare_task(args, tok)
+    block_size = loop.base_block_size(args.init, args.block_size, args.dataset)
+    seed_set, questions, test, args.max_new_tokens = loop.prepare_task(
+        *loop.task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset)
     questions = questions[: args.n_questions]
+    accuracy = lambda m: loop.evaluate(m, tok, test, args.seed, args.max_new_tokens, args.gen_batch)["acc"]
 
     # --- 1. the SFT model, also the reference
-    base = data.warm_start(args, tok, seed_set, block_size, path("base.pt"))
+    config = model.GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
+                             n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
+    base = loop.warm_start(path("base.pt"), tok, seed_set, config, args.warm_steps, args.lr, args.batch_size, args.seed,
+                           args.device, args.init, args.compile)
     config, base_state = base.config, {k: v.clone() for k, v in base.state_dict().items()}
 
     # --- 2. N solutions per question, graded
     if os.path.exists(path("samples.jsonl")):
-        samples = data.read_rows(path("samples.jsonl"))
+        samples = loop.read_rows(path("samples.jsonl"))
         print(f"resumed: {len(samples)} samples from samples.jsonl")
     else:
         t0 = time.time()
-        outs = data.sample(base, tok, [e.question for e in questions], args, args.samples, args.temperature, args.seed, desc="sample")
-        samples = [{"q": i, "question": e.question, "answer": e.answer, "completion": t, "finished": f,
-                    "correct": data.correct(t, f, e.answer)}
+        outs = loop.sample(base, tok, [data.prompt(e.question) for e in questions], args.samples, args.temperature,
+                           args.max_new_tokens, args.gen_batch, args.seed, desc="sample")
+        samples = [{"index": i, "question": e.question, "answer": e.answer, "completion": t, "finished": f,
+                    "correct": data.sample_correct(t, f, e.answer)}
                    for i, (e, o) in enumerate(zip(questions, outs)) for t, f in o]
-        data.write_rows(path("samples.jsonl"), samples)
+        loop.write_rows(path("samples.jsonl"), samples)
         print(f"sampled {len(samples)} solutions ({args.samples} per question) in {time.time() - t0:.0f}s")
     n_right = sum(s["correct"] for s in samples)
     print(f"{n_right} right, {len(samples) - n_right} wrong")
@@ -185,32 +182,33 @@ def main(args):
 
     # --- 3-4. Q values of every wrong solution's steps, its critical step, the pairs
     if args.variant == "rft":
-        by_q = right_by_question(samples)
-        train_rows = [{"question": questions[q].question, "completion": t} for q, ts in sorted(by_q.items()) for t in data.dedup(ts)]
-        print(f"RFT: {len(train_rows)} distinct right solutions out of {n_right} right samples, {len(by_q)} questions")
-        data.write_rows(path("pairs.jsonl"), train_rows)
+        by_index = right_by_question(samples)
+        train_rows = [{"question": questions[i].question, "completion": t} for i, ts in sorted(by_index.items()) for t in data.dedup(ts)]
+        print(f"RFT: {len(train_rows)} distinct right solutions out of {n_right} right samples, {len(by_index)} questions")
+        loop.write_rows(path("pairs.jsonl"), train_rows)
     else:
         q_rows = []
         if args.variant == "perstep":
             if os.path.exists(path("q_values.jsonl")):
-                q_rows = data.read_rows(path("q_values.jsonl"))
+                q_rows = loop.read_rows(path("q_values.jsonl"))
             else:
                 t0 = time.time()
                 wrong = [(n, s) for n, s in enumerate(samples) if not s["correct"]]
                 items = [(s["question"], s["answer"], data.split_steps(s["completion"]), False) for _, s in wrong]
                 qv = mc_q_values(base, tok, items, args, args.seed + 1, share_prefix=not args.no_share_prefix)
-                n_roll = sum(len(it[2]) - 1 for it in items) * args.rollouts
+                n_prefixes = sum(len(it[2]) - 1 for it in items)
                 dt = time.time() - t0
-                print(f"{n_roll} rollouts from {sum(len(it[2]) - 1 for it in items)} step prefixes in {dt:.0f}s ({n_roll / max(dt, 1e-9):.0f} rollouts/s)")
-                q_rows = [{"sample": n, "steps": it[2], "q_values": q, "critical": critical_step(q)}
-                          for (n, _), it, q in zip(wrong, items, qv)]
-                data.write_rows(path("q_values.jsonl"), q_rows)
+                print(f"{n_prefixes * args.rollouts} rollouts from {n_prefixes} step prefixes in {dt:.0f}s "
+                      f"({n_prefixes * args.rollouts / max(dt, 1e-9):.0f} rollouts/s)")
+                q_rows = [{"sample": n, "steps": it[2], "q_values": q_values, "critical": critical_step(q_values)}
+                          for (n, _), it, q_values in zip(wrong, items, qv)]
+                loop.write_rows(path("q_values.jsonl"), q_rows)
             for r in q_rows[: args.show]:
                 show_steps(samples[r["sample"]]["question"], r["steps"], r["q_values"], r["critical"])
         pairs = make_pairs(samples, q_rows, args.variant, args.seed)
         if not pairs:
             raise SystemExit("no question has both a right and a wrong sample: no DPO pairs")
-        data.write_rows(path("pairs.jsonl"), pairs)
+        loop.write_rows(path("pairs.jsonl"), pairs)
         print(f"{len(pairs)} DPO pairs ({args.variant})")
 
     # --- 5. train, 6. evaluate
@@ -220,24 +218,24 @@ def main(args):
     t0 = time.time()
     if args.variant == "rft":
         enc = data.seed_pairs(tok, seed_set) + [data.encode_example(tok, r["question"], r["completion"]) for r in train_rows]
-        m, loss = data.fine_tune(base_state, config, enc, args.train_steps, args, args.seed + 2, "RFT")
+        m, loss = loop.fine_tune(base_state, config, enc, args.train_steps, args.lr, args.batch_size, args.seed + 2, args.device,
+                                 args.compile, "RFT")
         n_train = len(train_rows)
     else:
         enc = [(data.encode_example(tok, p["question"], p["chosen"]),
                 data.encode_example(tok, p["question"], p["rejected"], complete=p["rejected_complete"])) for p in pairs]
-        m, loss = data.dpo_train(base_state, config, enc, args.train_steps, args.dpo_lr, args.beta, args, args.seed + 2,
-                                 sft_weight=args.sft_weight, desc=f"{args.variant} DPO")
+        m, loss = loop.dpo_train(base_state, config, enc, args.train_steps, args.dpo_lr, args.beta, args.batch_size, args.seed + 2,
+                                 args.device, args.sft_weight, args.compile, desc=f"{args.variant} DPO")
         n_train = len(pairs)
     model.save_checkpoint(path("model.pt"), m)
-    base_acc = data.evaluate(base, tok, test, args, args.seed)["acc"]
-    acc = data.evaluate(m, tok, test, args, args.seed)["acc"]
+    base_acc, acc = accuracy(base), accuracy(m)
     res = {"variant": args.variant, "samples_per_question": args.samples, "synthetic_samples": len(samples),
            "train_examples": n_train, "sft_acc": base_acc, "acc": acc, "loss": loss, "train_time": time.time() - t0}
-    data.write_atomic(path("metrics.json"), json.dumps(res))
+    loop.write_atomic(path("metrics.json"), json.dumps(res))
     print(f"{args.variant}: test acc {base_acc:.3f} (SFT model) -> {acc:.3f} after {args.train_steps} steps on "
           f"{n_train} {'solutions' if args.variant == 'rft' else 'pairs'} from {len(samples)} samples")
     return res
 
 
 if __name__ == "__main__":
-    main(get_args())
+    loop.run_cli(main, get_args())

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import loop
 import model
 from data import Tokenizer
 from model import GPT, GPTConfig
@@ -158,8 +159,8 @@ def test_every_arithmetic_rationale_ends_with_a_plus_b_and_the_extractor_reads_i
         last = text.splitlines()[-1]
         assert last == f"#### {a + b}"
         assert data.extract_answer(text) == a + b
-        assert data.is_correct(text, ex.answer)
-        assert not data.is_correct(text.replace(f"#### {a + b}", f"#### {a + b + 1}"), ex.answer)
+        assert data.answer_correct(text, ex.answer)
+        assert not data.answer_correct(text.replace(f"#### {a + b}", f"#### {a + b + 1}"), ex.answer)
         # the last scratchpad line holds the full sum (carry + digits) and empty operands
         rest, carry, digits = ex.rationale.splitlines()[-1].split(" ")
         assert rest == "0+0" and int(carry[1:] + digits) == a + b
@@ -191,11 +192,11 @@ def test_gsm8k_answer_extraction_on_real_format_records():
     assert [e.answer for e in exs] == ["72", "1200", "-3", "0.5"]
     assert exs[0].rationale.endswith("April and May.") and "####" not in exs[0].rationale
     for r, e in zip(GSM8K_RECORDS, exs):
-        assert data.is_correct(r["answer"], e.answer)  # the gold text, commas and all, reads back
+        assert data.answer_correct(r["answer"], e.answer)  # the gold text, commas and all, reads back
     assert data.extract_answer("so the total is\n#### $1,234.50 dollars") == data.parse_number("1234.5")
     assert data.extract_answer("#### -7") == -7
     assert data.extract_answer("no answer line here: 42") is None
-    assert not data.is_correct("#### 73", "72") and data.is_correct("#### 72.0", "72")
+    assert not data.answer_correct("#### 73", "72") and data.answer_correct("#### 72.0", "72")
     # calculator annotations are text: a malicious one is never evaluated, only matched as a path
     assert data.reasoning_path("x=<<__import__('os').system('x')>>1\ny<<2*3=6>>6") == ("__import__('os').system('x')", "2*3=6")
     assert data.reasoning_path("a\n\nb ") == ("a", "b")
@@ -230,7 +231,7 @@ def test_gsm8k_loader_reads_a_local_directory(tmp_path):
 def test_malformed_gsm8k_files_give_errors_that_name_file_and_line(tmp_path, records, raw, match):
     write_jsonl(tmp_path / "train.jsonl", records, raw)
     write_jsonl(tmp_path / "test.jsonl", GSM8K_RECORDS)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(data.InputError, match=match):
         data.gsm8k_task(str(tmp_path))
 
 
@@ -239,10 +240,10 @@ def test_gsm8k_without_the_hub_fails_fast_and_names_data_dir(monkeypatch):
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setattr(data, "HUB_HOST", "unreachable.invalid")  # resolves nowhere, never the network
     t0 = time.time()
-    with pytest.raises(ConnectionError, match="--data_dir"):
+    with pytest.raises(data.InputError, match="--data_dir"):
         data.gsm8k_task(None)
     assert time.time() - t0 < 10
-    with pytest.raises(FileNotFoundError, match="train.jsonl"):
+    with pytest.raises(data.InputError, match="train.jsonl: no such file"):
         data.gsm8k_task("/nonexistent/dir")
 
 
@@ -251,7 +252,7 @@ def test_the_real_gsm8k_copy_parses_and_every_gold_answer_reads_back():
     train, test = data.gsm8k_task(SHARED_GSM8K)
     assert (len(train), len(test)) == (7473, 1319)
     for e in train[:500] + test:
-        assert data.is_correct(data.completion(e.rationale, e.answer), e.answer)
+        assert data.answer_correct(data.completion(e.rationale, e.answer), e.answer)
 
 
 def test_collate_scores_only_the_completion():
@@ -307,7 +308,7 @@ def test_a_few_hundred_steps_of_fine_tuning_on_arithmetic_lower_the_loss():
     torch.manual_seed(0)
     m = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
     rng = random.Random(0)
-    cfg = model.TrainConfig(steps=200, batch_size=16, lr=3e-3, warmup=10)
+    cfg = model.TrainConfig(steps=200, lr=3e-3, warmup=10)
     losses = model.train(m, lambda step, micro: data.collate(rng.sample(pairs, 16), 64), cfg)
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.5 * first, (first, last)
@@ -320,8 +321,6 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
-    const = model.TrainConfig(steps=100, lr=1.0, warmup=0, schedule="constant")
-    assert {model.get_lr(s, const) for s in range(100)} == {1.0}
 
 
 def test_checkpoint_round_trips_bit_exact_and_a_truncated_one_raises_a_clear_error(tmp_path):
@@ -338,9 +337,9 @@ def test_checkpoint_round_trips_bit_exact_and_a_truncated_one_raises_a_clear_err
         blob = f.read()
     with open(path, "wb") as f:
         f.write(blob[: len(blob) // 2])
-    with pytest.raises(RuntimeError, match="corrupt"):
+    with pytest.raises(model.CheckpointError, match="corrupt"):
         model.load_checkpoint(path)
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(model.CheckpointError, match="not found"):
         model.load_checkpoint(str(tmp_path / "missing.pt"))
 
 
@@ -354,13 +353,21 @@ TINY_STAR = ["--n_train", "120", "--n_test", "20", "--max_digits", "2", "--n_see
              "--threads", "2"]
 
 
+def question_and_hint(prompt_text):
+    """Undo data.prompt / data.hint_prompt: (question, hint or None)."""
+    head = prompt_text[len("Q: ") : -len("\nA:\n")]
+    question, _, hint = head.partition("\nHint: the answer is ")
+    return question, hint or None
+
+
 def fake_sampler(answer_for):
-    """A stand-in for data.sample: answer_for(question, hint, j) -> (text, finished) for sample j."""
+    """A stand-in for loop.sample: answer_for(question, hint, j) -> (text, finished) for sample j."""
     calls = []
 
-    def fake(m, tok, questions, args, k, temperature, seed, hints=None, desc=""):
-        calls.append({"questions": list(questions), "hints": hints, "k": k})
-        return [[answer_for(q, (hints or [None] * len(questions))[i], j) for j in range(k)] for i, q in enumerate(questions)]
+    def fake(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc=""):
+        qh = [question_and_hint(p) for p in prompts]
+        calls.append({"questions": [q for q, _ in qh], "hints": [h for _, h in qh], "k": k})
+        return [[answer_for(q, h, j) for j in range(k)] for q, h in qh]
 
     return fake, calls
 
@@ -377,7 +384,7 @@ def test_filtering_keeps_exactly_the_correct_finished_samples(monkeypatch):
         }[q] if hint is None else (f"#### {a + 1}", True)  # rationalization fails too
 
     fake, _ = fake_sampler(answer_for)
-    monkeypatch.setattr(data, "sample", fake)
+    monkeypatch.setattr(loop, "sample", fake)
     args = star.get_args([])
     kept, every, stats = star.collect(None, Tokenizer(), qs, args, it=1)
     assert [(r["question"], r["completion"]) for r in kept] == [("1+1", "0+0 c0 2\n#### 2")]
@@ -394,9 +401,9 @@ def test_a_rationalized_example_is_kept_without_its_hint(monkeypatch):
         return (f"0+0 c0 {hint}\n#### {hint}", True) if q == "12+30" else ("#### 11", True)
 
     fake, calls = fake_sampler(answer_for)
-    monkeypatch.setattr(data, "sample", fake)
+    monkeypatch.setattr(loop, "sample", fake)
     kept, _, stats = star.collect(None, Tokenizer(), qs, star.get_args([]), it=1)
-    assert calls[1]["hints"] == ["42", "10"] and calls[0]["hints"] is None
+    assert calls[1]["hints"] == ["42", "10"] and calls[0]["hints"] == [None, None]
     assert stats["rationalized"] == 1 and len(kept) == 1
     row = kept[0]
     assert row["rationalized"] and row["question"] == "12+30" and "Hint" not in row["completion"]
@@ -422,16 +429,17 @@ def test_dedup_keeps_distinct_paths_and_drops_repeats():
 
 def lucky(real_sample):
     """
-    Wraps data.sample: the real samples of a tiny random model are never right, so a third of
+    Wraps loop.sample: the real samples of a tiny random model are never right, so a third of
     them (chosen by a hash of the real text, so any change in sampling changes the choice) get
     the right answer line appended. Keeps tiny runs' iterations non-empty and deterministic.
     """
     import zlib
 
-    def fake(m, tok, questions, args, k, temperature, seed, hints=None, desc=""):
-        outs = real_sample(m, tok, questions, args, k, temperature, seed, hints, desc)
+    def fake(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc=""):
+        outs = real_sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k, share_prefix, desc)
         res = []
-        for q, o in zip(questions, outs):
+        for p, o in zip(prompts, outs):
+            q = question_and_hint(p)[0]
             gold = sum(int(x) for x in q.split("+"))
             res.append([(f"{t}\n#### {gold}", True) if zlib.crc32((q + t).encode()) % 3 == 0 else (t, f) for t, f in o])
         return res
@@ -441,14 +449,14 @@ def lucky(real_sample):
 
 def test_each_iteration_fine_tunes_from_the_base_weights(monkeypatch, tmp_path):
     seen = []
-    real = data.fine_tune
+    real = loop.fine_tune
 
-    def spy(base_state, config, pairs, steps, args, seed, desc):
-        seen.append((desc, {k: v.clone() for k, v in base_state.items()}))
-        return real(base_state, config, pairs, steps, args, seed, desc)
+    def spy(base_state, config, pairs, steps, *rest):
+        seen.append((rest[-1], {k: v.clone() for k, v in base_state.items()}))
+        return real(base_state, config, pairs, steps, *rest)
 
-    monkeypatch.setattr(data, "fine_tune", spy)
-    monkeypatch.setattr(data, "sample", lucky(data.sample))
+    monkeypatch.setattr(loop, "fine_tune", spy)
+    monkeypatch.setattr(loop, "sample", lucky(loop.sample))
     star.main(star.get_args(TINY_STAR + ["--out_dir", str(tmp_path / "run")]))
     base, _ = model.load_checkpoint(str(tmp_path / "run" / "base.pt"))
     last, extra = model.load_checkpoint(str(tmp_path / "run" / "model.pt"))
@@ -458,13 +466,13 @@ def test_each_iteration_fine_tunes_from_the_base_weights(monkeypatch, tmp_path):
         for k, v in base.state_dict().items():
             assert torch.equal(state[k], v), k
     assert any(not torch.equal(a, b) for a, b in zip(last.state_dict().values(), base.state_dict().values()))
-    metrics = data.read_rows(str(tmp_path / "run" / "metrics.jsonl"))
+    metrics = loop.read_rows(str(tmp_path / "run" / "metrics.jsonl"))
     assert [r["iter"] for r in metrics] == [0, 1, 2]
     assert metrics[2]["steps"] == round(20 * 1.2) and metrics[1]["kept"] > 0
 
 
 def test_resume_after_a_crash_gives_the_same_kept_set(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "sample", lucky(data.sample))
+    monkeypatch.setattr(loop, "sample", lucky(loop.sample))
     args = TINY_STAR + ["--samples", "2", "--temperature", "1.0"]
     full = tmp_path / "full"
     star.main(star.get_args(args + ["--out_dir", str(full)]))
@@ -481,35 +489,119 @@ def test_resume_after_a_crash_gives_the_same_kept_set(monkeypatch, tmp_path):
         star.main(star.get_args(args + ["--out_dir", str(crashed)]))
     assert (crashed / "iter1_kept.jsonl").exists() and not (crashed / "iter2_kept.jsonl").exists()
     monkeypatch.setattr(star, "collect", real)
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(data.InputError, match="pass --resume"):
         star.main(star.get_args(args + ["--out_dir", str(crashed)]))
+    with pytest.raises(data.InputError, match=r"other settings .*'steps': \(20, 25\)"):  # what it computes may not change
+        star.main(star.get_args(args + ["--out_dir", str(crashed), "--resume", "--steps", "25"]))
     star.main(star.get_args(args + ["--out_dir", str(crashed), "--resume"]))
     for it in (1, 2):
-        kept = data.read_rows(str(crashed / f"iter{it}_kept.jsonl"))
-        assert kept and kept == data.read_rows(str(full / f"iter{it}_kept.jsonl"))
+        kept = loop.read_rows(str(crashed / f"iter{it}_kept.jsonl"))
+        assert kept and kept == loop.read_rows(str(full / f"iter{it}_kept.jsonl"))
     strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]
-    assert strip(data.read_rows(str(crashed / "metrics.jsonl"))) == strip(data.read_rows(str(full / "metrics.jsonl")))
+    assert strip(loop.read_rows(str(crashed / "metrics.jsonl"))) == strip(loop.read_rows(str(full / "metrics.jsonl")))
 
 
-def test_v_star_mode_trains_a_verifier_and_reports_greedy_majority_verifier_and_pass_at_n(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "sample", lucky(data.sample))
+def test_v_star_mode_scores_test_samples_with_the_saved_verifier(monkeypatch, tmp_path):
+    monkeypatch.setattr(loop, "sample", lucky(loop.sample))
+    seen = []
+    real_tally = loop.tally
+    monkeypatch.setattr(loop, "tally", lambda *a: seen.append(a) or real_tally(*a))
     args = TINY_STAR + ["--iters", "1", "--verifier", "--eval_samples", "3", "--verifier_steps", "5",
                         "--temperature", "1.0", "--samples", "2", "--out_dir", str(tmp_path / "v")]
     star.main(star.get_args(args))
-    (res,) = data.read_rows(str(tmp_path / "v" / "verifier.jsonl"))
+    (res,) = loop.read_rows(str(tmp_path / "v" / "verifier.jsonl"))
     assert set(res) >= {"acc", "maj@3", "verifier@3", "pass@3", "pairs"} and res["pairs"] > 0
-    assert res["verifier@3"] <= res["pass@3"] and res["maj@3"] <= res["pass@3"]
-    rows = data.read_rows(str(tmp_path / "v" / "iter1_samples.jsonl"))
+    rows = loop.read_rows(str(tmp_path / "v" / "iter1_samples.jsonl"))
     assert {r["correct"] for r in rows} == {True, False}
+    # the scores that ranked the test samples are the saved verifier's implicit reward against the saved base
+    golds, _, samples, scores = seen[-1]
+    assert scores is not None and len(scores) == len(golds) == 20 and len(samples[0]) == 3
+    verifier, _ = model.load_checkpoint(str(tmp_path / "v" / "verifier.pt"))
+    base, _ = model.load_checkpoint(str(tmp_path / "v" / "base.pt"))
+    _, test = data.arithmetic_task(120, 20, 1, 2, 0)
+    tok = Tokenizer()
+    for e, outs, sc in list(zip(test, samples, scores))[:4]:
+        for (text, _), got in zip(outs, sc):
+            x, y = data.collate([data.encode_example(tok, e.question, text)], verifier.config.block_size)
+            want = 0.1 * (model.sequence_logprobs(verifier, x, y) - model.sequence_logprobs(base, x, y))
+            assert got == pytest.approx(want.item(), abs=1e-4)
+    assert len({round(v, 6) for sc in scores for v in sc}) > 1, "the verifier should tell samples apart"
 
 
 def test_verifier_preference_pairs_put_a_correct_sample_over_an_incorrect_one():
     qs = [data.Example("1+1", "2"), data.Example("2+2", "4")]
-    rows = [{"q": 0, "completion": "#### 2", "correct": True}, {"q": 0, "completion": "#### 3", "correct": False},
-            {"q": 0, "completion": "#### 5", "correct": False}, {"q": 1, "completion": "#### 4", "correct": True}]
+    rows = [{"index": 0, "completion": "#### 2", "correct": True}, {"index": 0, "completion": "#### 3", "correct": False},
+            {"index": 0, "completion": "#### 5", "correct": False}, {"index": 1, "completion": "#### 4", "correct": True}]
     pairs = star.preference_pairs(qs, rows, per_question=4, seed=0)
     assert sorted(pairs) == [("1+1", "#### 2", "#### 3"), ("1+1", "#### 2", "#### 5")]
     assert len(star.preference_pairs(qs, rows, per_question=1, seed=0)) == 1
+
+
+def test_tally_counts_greedy_majority_pass_and_best_of_n_on_hand_made_samples():
+    golds = ["4", "10", "7"]
+    greedy = [("#### 4", True), ("#### 10", False), ("#### 8", True)]  # right; right but cut (wrong); wrong
+    samples = [
+        [("#### 4", True), ("#### 5", True), ("#### 5", True)],  # majority 5 wrong; pass
+        [("#### 10", True), ("#### 10", False), ("#### 3", True)],  # the cut 10 does not vote: 10 vs 3 tie, first seen wins
+        [("#### 1", True), ("#### 2", True), ("#### 7", False)],  # the only right answer is cut: no pass
+    ]
+    scores = [[0.1, 0.9, 0.0], [0.5, 0.5, 0.2], [3.0, 0.0, 9.0]]  # best: wrong; first of the tie (right); cut (wrong)
+    res = loop.tally(golds, greedy, samples, scores)
+    assert res == {"acc": 1 / 3, "maj@3": 1 / 3, "pass@3": 2 / 3, "best@3": 1 / 3}
+    res = loop.tally(golds, greedy, samples, [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert res["best@3"] == 1 / 3  # wrong, right, wrong
+    assert loop.tally(golds, greedy, samples, [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])["best@3"] == 1 / 3
+    assert loop.tally(golds, greedy) == {"acc": 1 / 3}
+
+
+def test_a_dpo_trained_verifier_scores_the_chosen_side_above_the_rejected_one():
+    tok = Tokenizer()
+    m = tiny_model(vocab_size=260, block_size=64, std=0.02)
+    qs = [(f"{a}+{b}", a + b) for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (6, 2), (4, 3)]]
+    pairs = [(data.encode_example(tok, q, f"#### {s}"), data.encode_example(tok, q, f"#### {s + 1}")) for q, s in qs]
+    base_state = {k: v.clone() for k, v in m.state_dict().items()}
+    verifier, loss = loop.dpo_train(base_state, m.config, pairs, 60, 3e-3, 0.5, 12, 0, "cpu")
+    assert loss < 0.3
+    for q, s in qs:
+        right, wrong = star.verifier_scores(verifier, m, tok, q, [f"#### {s}", f"#### {s + 1}"], 0.5, "cpu")
+        assert right > wrong
+
+
+def test_answers_with_unicode_minus_signs_and_dashes_read_as_negative():
+    for minus in ["\u2212", "\u2013", "\u2014", "-", "\uff0d"]:
+        assert data.extract_answer(f"#### {minus}5") == -5
+        assert data.answer_correct(f"#### {minus}5", "-5") and not data.answer_correct(f"#### {minus}5", "5")
+    assert data.parse_number("$\u22121,234.50") is None or data.parse_number("\u2212$1,234.50") == data.parse_number("-1234.5")
+    assert data.extract_answer("#### 12 \u2013 3") == 12
+
+
+def test_gold_answers_are_read_by_the_grading_parser_and_stored_normalized(tmp_path):
+    ok = data.gsm8k_example({"question": "q", "answer": "steps\n#### $1,234"}, "f:1")
+    assert ok.answer == "1234" and data.answer_correct("#### 1234", ok.answer)
+    assert data.gsm8k_example({"question": "q", "answer": "#### \u22123.50"}, "f:1").answer == "-3.5"
+    with pytest.raises(data.InputError, match=r"f:2: answer has no '#### <number>'"):
+        data.gsm8k_example({"question": "q", "answer": "#### see below\n4"}, "f:2")  # the number is not on the answer line
+    with open(tmp_path / "train.jsonl", "wb") as f:
+        f.write(json.dumps(GSM8K_RECORDS[0]).encode() + b"\n" + b'{"question": "caf\xe9", "answer": "#### 1"}\n')
+    with pytest.raises(data.InputError, match=r"train.jsonl:2: not valid UTF-8"):
+        data.read_jsonl(str(tmp_path / "train.jsonl"))
+
+
+def test_bad_input_ends_a_script_with_one_line_and_status_1_and_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    d = tmp_path / "gsm"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", GSM8K_RECORDS)
+    with open(d / "test.jsonl", "wb") as f:
+        f.write(b'{"question": "x", "answer": "#### 1"}\n\xff\xfe\n')
+    for script in ("star.py", "stepdpo.py", "quietstar.py"):
+        r = subprocess.run([sys.executable, script, "--dataset", "gsm8k", "--data_dir", str(d), "--out_dir", str(tmp_path / script)],
+                           capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=120)
+        assert r.returncode == 1, (script, r.stderr)
+        assert r.stderr.strip().splitlines() == [f"error: {d / 'test.jsonl'}:2: not valid UTF-8 (byte 1 of the line)"], script
+        assert "Traceback" not in r.stderr
 
 
 # -----------------------------------------------------------------------------
@@ -526,7 +618,7 @@ def hashed_grade(monkeypatch, k=3):
     """Grade a text right when a hash of it says so: any change in the sampled tokens changes the grade."""
     import zlib
 
-    monkeypatch.setattr(data, "correct", lambda text, finished, answer: zlib.crc32(text.encode()) % k == 0)
+    monkeypatch.setattr(data, "sample_correct", lambda text, finished, answer: zlib.crc32(text.encode()) % k == 0)
 
 
 def test_critical_step_is_the_first_minimum_not_a_later_one():
@@ -538,9 +630,9 @@ def test_critical_step_is_the_first_minimum_not_a_later_one():
 
 def test_rejected_side_is_cut_exactly_after_the_critical_step():
     samples = [
-        {"q": 0, "question": "12+34", "completion": "1+3 c0 6\n0+0 c0 46\n#### 46", "finished": True, "correct": True},
-        {"q": 0, "question": "12+34", "completion": "1+3 c0 7\n0+0 c0 47\n#### 47", "finished": True, "correct": False},
-        {"q": 1, "question": "5+5", "completion": "#### 11", "finished": True, "correct": False},  # no right one: no pair
+        {"index": 0, "question": "12+34", "completion": "1+3 c0 6\n0+0 c0 46\n#### 46", "finished": True, "correct": True},
+        {"index": 0, "question": "12+34", "completion": "1+3 c0 7\n0+0 c0 47\n#### 47", "finished": True, "correct": False},
+        {"index": 1, "question": "5+5", "completion": "#### 11", "finished": True, "correct": False},  # no right one: no pair
     ]
     steps = data.split_steps(samples[1]["completion"])
     assert steps == ["1+3 c0 7\n", "0+0 c0 47\n", "#### 47"]
@@ -574,50 +666,80 @@ def test_q_values_with_a_forced_continuation_are_0_or_1_and_match_the_no_cache_p
             prefix = data.prompt(q) + "".join(steps[: i + 1])
             cont = model.generate_reference(m, [tok.encode(prefix)], 12, temperature=0.0, stop_token=tok.eot)[0]
             finished = len(cont) < 12 or (tok.eot in cont)
-            assert v == float(data.correct(prefix + tok.decode(cont), finished, a))
+            assert v == float(data.sample_correct(prefix + tok.decode(cont), finished, a))
 
 
-def test_shared_prefix_rollouts_give_the_same_q_values_as_recomputed_prefixes(monkeypatch):
+def test_sampled_q_values_strictly_between_0_and_1_match_the_no_cache_path(monkeypatch):
     hashed_grade(monkeypatch)
     m = tiny_model(vocab_size=260, block_size=128, n_layer=1, std=0.1)
     tok = Tokenizer()
-    args = stepdpo.get_args(TINY_DPO)
+    args = stepdpo.get_args(TINY_DPO)  # K = 3 rollouts at temperature 1
     args.max_new_tokens = 10
     items = [("12+34", "46", [f"line {i}\n" for i in range(4)] + ["#### 46"], False), ("1+1", "2", ["a\n", "#### 3"], False)]
     shared = stepdpo.mc_q_values(m, tok, items, args, seed=4, share_prefix=True)
     recomputed = stepdpo.mc_q_values(m, tok, items, args, seed=4, share_prefix=False)
     assert shared == recomputed
-    assert len({v for q in shared for v in q[:-1]}) > 1, "hashed grades should give varied Q values"
+    assert any(0 < v < 1 for q in shared for v in q), "hashed grades should give Q values strictly between 0 and 1"
+    # the same Q values from the no-cache sampler: every prefix repeated K times, one batch, same seed
+    prefixes = [data.prompt(q) + "".join(steps[: i + 1]) for q, _, steps, _ in items for i in range(len(steps) - 1)]
+    K = args.rollouts
+    conts = model.generate_reference(m, [tok.encode(p) for p in prefixes for _ in range(K)], 10, temperature=1.0,
+                                     stop_token=tok.eot, generator=torch.Generator().manual_seed(4))
+    want = [sum(data.sample_correct(p + tok.decode(c), True, "") for c in conts[n * K : (n + 1) * K]) / K for n, p in enumerate(prefixes)]
+    assert [v for q in shared for v in q[:-1]] == want
 
 
-def test_reference_logprobs_carry_no_gradient_and_dpo_leaves_the_base_weights_alone():
+def test_reference_logprobs_keep_pair_order_carry_no_gradient_and_dpo_leaves_the_base_weights_alone():
     m = tiny_model(vocab_size=260, block_size=64)
     tok = Tokenizer()
-    args = stepdpo.get_args(TINY_DPO + ["--device", "cpu"])
-    pairs = [(data.encode_example(tok, "1+1", "#### 2"), data.encode_example(tok, "1+1", "#### 3", complete=False))] * 3
-    ref_lp = data.reference_logprobs(m, pairs, args, 64)
-    assert ref_lp.shape == (3, 2) and not ref_lp.requires_grad and ref_lp.grad_fn is None
-    x, y = data.collate([pairs[0][0], pairs[0][1]], 64)
-    torch.testing.assert_close(ref_lp[0], model.sequence_logprobs(m, x, y).detach())
+    pairs = [(data.encode_example(tok, f"{a}+1", f"#### {a + 1}"), data.encode_example(tok, f"{a}+1", f"x{a}\n", complete=False))
+             for a in range(5)]
+    ref_lp = loop.reference_logprobs(m, pairs, 4, "cpu")  # 4 sequences a batch: pairs split across batches
+    assert ref_lp.shape == (5, 2) and not ref_lp.requires_grad and ref_lp.grad_fn is None
+    for i, (chosen, rejected) in enumerate(pairs):
+        for side, seq in enumerate((chosen, rejected)):
+            x, y = data.collate([seq], 64)
+            torch.testing.assert_close(ref_lp[i, side], model.sequence_logprobs(m, x, y).detach()[0])
+    assert len(set(ref_lp.flatten().tolist())) == 10
     base_state = {k: v.clone() for k, v in m.state_dict().items()}
-    trained, _ = data.dpo_train(base_state, m.config, pairs, 5, 1e-2, 0.1, args, seed=0, sft_weight=1.0)
+    trained, _ = loop.dpo_train(base_state, m.config, pairs, 5, 1e-2, 0.1, 8, 0, "cpu", sft_weight=1.0)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in base_state.items())
     assert any(not torch.equal(v, trained.state_dict()[k]) for k, v in base_state.items())
 
 
 @pytest.mark.parametrize("variant", ["perstep", "plain", "rft"])
-def test_a_tiny_stepdpo_run_completes_and_writes_its_files(monkeypatch, tmp_path, variant):
+def test_a_tiny_stepdpo_run_reports_the_accuracy_of_the_models_it_saved(monkeypatch, tmp_path, variant):
     hashed_grade(monkeypatch)
     out = tmp_path / variant
     res = stepdpo.main(stepdpo.get_args(TINY_DPO + ["--variant", variant, "--out_dir", str(out)]))
-    assert res["variant"] == variant and 0.0 <= res["acc"] <= 1.0 and res["train_examples"] > 0
-    assert (out / "model.pt").exists() and (out / "pairs.jsonl").exists()
+    # the reported accuracies are those of the saved SFT and trained models, re-evaluated from disk
+    args = stepdpo.get_args(TINY_DPO)
+    _, test = data.arithmetic_task(120, 20, 1, 2, 0)
+    tok = Tokenizer()
+    max_new = json.load(open(out / "config.json"))["max_new_tokens"] or 41
+    for key, ckpt in (("sft_acc", "base.pt"), ("acc", "model.pt")):
+        m, _ = model.load_checkpoint(str(out / ckpt))
+        assert res[key] == loop.evaluate(m, tok, test, args.seed, max_new, args.gen_batch)["acc"], key
+    assert res["train_examples"] == len(loop.read_rows(str(out / "pairs.jsonl"))) > 0
+    samples = loop.read_rows(str(out / "samples.jsonl"))
     if variant == "perstep":
-        rows = data.read_rows(str(out / "q_values.jsonl"))
-        assert rows and all(r["critical"] == stepdpo.critical_step(r["q_values"]) for r in rows)
-        pairs = data.read_rows(str(out / "pairs.jsonl"))
-        assert all("".join(p_steps) for p_steps in [r["steps"] for r in rows])
-        assert all(p["rejected"] == "".join(data.split_steps(p["rejected"])) for p in pairs)
+        rows = loop.read_rows(str(out / "q_values.jsonl"))
+        assert rows
+        for r in rows:
+            qv = r["q_values"]
+            assert r["critical"] == qv.index(min(qv))  # list.index: the first of the minima
+        pairs = loop.read_rows(str(out / "pairs.jsonl"))
+        by_sample = {samples[r["sample"]]["completion"]: r for r in rows}
+        for p in pairs:
+            wrong = [s["completion"] for s in samples if s["index"] == p["index"] and not s["correct"]]
+            # the rejected side is a wrong sample of the same question cut right after its critical step
+            cut = [w for w in wrong if w.startswith(p["rejected"])]
+            assert cut, p
+            r = by_sample[cut[0]]
+            if r["critical"] < len(r["steps"]) - 1:
+                assert p["rejected"].endswith("\n") and p["rejected"].count("\n") == r["critical"] + 1
+            else:
+                assert p["rejected"] == cut[0]
     again = stepdpo.main(stepdpo.get_args(TINY_DPO + ["--variant", variant, "--out_dir", str(out), "--resume"]))
     assert again == json.load(open(out / "metrics.json"))
 
@@ -631,7 +753,7 @@ import quietstar  # noqa: E402
 def tiny_quiet(std=0.3, **kw):
     argv = ["--n_thoughts", "2", "--thought_len", "3", "--n_talk", "2", "--seq_len", "8", "--batch_size", "2", "--device", "cpu"]
     args = quietstar.get_args(argv)
-    m = tiny_model(vocab_size=260, block_size=8 + 3 + 2 + 2, std=std, **kw)
+    m = tiny_model(vocab_size=260, **{"block_size": 8 + 3 + 2 + 2, "std": std, **kw})
     torch.manual_seed(1)
     head = quietstar.MixingHead(m.config.n_embd)
     return m, head, args
@@ -725,14 +847,22 @@ def test_reinforce_gradient_reaches_thought_logprobs_and_not_the_reward():
     assert metrics["reward_abs"] > 0 and 0 < metrics["w"] < 1
 
 
-def test_one_quietstar_training_step_runs_and_generation_thinks(tmp_path, capsys):
+def test_one_quietstar_training_step_runs_and_its_sample_comes_from_the_saved_thought_model(tmp_path, capsys):
     argv = ["--n_train", "60", "--n_test", "20", "--max_digits", "2", "--n_layer", "1", "--n_embd", "32", "--seq_len", "16",
             "--thought_len", "2", "--n_talk", "2", "--batch_size", "4", "--pretrain_steps", "3", "--steps", "2",
             "--eval_chunks", "4", "--threads", "2", "--out_dir", str(tmp_path / "q")]
     res = quietstar.main(quietstar.get_args(argv))
     assert set(res) == {"pretrained", "no_thoughts", "thoughts"}
     assert all(math.isfinite(r["nll"]) for r in res.values())
-    assert res["thoughts"]["sample"].count("[") >= 1
+    # the sample in the results is what the saved thought model and head write, through the common loader
+    args = quietstar.get_args(argv)
+    gpt, extra = model.load_checkpoint(str(tmp_path / "q" / "thoughts.pt"))
+    head = quietstar.MixingHead(gpt.config.n_embd)
+    head.load_state_dict(extra["head"])
+    _, test = data.arithmetic_task(60, 20, 1, 2, 0)
+    prompt_text = test[0].question + "="
+    again = quietstar.generate_thinking(gpt, head, Tokenizer(), prompt_text, 12, args, torch.Generator().manual_seed(args.seed))
+    assert res["thoughts"]["sample"] == again and again.startswith(prompt_text + "[")
     capsys.readouterr()
     again = quietstar.main(quietstar.get_args(argv + ["--resume", "--generate", "12+3=", "--n_generate", "3"]))
     assert again["thoughts"]["nll"] == res["thoughts"]["nll"]
@@ -741,6 +871,51 @@ def test_one_quietstar_training_step_runs_and_generation_thinks(tmp_path, capsys
     quietstar.main(quietstar.get_args(argv + ["--resume", "--generate", "12+3=", "--n_generate", "3", "--hide_thoughts"]))
     hidden = [l for l in capsys.readouterr().out.splitlines() if l.startswith("generated: ")]
     assert len(hidden) == 1 and hidden[0].startswith("generated: '12+3=") and len(hidden[0]) < len(shown[0])
+
+
+def test_thinking_generation_equals_a_no_cache_path():
+    m, head, args = tiny_quiet(block_size=64)
+    with torch.no_grad():
+        head.out.weight.normal_(0, 0.5)
+        head.out.bias.fill_(0.3)
+    tok = Tokenizer()
+    text, n_new, L = "12+34=", 6, args.thought_len
+    got = quietstar.generate_thinking(m, head, tok, text, n_new, args, torch.Generator().manual_seed(0))
+    # the same by hand: full forwards over text + thought, no cache, no rewinding; thought tokens at
+    # the positions right after the text, the next text token at the position after the text
+    g = torch.Generator().manual_seed(0)
+    ids, out = tok.encode(text), []
+    with torch.no_grad():
+        for _ in range(n_new):
+            seq, thought = ids + [tok.start_thought], []
+            for j in range(L):
+                logits = m(torch.tensor([seq]))[0][0, -1].float() / args.thought_temperature
+                z = int(torch.multinomial(F.softmax(logits, -1), 1, generator=g))
+                thought.append(z)
+                seq.append(z)
+            h_thought = m.hidden(torch.tensor([seq + [tok.end_thought]]))[0, -1]
+            h_text = m.hidden(torch.tensor([ids]))[0, -1]
+            w = head(h_text, h_thought)
+            nxt = int(m.lm_head((1 - w) * h_text + w * h_thought).argmax(-1))
+            out.append("[" + tok.decode([t for t in thought if t < 256]) + "]")
+            if nxt == tok.eot:
+                break
+            out.append(tok.decode([nxt]) if nxt < 256 else "")
+            ids.append(nxt)
+    assert got == text + "".join(out)
+    assert len(set(got)) > 8, "a degenerate model would hide cache bugs"
+
+
+def test_thoughts_that_would_run_past_the_context_raise_instead_of_reusing_a_position():
+    m, head, args = tiny_quiet(block_size=8 + 3 + 2)  # T + L + K = 13 needs positions 0..13: 14 > 13
+    x = torch.randint(0, 256, (1, 8))
+    noise = quietstar.gumbel((2, 3, 8, 260), torch.Generator().manual_seed(0), "cpu")
+    with pytest.raises(ValueError, match="beyond the model's block_size of 13"):
+        quietstar.think(m, head, x, args, Tokenizer(), noise)
+    with pytest.raises(ValueError, match="block_size"):
+        quietstar.think_reference(m, head, x, args, Tokenizer(), noise)
+    m, head, args = tiny_quiet(block_size=8 + 3 + 2 + 1)  # exactly enough
+    quietstar.think(m, head, x, args, Tokenizer(), noise)
 
 
 def test_computed_mask_marks_digits_after_equals():

@@ -1,0 +1,342 @@
+"""
+The steps of the self-taught loop that the method scripts share, each taking explicit values
+(prompts, k, temperature, max_new_tokens, batch size, seed, device), never an argparse
+namespace. What makes each method itself stays in its own script: STaR's filter and
+rationalization and the verifier's scores in star.py, Q values and critical steps in
+stepdpo.py, thoughts in quietstar.py.
+
+- the command line: the flag groups every script uses, and `run_cli`, which turns bad input
+  into one line on stderr and exit status 1
+- the run directory: atomic writes, JSONL rows, `open_run` (a new run, or --resume of the
+  same settings)
+- `sample`: k completions per prompt, KV-cached and batched (star.py's generation and
+  rationalization, stepdpo.py's solutions and Monte-Carlo rollouts, evaluation)
+- `fine_tune` (SFT from the base weights) and `dpo_train` (DPO against the frozen base)
+- `evaluate`: greedy accuracy, maj@N, pass@N and a scorer's best-of-N
+- `prepare_task` and `warm_start`: the task cut to the context, and the base model
+"""
+
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+import data
+import model
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def add_task_args(parser):
+    g = parser.add_argument_group("task")
+    g.add_argument("--dataset", default="arithmetic", choices=["arithmetic", "gsm8k"], help="which task to learn")
+    g.add_argument("--data_dir", default=None, help="gsm8k: local directory with train.jsonl and test.jsonl (skips the hub)")
+    g.add_argument("--n_train", type=int, default=4000, help="training questions used (gsm8k: at most this many)")
+    g.add_argument("--n_test", type=int, default=0, help="test questions (0 = 500 generated for arithmetic, all 1,319 for gsm8k)")
+    g.add_argument("--min_digits", type=int, default=1, help="arithmetic: fewest digits per operand")
+    g.add_argument("--max_digits", type=int, default=5, help="arithmetic: most digits per operand")
+    g.add_argument("--data_seed", type=int, default=0, help="arithmetic: seed of the generated train/test sets")
+    return g
+
+
+def task_from_args(args):
+    """(train, test) lists of Examples for the task flags above."""
+    return data.load_task(args.dataset, args.data_dir, args.n_train, args.n_test, args.min_digits, args.max_digits, args.data_seed)
+
+
+def add_model_args(parser):
+    g = parser.add_argument_group("model")
+    g.add_argument("--init", default=None, help="start from this nanostar checkpoint instead of training from scratch")
+    g.add_argument("--n_layer", type=int, default=3, help="transformer blocks (from scratch)")
+    g.add_argument("--n_embd", type=int, default=96, help="model width (from scratch)")
+    g.add_argument("--n_head", type=int, default=4, help="attention heads (from scratch)")
+    g.add_argument("--block_size", type=int, default=0, help="context length (from scratch; 0 = the script's default)")
+    return g
+
+
+def add_warm_start_args(parser):
+    g = parser.add_argument_group("warm start and sampling")
+    g.add_argument("--n_seed", type=int, default=256, help="worked examples for the warm start (taken from the train set)")
+    g.add_argument("--warm_steps", type=int, default=1000, help="fine-tuning steps of the warm start")
+    g.add_argument("--max_new_tokens", type=int, default=0, help="cut generations at this length (0 = from the task)")
+    g.add_argument("--gen_batch", type=int, default=512, help="sequences per sampling batch")
+    return g
+
+
+def add_run_args(parser, out_dir, compile_flag=True):
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    g.add_argument("--batch_size", type=int, default=32, help="sequences per training step")
+    if compile_flag:
+        g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g = parser.add_argument_group("run")
+    g.add_argument("--out_dir", default=out_dir, help="where the run's files go")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last finished step")
+    g.add_argument("--seed", type=int, default=1337, help="seed of init, sampling and batching")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    return g
+
+
+def run_cli(main, args):
+    """Run a script's main; bad input (a data file, a checkpoint, a flag) ends it with one line and exit status 1."""
+    try:
+        return main(args)
+    except (data.InputError, model.CheckpointError) as e:
+        sys.exit(f"error: {e}")
+
+
+# -----------------------------------------------------------------------------
+# the run directory: every write is atomic, so a crash leaves the last finished step intact
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_rows(path, rows):
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# settings that may change when a run is resumed: where and how it runs, not what it computes
+MAY_DIFFER_ON_RESUME = {"resume", "out_dir", "device", "threads", "gen_batch", "compile", "generate", "n_generate", "hide_thoughts"}
+
+
+def open_run(out_dir, settings, resume, name):
+    """
+    Create out_dir and write settings to its config.json, or, on resume, check that the run
+    there was made with the same settings. Prints the settings; returns path(filename).
+    """
+    cfg_path = os.path.join(out_dir, "config.json")
+    if os.path.exists(cfg_path):
+        if not resume:
+            raise data.InputError(f"{out_dir} already holds a run: pass --resume to continue it, or another --out_dir")
+        with open(cfg_path) as f:
+            theirs = json.load(f)
+        keys = (set(theirs) | set(settings)) - MAY_DIFFER_ON_RESUME
+        diff = {k: (theirs.get(k), settings.get(k)) for k in sorted(keys) if theirs.get(k) != settings.get(k)}
+        if diff:
+            raise data.InputError(f"--resume with other settings than the run in {out_dir} (was, now): {diff}")
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        write_atomic(cfg_path, json.dumps(settings, indent=2))
+    print(f"nanostar {name}: {json.dumps(settings)}")
+    return lambda filename: os.path.join(out_dir, filename)
+
+
+def setup_device(device, threads):
+    """The device to run on ('auto' picks cuda when there is one) after setting torch's CPU threads."""
+    if threads:
+        torch.set_num_threads(threads)
+    return model.autodetect_device(device)
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc="sample"):
+    """
+    k completions (decoded text) for each prompt text, KV-cached, batch_size sequences at a
+    time. share_prefix: each prompt is prefilled once for its k samples (else recomputed for
+    each; same samples, for comparison). Returns len(prompts) lists of k (text, finished).
+    """
+    from tqdm import tqdm
+
+    g = model.make_generator(seed, m.lm_head.weight.device)
+    ids = [tok.encode(p) for p in prompts]
+    out = []
+    per_batch = max(1, batch_size // k)
+    for i in tqdm(range(0, len(ids), per_batch), desc=desc, leave=False, disable=None):
+        chunk = ids[i : i + per_batch]
+        max_new = min(max_new_tokens, m.config.block_size - max(len(p) for p in chunk))
+        if share_prefix:
+            s = model.generate(m, chunk, max_new, temperature, top_k, tok.eot, g, num_samples=k)
+        else:
+            s = model.generate(m, [p for p in chunk for _ in range(k)], max_new, temperature, top_k, tok.eot, g)
+        texts = [tok.decode(c) for c in s.completions()]
+        fin = s.finished.tolist()
+        for j in range(len(chunk)):
+            out.append(list(zip(texts[j * k : (j + 1) * k], fin[j * k : (j + 1) * k])))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# training from the base weights: SFT and DPO
+
+
+def fine_tune(base_state, config, pairs, steps, lr, batch_size, seed, device, compile=False, desc="fine-tune"):
+    """A fresh copy of the base weights fine-tuned on (prompt_ids, completion_ids) pairs. Returns (model, last loss)."""
+    torch.manual_seed(seed)
+    m = model.GPT(config).to(device)
+    m.load_state_dict(base_state)
+    rng = random.Random(seed)
+    order = []
+
+    def get_batch(step, micro):
+        batch = []
+        while len(batch) < batch_size:
+            if not order:  # shuffled epochs: every example is seen once before any is seen twice
+                order.extend(rng.sample(range(len(pairs)), len(pairs)))
+            batch.append(pairs[order.pop()])
+        return data.collate(batch, config.block_size, device)
+
+    cfg = model.TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), compile=compile)
+    losses = model.train(m, get_batch, cfg, desc=desc)
+    return m, losses[-1] if losses else float("nan")
+
+
+@torch.no_grad()
+def reference_logprobs(ref, pairs, batch_size, device):
+    """Summed log-probs under the frozen reference of every (chosen, rejected) pair, once, no grad. (n, 2)."""
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        seqs = [s for pair in pairs[i : i + batch_size] for s in pair]  # c0, r0, c1, r1, ...
+        x, y = data.collate(seqs, ref.config.block_size, device)
+        with model.autocast(device):
+            lp = model.sequence_logprobs(ref, x, y).float()
+        out.append(lp.view(-1, 2))
+    return torch.cat(out).cpu()  # (n_pairs, 2): chosen, rejected
+
+
+def dpo_train(base_state, config, pairs, steps, lr, beta, batch_size, seed, device, sft_weight=0.0, compile=False, desc="DPO"):
+    """
+    DPO from the base weights; the frozen base model is the reference, its log-probs computed
+    once before training. pairs: (chosen, rejected), each a (prompt_ids, completion_ids) as
+    from data.encode_example (a completion without <|endoftext|> is a partial solution).
+    batch_size sequences a step (half the pairs' sides). Returns (model, last loss).
+    """
+    ref = model.GPT(config).to(device)
+    ref.load_state_dict(base_state)
+    ref_lp = reference_logprobs(ref, pairs, batch_size, device)
+    del ref
+    torch.manual_seed(seed)
+    m = model.GPT(config).to(device)
+    m.load_state_dict(base_state)
+    rng = random.Random(seed)
+    n = max(1, min(batch_size // 2, len(pairs)))
+
+    def get_batch(step, micro):
+        idx = rng.sample(range(len(pairs)), n)
+        x, y = data.collate([pairs[i][0] for i in idx] + [pairs[i][1] for i in idx], config.block_size, device)
+        return x, y, ref_lp[idx].to(device)
+
+    loss_fn = lambda m, batch: model.dpo_sft_loss(m, *batch, beta=beta, sft_weight=sft_weight)
+    cfg = model.TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), compile=compile)
+    losses = model.train(m, get_batch, cfg, loss_fn=loss_fn, desc=desc)
+    return m, losses[-1] if losses else float("nan")
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def tally(golds, greedy, samples=None, scores=None):
+    """
+    Accuracies from graded outputs. golds: the gold answers; greedy: one (text, finished) per
+    question; samples: N (text, finished) per question; scores: a score for each of those N
+    (higher = better). Returns acc, and with samples maj@N and pass@N, and with scores best@N
+    (the accuracy of the highest-scored sample, the first on ties).
+    """
+    n_q = len(golds)
+    res = {"acc": sum(data.sample_correct(t, f, g) for g, (t, f) in zip(golds, greedy)) / n_q}
+    if samples:
+        n = len(samples[0])
+        maj = pass_ = 0
+        for g, outs in zip(golds, samples):
+            answers = [data.extract_answer(t) if f else None for t, f in outs]
+            maj += data.answers_match(data.majority(answers), g)
+            pass_ += any(data.sample_correct(t, f, g) for t, f in outs)
+        res[f"maj@{n}"], res[f"pass@{n}"] = maj / n_q, pass_ / n_q
+        if scores is not None:
+            best = 0
+            for g, outs, sc in zip(golds, samples, scores):
+                t, f = outs[max(range(len(sc)), key=lambda i: (sc[i], -i))]
+                best += data.sample_correct(t, f, g)
+            res[f"best@{n}"] = best / n_q
+    return res
+
+
+def evaluate(m, tok, test, seed, max_new_tokens, batch_size, n_samples=0, temperature=0.7, scorer=None):
+    """
+    Greedy test accuracy; with n_samples > 1 also maj@N and pass@N over N samples at
+    `temperature`; with a scorer (question, [texts]) -> [scores] also its best-of-N.
+    """
+    prompts = [data.prompt(e.question) for e in test]
+    golds = [e.answer for e in test]
+    greedy = sample(m, tok, prompts, 1, 0.0, max_new_tokens, batch_size, seed, desc="eval greedy")
+    if n_samples <= 1:
+        return tally(golds, [o[0] for o in greedy])
+    outs = sample(m, tok, prompts, n_samples, temperature, max_new_tokens, batch_size, seed + 1, desc=f"eval {n_samples} samples")
+    scores = [scorer(e.question, [t for t, _ in o]) for e, o in zip(test, outs)] if scorer else None
+    return tally(golds, [o[0] for o in greedy], outs, scores)
+
+
+# -----------------------------------------------------------------------------
+# the task cut to the context, and the base model
+
+
+def prepare_task(train, test, tok, block_size, n_seed, max_new_tokens=0, dataset=""):
+    """
+    Drop examples longer than the context (saying how many), split off the seed set, and pick
+    the generation length (max_new_tokens 0: the longest gold solution and a quarter more).
+    Returns (seed_set, questions, test, max_new_tokens).
+    """
+    fits = lambda e: len(tok.encode(data.hint_prompt(e.question, e.answer) + data.completion(e.rationale, e.answer))) + 1 <= block_size
+    kept = {}
+    for name, split in (("train", train), ("test", test)):
+        kept[name] = [e for e in split if fits(e)]
+        if len(kept[name]) < len(split):
+            print(f"dropped {len(split) - len(kept[name])} of {len(split)} {name} examples longer than block_size {block_size}")
+    train, test = kept["train"], kept["test"]
+    if n_seed >= len(train):
+        raise data.InputError(f"--n_seed {n_seed} leaves no training questions out of {len(train)}")
+    if max_new_tokens == 0:
+        longest = max(len(tok.encode(data.completion(e.rationale, e.answer))) for e in train)
+        max_new_tokens = min(int(longest * 1.25) + 8, block_size)
+    seed_set, questions = train[:n_seed], train[n_seed:]
+    print(f"task {dataset}: {len(seed_set)} seed, {len(questions)} train questions, {len(test)} test; "
+          f"generations cut at {max_new_tokens} tokens")
+    return seed_set, questions, test, max_new_tokens
+
+
+def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device, init=None, compile=False, answer_only=False):
+    """
+    The base model every iteration starts from: loaded from `path` if this run already made
+    it, else from the checkpoint `init`, else a fresh model of `config` fine-tuned for `steps`
+    on the seed set (each example plain and with its hint). Saved to `path` either way.
+    """
+    t0 = time.time()
+    if os.path.exists(path):
+        print(f"resumed: warm-start model from {path}")
+        return model.load_checkpoint(path, device)[0]
+    if init:
+        base, _ = model.load_checkpoint(init, device)
+        model.save_checkpoint(path, base)
+        return base
+    torch.manual_seed(seed)
+    init_state = model.GPT(config).state_dict()
+    pairs = data.seed_pairs(tok, seed_set, answer_only)
+    base, loss = fine_tune(init_state, config, pairs, steps, lr, batch_size, seed, device, compile, "warm start")
+    model.save_checkpoint(path, base)
+    print(f"warm start: {base.num_params():,} parameters, {steps} steps, loss {loss:.4f}, {time.time() - t0:.0f}s")
+    return base
+
+
+def base_block_size(init, block_size, dataset):
+    """The context of the model a run starts from: --init's, else --block_size, else the task's default."""
+    if init:
+        return model.load_checkpoint(init)[0].config.block_size
+    return block_size or (1024 if dataset == "gsm8k" else 256)
