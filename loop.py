@@ -48,13 +48,18 @@ def task_from_args(args):
     return data.load_task(args.dataset, args.data_dir, args.n_train, args.n_test, args.min_digits, args.max_digits, args.data_seed)
 
 
+DEFAULT_PRETRAINED = "Qwen/Qwen2.5-0.5B"  # Apache-2.0, 0.49B parameters; its authors report 41.6% on GSM8K (4-shot)
+
+
 def add_model_args(parser):
     g = parser.add_argument_group("model")
-    g.add_argument("--init", default=None, help="start from this nanostar checkpoint instead of training from scratch")
+    g.add_argument("--init", default="auto", help="where the model starts: 'scratch' (train a small model here), a nanostar "
+                   f"checkpoint, a Hugging Face model directory, or a hub repo id; auto = scratch for arithmetic, {DEFAULT_PRETRAINED} for gsm8k")
     g.add_argument("--n_layer", type=int, default=3, help="transformer blocks (from scratch)")
     g.add_argument("--n_embd", type=int, default=96, help="model width (from scratch)")
     g.add_argument("--n_head", type=int, default=4, help="attention heads (from scratch)")
-    g.add_argument("--block_size", type=int, default=0, help="context length (from scratch; 0 = the script's default)")
+    g.add_argument("--block_size", type=int, default=0, help="context length: from scratch its size (0 = the script's default); "
+                   "pretrained a cap on it, which keeps the rotary table and caches small (0 = 2048)")
     return g
 
 
@@ -64,6 +69,8 @@ def add_warm_start_args(parser):
     g.add_argument("--warm_steps", type=int, default=1000, help="fine-tuning steps of the warm start")
     g.add_argument("--max_new_tokens", type=int, default=0, help="cut generations at this length (0 = from the task)")
     g.add_argument("--gen_batch", type=int, default=512, help="sequences per sampling batch")
+    g.add_argument("--few_shot", type=int, default=-1, help="worked examples from the seed set in every sampling prompt "
+                   "(STaR's few-shot prompt; -1 = 4 for a pretrained Hugging Face model, 0 otherwise, which fine-tunes on them instead)")
     return g
 
 
@@ -71,6 +78,7 @@ def add_run_args(parser, out_dir, compile_flag=True):
     g = parser.add_argument_group("optimization")
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     g.add_argument("--batch_size", type=int, default=32, help="sequences per training step")
+    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches of --batch_size per optimizer step")
     if compile_flag:
         g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     g = parser.add_argument_group("run")
@@ -144,14 +152,72 @@ def setup_device(device, threads):
 
 
 # -----------------------------------------------------------------------------
+# where a model starts: from scratch, a nanostar checkpoint, or pretrained Hugging Face weights
+
+HF_FILES = ["config.json", "generation_config.json", "tokenizer.json", "*.safetensors", "model.safetensors.index.json"]
+
+
+def resolve_init(init, dataset):
+    """
+    --init -> None (train from scratch), a nanostar checkpoint file, or a local Hugging Face
+    model directory (a hub repo id is downloaded first, only the files nanostar reads).
+    """
+    if init == "auto":
+        init = DEFAULT_PRETRAINED if dataset == "gsm8k" else "scratch"
+    if init == "scratch":
+        return None
+    if os.path.isfile(init) or os.path.isfile(os.path.join(init, "config.json")):
+        return init
+    if os.path.exists(init) or init.startswith((".", "/", "~")) or init.count("/") != 1:
+        raise data.InputError(f"--init {init}: not a nanostar checkpoint, a directory with config.json, or a hub repo id")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if offline or not data.hub_reachable():
+        raise data.InputError(f"cannot reach {data.HUB_HOST} to download {init}; pass --init DIR, a local directory with "
+                              "config.json, *.safetensors, tokenizer.json (and generation_config.json), or --init scratch")
+    from huggingface_hub import snapshot_download
+
+    print(f"downloading {init} ({', '.join(HF_FILES)})")
+    return snapshot_download(init, allow_patterns=HF_FILES)
+
+
+def is_pretrained(init):
+    """A Hugging Face model directory (as opposed to scratch or a nanostar checkpoint)."""
+    return init is not None and os.path.isdir(init)
+
+
+def tokenizer_for(init):
+    """The byte-level tokenizer, or the tokenizer.json of a pretrained model (also one a nanostar checkpoint was tuned from)."""
+    if is_pretrained(init):
+        return data.HFTokenizer(init)
+    if init is not None:
+        source = model.load_checkpoint(init)[1].get("tokenizer_dir")
+        if source:
+            return data.HFTokenizer(source)
+    return data.Tokenizer()
+
+
+def base_block_size(init, block_size, dataset):
+    """The context of the model a run starts from: --init's (capped by --block_size), else --block_size or the task's default."""
+    if is_pretrained(init):
+        with open(os.path.join(init, "config.json")) as f:
+            return model.hf_config(json.load(f), block_size or 2048).block_size
+    if init:
+        return model.load_checkpoint(init)[0].config.block_size
+    return block_size or (1024 if dataset == "gsm8k" else 256)
+
+
+# -----------------------------------------------------------------------------
 # sampling
 
 
-def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc="sample"):
+def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc="sample",
+           stop_text=None):
     """
     k completions (decoded text) for each prompt text, KV-cached, batch_size sequences at a
     time. share_prefix: each prompt is prefilled once for its k samples (else recomputed for
-    each; same samples, for comparison). Returns len(prompts) lists of k (text, finished).
+    each; same samples, for comparison). stop_text: a completion ends (finished) where this
+    text first appears, as a base model under a few-shot prompt goes on to write the next
+    exemplar. Returns len(prompts) lists of k (text, finished).
     """
     from tqdm import tqdm
 
@@ -163,11 +229,15 @@ def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, to
         chunk = ids[i : i + per_batch]
         max_new = min(max_new_tokens, m.config.block_size - max(len(p) for p in chunk))
         if share_prefix:
-            s = model.generate(m, chunk, max_new, temperature, top_k, tok.eot, g, num_samples=k)
+            s = model.generate(m, chunk, max_new, temperature, top_k, tok.stop_tokens, g, num_samples=k, vocab_limit=tok.vocab_size)
         else:
-            s = model.generate(m, [p for p in chunk for _ in range(k)], max_new, temperature, top_k, tok.eot, g)
+            s = model.generate(m, [p for p in chunk for _ in range(k)], max_new, temperature, top_k, tok.stop_tokens, g,
+                               vocab_limit=tok.vocab_size)
         texts = [tok.decode(c) for c in s.completions()]
         fin = s.finished.tolist()
+        if stop_text:
+            fin = [f or stop_text in t for t, f in zip(texts, fin)]
+            texts = [t.split(stop_text)[0] for t in texts]
         for j in range(len(chunk)):
             out.append(list(zip(texts[j * k : (j + 1) * k], fin[j * k : (j + 1) * k])))
     return out
@@ -177,7 +247,7 @@ def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, to
 # training from the base weights: SFT and DPO
 
 
-def fine_tune(base_state, config, pairs, steps, lr, batch_size, seed, device, compile=False, desc="fine-tune"):
+def fine_tune(base_state, config, pairs, steps, lr, batch_size, seed, device, compile=False, desc="fine-tune", grad_accum=1):
     """A fresh copy of the base weights fine-tuned on (prompt_ids, completion_ids) pairs. Returns (model, last loss)."""
     torch.manual_seed(seed)
     m = model.GPT(config).to(device)
@@ -193,7 +263,7 @@ def fine_tune(base_state, config, pairs, steps, lr, batch_size, seed, device, co
             batch.append(pairs[order.pop()])
         return data.collate(batch, config.block_size, device)
 
-    cfg = model.TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), compile=compile)
+    cfg = model.TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), compile=compile, grad_accum=grad_accum)
     losses = model.train(m, get_batch, cfg, desc=desc)
     return m, losses[-1] if losses else float("nan")
 
@@ -211,7 +281,8 @@ def reference_logprobs(ref, pairs, batch_size, device):
     return torch.cat(out).cpu()  # (n_pairs, 2): chosen, rejected
 
 
-def dpo_train(base_state, config, pairs, steps, lr, beta, batch_size, seed, device, sft_weight=0.0, compile=False, desc="DPO"):
+def dpo_train(base_state, config, pairs, steps, lr, beta, batch_size, seed, device, sft_weight=0.0, compile=False, desc="DPO",
+              grad_accum=1):
     """
     DPO from the base weights; the frozen base model is the reference, its log-probs computed
     once before training. pairs: (chosen, rejected), each a (prompt_ids, completion_ids) as
@@ -234,7 +305,7 @@ def dpo_train(base_state, config, pairs, steps, lr, beta, batch_size, seed, devi
         return x, y, ref_lp[idx].to(device)
 
     loss_fn = lambda m, batch: model.dpo_sft_loss(m, *batch, beta=beta, sft_weight=sft_weight)
-    cfg = model.TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), compile=compile)
+    cfg = model.TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), compile=compile, grad_accum=grad_accum)
     losses = model.train(m, get_batch, cfg, loss_fn=loss_fn, desc=desc)
     return m, losses[-1] if losses else float("nan")
 
@@ -269,17 +340,20 @@ def tally(golds, greedy, samples=None, scores=None):
     return res
 
 
-def evaluate(m, tok, test, seed, max_new_tokens, batch_size, n_samples=0, temperature=0.7, scorer=None):
+def evaluate(m, tok, test, seed, max_new_tokens, batch_size, n_samples=0, temperature=0.7, scorer=None, prefix=""):
     """
     Greedy test accuracy; with n_samples > 1 also maj@N and pass@N over N samples at
     `temperature`; with a scorer (question, [texts]) -> [scores] also its best-of-N.
+    prefix: a few-shot prompt put before every question (completions then stop at a blank line).
     """
-    prompts = [data.prompt(e.question) for e in test]
+    prompts = [prefix + data.prompt(e.question) for e in test]
     golds = [e.answer for e in test]
-    greedy = sample(m, tok, prompts, 1, 0.0, max_new_tokens, batch_size, seed, desc="eval greedy")
+    stop = data.EXEMPLAR_SEP if prefix else None
+    greedy = sample(m, tok, prompts, 1, 0.0, max_new_tokens, batch_size, seed, desc="eval greedy", stop_text=stop)
     if n_samples <= 1:
         return tally(golds, [o[0] for o in greedy])
-    outs = sample(m, tok, prompts, n_samples, temperature, max_new_tokens, batch_size, seed + 1, desc=f"eval {n_samples} samples")
+    outs = sample(m, tok, prompts, n_samples, temperature, max_new_tokens, batch_size, seed + 1,
+                  desc=f"eval {n_samples} samples", stop_text=stop)
     scores = [scorer(e.question, [t for t, _ in o]) for e, o in zip(test, outs)] if scorer else None
     return tally(golds, [o[0] for o in greedy], outs, scores)
 
@@ -288,19 +362,32 @@ def evaluate(m, tok, test, seed, max_new_tokens, batch_size, n_samples=0, temper
 # the task cut to the context, and the base model
 
 
-def prepare_task(train, test, tok, block_size, n_seed, max_new_tokens=0, dataset=""):
+def prepare_task(train, test, tok, block_size, n_seed, max_new_tokens=0, dataset="", n_shots=0):
     """
     Drop examples longer than the context (saying how many), split off the seed set, and pick
     the generation length (max_new_tokens 0: the longest gold solution and a quarter more).
-    Returns (seed_set, questions, test, max_new_tokens).
+    n_shots: the first n_shots seed examples make a few-shot prompt, which every question
+    must fit beside. Returns (seed_set, questions, test, max_new_tokens).
     """
-    fits = lambda e: len(tok.encode(data.hint_prompt(e.question, e.answer) + data.completion(e.rationale, e.answer))) + 1 <= block_size
-    kept = {}
-    for name, split in (("train", train), ("test", test)):
-        kept[name] = [e for e in split if fits(e)]
-        if len(kept[name]) < len(split):
-            print(f"dropped {len(split) - len(kept[name])} of {len(split)} {name} examples longer than block_size {block_size}")
-    train, test = kept["train"], kept["test"]
+    def fits(e, extra=0):
+        return extra + len(tok.encode(data.hint_prompt(e.question, e.answer) + data.completion(e.rationale, e.answer))) + 1 <= block_size
+
+    extra = 0
+    for shot_pass in (False, True):
+        if shot_pass:
+            if not n_shots:
+                break
+            extra = len(tok.encode(data.few_shot_prefix(train[:n_shots], hint=True)))
+            if 2 * extra > block_size:
+                raise data.InputError(f"the {n_shots}-shot prompt takes {extra} of the {block_size} tokens of context: "
+                                      "pass a smaller --few_shot or a larger --block_size")
+        kept = {}
+        for name, split in (("train", train[n_shots:] if shot_pass else train), ("test", test)):
+            kept[name] = [e for e in split if fits(e, extra)]
+            if len(kept[name]) < len(split):
+                print(f"dropped {len(split) - len(kept[name])} of {len(split)} {name} examples longer than block_size {block_size}"
+                      + (f" beside the {n_shots}-shot prompt" if shot_pass else ""))
+        train, test = (train[:n_shots] + kept["train"] if shot_pass else kept["train"]), kept["test"]
     if n_seed >= len(train):
         raise data.InputError(f"--n_seed {n_seed} leaves no training questions out of {len(train)}")
     if max_new_tokens == 0:
@@ -308,7 +395,7 @@ def prepare_task(train, test, tok, block_size, n_seed, max_new_tokens=0, dataset
         max_new_tokens = min(int(longest * 1.25) + 8, block_size)
     seed_set, questions = train[:n_seed], train[n_seed:]
     print(f"task {dataset}: {len(seed_set)} seed, {len(questions)} train questions, {len(test)} test; "
-          f"generations cut at {max_new_tokens} tokens")
+          f"generations cut at {max_new_tokens} tokens" + (f"; {n_shots}-shot prompt of {extra} tokens" if n_shots else ""))
     return seed_set, questions, test, max_new_tokens
 
 
@@ -322,6 +409,10 @@ def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device,
     if os.path.exists(path):
         print(f"resumed: warm-start model from {path}")
         return model.load_checkpoint(path, device)[0]
+    if is_pretrained(init):  # the pretrained weights are the base; the few-shot prompt replaces the warm start
+        base = model.load_pretrained(init, device, config.block_size)
+        print(f"pretrained {init}: {base.num_params():,} parameters, context {config.block_size}")
+        return base
     if init:
         base, _ = model.load_checkpoint(init, device)
         model.save_checkpoint(path, base)
@@ -334,9 +425,3 @@ def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device,
     print(f"warm start: {base.num_params():,} parameters, {steps} steps, loss {loss:.4f}, {time.time() - t0:.0f}s")
     return base
 
-
-def base_block_size(init, block_size, dataset):
-    """The context of the model a run starts from: --init's, else --block_size, else the task's default."""
-    if init:
-        return model.load_checkpoint(init)[0].config.block_size
-    return block_size or (1024 if dataset == "gsm8k" else 256)

@@ -15,10 +15,11 @@ One small, self-contained transformer for nanostar, and everything the scripts d
 Importing this file does nothing but define things.
 """
 
+import json
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -41,9 +42,14 @@ class GPTConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     qkv_bias: bool = False  # bias on q/k/v projections (Qwen2 has it, Llama does not)
     tie_embeddings: bool = True  # lm_head shares the token embedding matrix
+    head_dim: int = 0  # per-head width; 0 means n_embd // n_head (Qwen3 sets it explicitly)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before rotary (Qwen3)
+    rope_scaling: dict = field(default=None)  # Llama 3.x: {"rope_type": "llama3", "factor", "low_freq_factor", ...}
 
     def __post_init__(self):
-        assert self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head"
+        if self.head_dim == 0:
+            assert self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head"
+            self.head_dim = self.n_embd // self.n_head
         assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
         if self.intermediate_size == 0:
             self.intermediate_size = 32 * math.ceil(8 * self.n_embd / 3 / 32)
@@ -73,6 +79,23 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rope_frequencies(config):
+    """Rotary inverse frequencies (D/2,), with Llama 3's long-context rescaling when the config asks for it."""
+    D = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    rs = config.rope_scaling
+    if not rs:
+        return inv_freq
+    # Llama 3.1: long wavelengths slowed down by `factor`, short ones kept, a smooth blend between
+    factor, lo, hi, old_len = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(medium, blended, scaled)
+
+
 class KVCache:
     """
     Preallocated keys/values for every layer, written by index, never concatenated.
@@ -82,7 +105,7 @@ class KVCache:
     """
 
     def __init__(self, config, batch_size, max_len, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.n_embd // config.n_head)
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
@@ -139,16 +162,22 @@ class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
-        self.head_dim = config.n_embd // config.n_head
+        self.head_dim = config.head_dim
         self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
+        if config.qk_norm:  # Qwen3: one RMSNorm over head_dim, shared by all heads
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         B, T, C = x.size()
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q = q * cos + rotate_half(q) * sin  # cos, sin: (B, 1, T, D)
         k = k * cos + rotate_half(k) * sin
@@ -158,7 +187,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
         else:  # mask: (B, 1, T, S) bool, True = attend
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, H*D)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
 
 
@@ -198,8 +227,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # rotary table for every position the model can see; not saved in checkpoints
-        head_dim = config.n_embd // config.n_head
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        inv_freq = rope_frequencies(config)
         angles = torch.outer(torch.arange(config.block_size).float(), inv_freq)  # (block_size, D/2)
         angles = torch.cat((angles, angles), dim=-1)  # (block_size, D), matching rotate_half
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
@@ -302,6 +330,21 @@ class Samples:
         return out
 
 
+def _stops(stop_token, device):
+    """Stop ids as a tensor (or None) and the id that pads finished rows."""
+    if stop_token is None:
+        return None, 0
+    ids = [stop_token] if isinstance(stop_token, int) else list(stop_token)
+    return torch.tensor(ids, device=device), ids[0]
+
+
+def _limit(logits, vocab_limit):
+    """Logits with the ids at and beyond vocab_limit made impossible."""
+    if vocab_limit is None or vocab_limit >= logits.size(-1):
+        return logits
+    return torch.cat([logits[:, :vocab_limit], torch.full_like(logits[:, vocab_limit:], float("-inf"))], dim=-1)
+
+
 def _left_pad(prompts, pad_id, extra, device):
     """Left-pad a list of token lists into (B, P + extra); returns tokens, valid mask, positions, P."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -335,15 +378,18 @@ def generate(
     generator=None,
     num_samples=1,
     return_logprobs=False,
+    vocab_limit=None,
 ):
     """
     KV-cached batched sampling. prompts: a list of token-id lists of any lengths.
     Each prompt is prefilled once; with num_samples > 1 its cache is then repeated for its
     num_samples rollouts (rows i*num_samples .. i*num_samples + num_samples - 1).
-    A row stops at stop_token; rows that never emit it are cut at max_new_tokens (finished=False).
+    A row stops at stop_token (an id or a list of ids); rows that never emit one are cut at
+    max_new_tokens (finished=False). vocab_limit: never sample ids >= this (an embedding padded
+    beyond its tokenizer, as Qwen2.5's 151,936 rows for 151,665 tokens).
     """
     device = model.lm_head.weight.device
-    pad_id = stop_token if stop_token is not None else 0
+    stops, pad_id = _stops(stop_token, device)
     tokens, valid, pos, P = _left_pad(prompts, pad_id, 0, device)
     _check_length(model, P, max_new_tokens)
     B = len(prompts) * num_samples
@@ -366,6 +412,7 @@ def generate(
     cache.valid[:, P:] = True  # every generated slot is a real token (rows already done are never read back)
     n = 0
     for n in range(max_new_tokens):
+        logits = _limit(logits, vocab_limit)
         tok = sample_next_token(logits, generator, temperature, top_k)
         tok = tok.masked_fill(done, pad_id)
         out[:, n] = tok
@@ -373,8 +420,8 @@ def generate(
         if return_logprobs:
             lp = F.log_softmax(logits.float(), dim=-1).gather(1, tok[:, None]).squeeze(1)
             out_lp[:, n] = lp.masked_fill(done, 0.0)
-        if stop_token is not None:
-            done = done | (tok == stop_token)
+        if stops is not None:
+            done = done | torch.isin(tok, stops)
             if done.all():  # a CPU-GPU sync point, once per token; it lets a batch end early
                 break
         if n == max_new_tokens - 1:
@@ -383,7 +430,7 @@ def generate(
             logits, _ = model(tok[:, None], pos=next_pos, cache=cache)
         logits = logits[:, -1]
         next_pos = next_pos + 1
-    finished = done if stop_token is not None else torch.zeros(B, dtype=torch.bool, device=device)
+    finished = done if stops is not None else torch.zeros(B, dtype=torch.bool, device=device)
     L = n + 1
     all_tokens = torch.cat([tokens[:, :P], out[:, :L]], dim=1)
     prompt_mask = torch.cat([valid[:, :P], torch.zeros(B, L, dtype=torch.bool, device=device)], dim=1)
@@ -395,14 +442,14 @@ def generate(
 
 
 @torch.no_grad()
-def generate_reference(model, prompts, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, generator=None):
+def generate_reference(model, prompts, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, generator=None, vocab_limit=None):
     """
     The plain path: no cache, the whole sequence re-run for every new token (O(T^2) work).
     Same left padding and sampling as `generate`, so with the same seed it must give the same
     tokens; kept as the independent reference for tests and bench.py. Returns generated lists.
     """
     device = model.lm_head.weight.device
-    pad_id = stop_token if stop_token is not None else 0
+    stops, pad_id = _stops(stop_token, device)
     tokens, valid, pos, P = _left_pad(prompts, pad_id, max_new_tokens, device)
     _check_length(model, P, max_new_tokens)
     B, L = tokens.shape
@@ -415,18 +462,18 @@ def generate_reference(model, prompts, max_new_tokens, temperature=1.0, top_k=No
         mask = ((valid[:, None, :T] & causal[:T, :T]) | eye[:T, :T])[:, None]  # (B, 1, T, T)
         with autocast(device):
             logits, _ = model(tokens[:, :T], pos=pos[:, :T], mask=mask)
-        tok = sample_next_token(logits[:, -1], generator, temperature, top_k).masked_fill(done, pad_id)
+        tok = sample_next_token(_limit(logits[:, -1], vocab_limit), generator, temperature, top_k).masked_fill(done, pad_id)
         tokens[:, T] = tok
         valid[:, T] = True
         pos[:, T] = pos[:, T - 1] + 1
         for i in range(B):
             if not done[i]:
                 out[i].append(tok[i].item())
-        if stop_token is not None:
-            done = done | (tok == stop_token)
+        if stops is not None:
+            done = done | torch.isin(tok, stops)
             if done.all():
                 break
-    return [o[:-1] if (stop_token is not None and o and o[-1] == stop_token) else o for o in out]
+    return [o[:-1] if (stops is not None and o and o[-1] in stops.tolist()) else o for o in out]
 
 
 # -----------------------------------------------------------------------------
@@ -600,3 +647,119 @@ def make_generator(seed, device):
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
+
+
+# -----------------------------------------------------------------------------
+# pretrained weights: Hugging Face model directories (config.json + safetensors)
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+
+def read_safetensors(path):
+    """
+    {name: tensor} from one .safetensors file, read by hand: an 8-byte little-endian header
+    length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian
+    data. A truncated or corrupt file is a CheckpointError naming the file.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        n = int.from_bytes(raw, "little")
+        if n <= 0 or 8 + n > size:
+            raise CheckpointError(f"{path}: corrupt safetensors header length {n} in a file of {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+        body = bytearray(f.read())  # writable, so torch.frombuffer shares it without a warning
+    header.pop("__metadata__", None)
+    out = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (start, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for {name}: {info}") from None
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}; supported: {', '.join(SAFETENSORS_DTYPES)}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end > len(body) or end - start != nbytes or start < 0:
+            raise CheckpointError(f"{path}: tensor {name} needs bytes {start}..{end} of {len(body)}: the file is truncated or corrupt")
+        t = torch.frombuffer(body, dtype=dtype, count=math.prod(shape), offset=start) if nbytes else torch.empty(0, dtype=dtype)
+        out[name] = t.view(shape)
+    return out
+
+
+def hf_config(cfg, block_size=0):
+    """A Hugging Face config.json (dict) -> GPTConfig, for the families nanostar's layout covers."""
+    kind = cfg.get("model_type")
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(f"model_type {kind!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
+                              "(Llama 2/3.x, SmolLM2, Qwen2/2.5, Qwen3)")
+    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("mlp_bias"):
+        raise CheckpointError(f"{kind}: only a bias-free SiLU-gated MLP is supported")
+    if cfg.get("use_sliding_window"):
+        raise CheckpointError(f"{kind}: sliding-window attention is not supported")
+    rope = cfg.get("rope_parameters") or {}  # transformers >= 5 writes rope_parameters; older files rope_theta/rope_scaling
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling:
+        rtype = scaling.get("rope_type", scaling.get("type"))
+        if rtype == "default":
+            scaling = None
+        elif rtype != "llama3":
+            raise CheckpointError(f"rope scaling of type {rtype!r} is not supported (only 'llama3')")
+        else:
+            scaling = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+            scaling["rope_type"] = "llama3"
+    n_head = cfg["num_attention_heads"]
+    max_pos = cfg.get("max_position_embeddings", 2048)
+    return GPTConfig(
+        block_size=min(block_size, max_pos) if block_size else max_pos,
+        vocab_size=cfg["vocab_size"], n_layer=cfg["num_hidden_layers"], n_head=n_head,
+        n_kv_head=cfg.get("num_key_value_heads") or n_head, n_embd=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"], rope_theta=float(theta), norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias")),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_head,
+        qk_norm=kind == "qwen3", rope_scaling=scaling,
+    )
+
+
+def load_pretrained(model_dir, device="cpu", block_size=0):
+    """
+    A GPT with the weights of a Hugging Face model directory (config.json and model.safetensors,
+    or shards listed in model.safetensors.index.json). Every tensor in the files must fill a
+    parameter and every parameter must be filled, shapes equal; a tied model may omit
+    lm_head.weight. Weights are kept in fp32 (bf16 autocast does the GPU's work). block_size
+    caps the context (the rotary table and caches), 0 = the model's max_position_embeddings.
+    """
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = hf_config(json.load(f), block_size)
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(model_dir, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    tensors = {}
+    for name in files:
+        tensors.update(read_safetensors(os.path.join(model_dir, name)))
+    model = GPT(config)  # random weights, all replaced below
+    state = {k.removeprefix("model."): v for k, v in tensors.items()}
+    expected = {k: v for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+        if "lm_head.weight" in state and not torch.equal(state.pop("lm_head.weight"), state.get("embed_tokens.weight")):
+            raise CheckpointError(f"{model_dir}: tie_word_embeddings is set but lm_head.weight differs from the embedding")
+    missing, unused = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unused or wrong:
+        raise CheckpointError(f"{model_dir}: weights do not match the {config.n_layer}-layer model: missing {missing}, "
+                              f"unused {unused}, wrong shape {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong]}")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=not config.tie_embeddings)
+    return model.to(device).eval()

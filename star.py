@@ -83,14 +83,17 @@ def get_args(argv=None):
 # sampling, filtering, de-duplication
 
 
-def collect(m, tok, questions, args, it):
+def collect(m, tok, questions, args, it, shots=()):
     """
     One generation round: sample, filter, de-duplicate, rationalize. Returns (kept rows,
     all sample rows for the verifier, stats). A kept row is a training example, never with a hint.
+    shots: the few-shot exemplars put before every prompt (hinted ones for rationalization).
     """
     base_seed = args.seed * 1000 + it * 10
-    gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, top_k=args.top_k)
-    samples = loop.sample(m, tok, [data.prompt(e.question) for e in questions], args.samples, args.temperature,
+    gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, top_k=args.top_k,
+               stop_text=data.EXEMPLAR_SEP if shots else None)
+    prefix, hint_prefix = data.few_shot_prefix(shots), data.few_shot_prefix(shots, hint=True)
+    samples = loop.sample(m, tok, [prefix + data.prompt(e.question) for e in questions], args.samples, args.temperature,
                           seed=base_seed, desc=f"iter {it} generate", **gen)
     kept, every, failed = [], [], []
     n_correct_samples = 0
@@ -109,7 +112,7 @@ def collect(m, tok, questions, args, it):
     n_rationalized = 0
     if failed and not args.no_rationalize:
         fq = [questions[i] for i in failed]
-        hinted = loop.sample(m, tok, [data.hint_prompt(e.question, e.answer) for e in fq], 1, args.temperature,
+        hinted = loop.sample(m, tok, [hint_prefix + data.hint_prompt(e.question, e.answer) for e in fq], 1, args.temperature,
                              seed=base_seed + 1, desc=f"iter {it} rationalize", **gen)
         for qi, e, outs in zip(failed, fq, hinted):
             text, fin = outs[0]
@@ -160,7 +163,7 @@ def train_verifier(base_state, config, tok, pairs, args):
     """DPO from the warm-start weights; the frozen warm-start model is the reference."""
     enc = [(data.encode_example(tok, q, g), data.encode_example(tok, q, b)) for q, g, b in pairs]
     verifier, loss = loop.dpo_train(base_state, config, enc, args.verifier_steps, args.lr / 3, args.beta, args.batch_size,
-                                    args.seed + 7, args.device, compile=args.compile, desc="verifier DPO")
+                                    args.seed + 7, args.device, compile=args.compile, desc="verifier DPO", grad_accum=args.grad_accum)
     ref = GPT(config).to(args.device)
     ref.load_state_dict(base_state)
     return verifier, ref, loss
@@ -173,12 +176,17 @@ def train_verifier(base_state, config, tok, pairs, args):
 def main(args):
     args.device = loop.setup_device(args.device, args.threads)
     path = loop.open_run(args.out_dir, vars(args), args.resume, "STaR")
-    tok = Tokenizer()
-    block_size = loop.base_block_size(args.init, args.block_size, args.dataset)
+    init = loop.resolve_init(args.init, args.dataset)
+    tok = loop.tokenizer_for(init)
+    block_size = loop.base_block_size(init, args.block_size, args.dataset)
+    # a pretrained model is prompted with worked examples (STaR's few-shot prompt); a model
+    # trained here from scratch is fine-tuned on them instead (the warm start)
+    n_shots = min(args.n_seed, (4 if loop.is_pretrained(init) else 0) if args.few_shot < 0 else args.few_shot)
     seed_set, questions, test, args.max_new_tokens = loop.prepare_task(
-        *loop.task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset)
+        *loop.task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset, n_shots)
+    shots = seed_set[:n_shots]
     evaluate = lambda m, scorer=None: loop.evaluate(m, tok, test, args.seed, args.max_new_tokens, args.gen_batch,
-                                                    args.eval_samples, args.eval_temperature, scorer)
+                                                    args.eval_samples, args.eval_temperature, scorer, data.few_shot_prefix(shots))
 
     # --- 0. warm start (the base model every iteration fine-tunes from)
     metrics = loop.read_rows(path("metrics.jsonl")) if os.path.exists(path("metrics.jsonl")) else []
@@ -186,7 +194,7 @@ def main(args):
     config = model.GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
                              n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
     base = loop.warm_start(path("base.pt"), tok, seed_set, config, args.warm_steps, args.lr, args.batch_size, args.seed,
-                           args.device, args.init, args.compile, args.answer_only)
+                           args.device, init, args.compile, args.answer_only)
     config, base_state = base.config, {k: v.clone() for k, v in base.state_dict().items()}
     if not metrics:
         metrics.append({"iter": 0, **evaluate(base), "time": time.time() - t0})
@@ -195,6 +203,7 @@ def main(args):
 
     # --- 1-4. iterate
     current = model.load_checkpoint(path("model.pt"), args.device)[0] if len(metrics) > 1 else base
+    seed_pairs = [] if shots else data.seed_pairs(tok, seed_set, args.answer_only)  # the seeds: in the prompt or in the data
     best, stale = -1.0, 0  # best test accuracy so far, iterations since it last improved
     for r in metrics:
         best, stale = (r["acc"], 0) if r["acc"] > best else (best, stale + 1)
@@ -212,7 +221,7 @@ def main(args):
             kept, stats = loop.read_rows(kept_path), loop.read_rows(path(f"iter{it}_stats.jsonl"))[0]
             print(f"resumed: iteration {it}'s {len(kept)} kept rationales from {kept_path}")
         else:
-            kept, every, stats = collect(current, tok, questions, args, it)
+            kept, every, stats = collect(current, tok, questions, args, it, shots)
             if args.verifier:
                 loop.write_rows(path(f"iter{it}_samples.jsonl"), every)
             loop.write_rows(path(f"iter{it}_stats.jsonl"), [stats])
@@ -221,11 +230,11 @@ def main(args):
             print(f"iteration {it} kept no rationales (no sample reached a right answer): stopping")
             break
         steps = int(round(args.steps * args.step_growth ** (it - 1)))
-        pairs = data.seed_pairs(tok, seed_set, args.answer_only) + [data.encode_example(tok, r["question"], r["completion"]) for r in kept]
+        pairs = seed_pairs + [data.encode_example(tok, r["question"], r["completion"]) for r in kept]
         current, loss = loop.fine_tune(base_state, config, pairs, steps, args.lr, args.batch_size, args.seed + it, args.device,
-                                       args.compile, f"iter {it} fine-tune")
+                                       args.compile, f"iter {it} fine-tune", args.grad_accum)
         res = evaluate(current)
-        model.save_checkpoint(path("model.pt"), current, iter=it)
+        model.save_checkpoint(path("model.pt"), current, iter=it, tokenizer_dir=init if loop.is_pretrained(init) else None)
         row = {"iter": it, **res, **stats, "steps": steps, "loss": loss, "time": time.time() - t0}
         metrics.append(row)
         loop.write_rows(path("metrics.jsonl"), metrics)

@@ -36,7 +36,6 @@ import time
 import data
 import loop
 import model
-from data import Tokenizer
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -147,8 +146,9 @@ def make_pairs(samples, q_rows, variant, seed):
 def main(args):
     args.device = loop.setup_device(args.device, args.threads)
     path = loop.open_run(args.out_dir, vars(args), args.resume, "per-step DPO")
-    tok = Tokenizer()
-    block_size = loop.base_block_size(args.init, args.block_size, args.dataset)
+    init = loop.resolve_init(args.init, args.dataset)
+    tok = loop.tokenizer_for(init)
+    block_size = loop.base_block_size(init, args.block_size, args.dataset)
     seed_set, questions, test, args.max_new_tokens = loop.prepare_task(
         *loop.task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset)
     questions = questions[: args.n_questions]
@@ -158,7 +158,7 @@ def main(args):
     config = model.GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
                              n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
     base = loop.warm_start(path("base.pt"), tok, seed_set, config, args.warm_steps, args.lr, args.batch_size, args.seed,
-                           args.device, args.init, args.compile)
+                           args.device, init, args.compile)
     config, base_state = base.config, {k: v.clone() for k, v in base.state_dict().items()}
 
     # --- 2. N solutions per question, graded
@@ -219,13 +219,13 @@ def main(args):
     if args.variant == "rft":
         enc = data.seed_pairs(tok, seed_set) + [data.encode_example(tok, r["question"], r["completion"]) for r in train_rows]
         m, loss = loop.fine_tune(base_state, config, enc, args.train_steps, args.lr, args.batch_size, args.seed + 2, args.device,
-                                 args.compile, "RFT")
+                                 args.compile, "RFT", args.grad_accum)
         n_train = len(train_rows)
     else:
         enc = [(data.encode_example(tok, p["question"], p["chosen"]),
                 data.encode_example(tok, p["question"], p["rejected"], complete=p["rejected_complete"])) for p in pairs]
         m, loss = loop.dpo_train(base_state, config, enc, args.train_steps, args.dpo_lr, args.beta, args.batch_size, args.seed + 2,
-                                 args.device, args.sft_weight, args.compile, desc=f"{args.variant} DPO")
+                                 args.device, args.sft_weight, args.compile, f"{args.variant} DPO", args.grad_accum)
         n_train = len(pairs)
     model.save_checkpoint(path("model.pt"), m)
     base_acc, acc = accuracy(base), accuracy(m)

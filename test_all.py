@@ -3,6 +3,7 @@ nanostar's tests: CPU only, tiny configs, no network, no ../shared (the one test
 skips when it is absent). Run: python -m pytest test_all.py
 """
 
+import inspect
 import json
 import math
 import os
@@ -354,8 +355,8 @@ TINY_STAR = ["--n_train", "120", "--n_test", "20", "--max_digits", "2", "--n_see
 
 
 def question_and_hint(prompt_text):
-    """Undo data.prompt / data.hint_prompt: (question, hint or None)."""
-    head = prompt_text[len("Q: ") : -len("\nA:\n")]
+    """Undo data.prompt / data.hint_prompt (after any few-shot exemplars): (question, hint or None)."""
+    head = prompt_text.split(data.EXEMPLAR_SEP)[-1][len("Q: ") : -len("\nA:\n")]
     question, _, hint = head.partition("\nHint: the answer is ")
     return question, hint or None
 
@@ -364,7 +365,7 @@ def fake_sampler(answer_for):
     """A stand-in for loop.sample: answer_for(question, hint, j) -> (text, finished) for sample j."""
     calls = []
 
-    def fake(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc=""):
+    def fake(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc="", stop_text=None):
         qh = [question_and_hint(p) for p in prompts]
         calls.append({"questions": [q for q, _ in qh], "hints": [h for _, h in qh], "k": k})
         return [[answer_for(q, h, j) for j in range(k)] for q, h in qh]
@@ -435,8 +436,8 @@ def lucky(real_sample):
     """
     import zlib
 
-    def fake(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc=""):
-        outs = real_sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k, share_prefix, desc)
+    def fake(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc="", stop_text=None):
+        outs = real_sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k, share_prefix, desc, stop_text)
         res = []
         for p, o in zip(prompts, outs):
             q = question_and_hint(p)[0]
@@ -451,9 +452,10 @@ def test_each_iteration_fine_tunes_from_the_base_weights(monkeypatch, tmp_path):
     seen = []
     real = loop.fine_tune
 
-    def spy(base_state, config, pairs, steps, *rest):
-        seen.append((rest[-1], {k: v.clone() for k, v in base_state.items()}))
-        return real(base_state, config, pairs, steps, *rest)
+    def spy(*a, **kw):
+        bound = inspect.signature(real).bind(*a, **kw).arguments
+        seen.append((bound["desc"], {k: v.clone() for k, v in bound["base_state"].items()}))
+        return real(*a, **kw)
 
     monkeypatch.setattr(loop, "fine_tune", spy)
     monkeypatch.setattr(loop, "sample", lucky(loop.sample))
@@ -479,10 +481,10 @@ def test_resume_after_a_crash_gives_the_same_kept_set(monkeypatch, tmp_path):
     crashed = tmp_path / "crashed"
     real = star.collect
 
-    def crash_on_iter2(m, tok, questions, a, it):
+    def crash_on_iter2(m, tok, questions, a, it, shots=()):
         if it == 2:
             raise KeyboardInterrupt("simulated crash while sampling iteration 2")
-        return real(m, tok, questions, a, it)
+        return real(m, tok, questions, a, it, shots)
 
     monkeypatch.setattr(star, "collect", crash_on_iter2)
     with pytest.raises(KeyboardInterrupt):
@@ -597,7 +599,8 @@ def test_bad_input_ends_a_script_with_one_line_and_status_1_and_no_traceback(tmp
     with open(d / "test.jsonl", "wb") as f:
         f.write(b'{"question": "x", "answer": "#### 1"}\n\xff\xfe\n')
     for script in ("star.py", "stepdpo.py", "quietstar.py"):
-        r = subprocess.run([sys.executable, script, "--dataset", "gsm8k", "--data_dir", str(d), "--out_dir", str(tmp_path / script)],
+        r = subprocess.run([sys.executable, script, "--dataset", "gsm8k", "--data_dir", str(d), "--init", "scratch",
+                            "--out_dir", str(tmp_path / script)],
                            capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=120)
         assert r.returncode == 1, (script, r.stderr)
         assert r.stderr.strip().splitlines() == [f"error: {d / 'test.jsonl'}:2: not valid UTF-8 (byte 1 of the line)"], script
@@ -922,3 +925,199 @@ def test_computed_mask_marks_digits_after_equals():
     text = "12+34=46\nx=1,200.5 and 7"
     mask = quietstar.computed_mask(text)
     assert "".join(c for c, m in zip(text, mask) if m) == "4612005"
+
+
+# -----------------------------------------------------------------------------
+# pretrained checkpoints: Hugging Face directories and tokenizers (transformers and tokenizers
+# are test-only dependencies, listed in requirements.txt so that CI runs these tests)
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+HF_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                                                   "rope_theta": 500.0}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24}),  # head_dim != hidden_size / heads
+}
+
+
+def hf_model_dir(tmp_path, family, vocab_size=300, shard=False, seed=0, max_pos=128):
+    """A tiny random transformers model of `family`, weights made large enough to matter, saved with save_pretrained."""
+    cfg_name, cls_name, extra = HF_FAMILIES[family]
+    cfg = getattr(transformers, cfg_name)(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
+                                          pad_token_id=0, eos_token_id=1, **extra)
+    torch.manual_seed(seed)
+    hf = getattr(transformers, cls_name)(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.15)
+    d = tmp_path / f"hf_{family}"
+    hf.save_pretrained(d, max_shard_size="30KB" if shard else "5GB")
+    return hf, str(d)
+
+
+@pytest.mark.parametrize("family", list(HF_FAMILIES))
+def test_pretrained_weights_give_transformers_logits_at_every_position_and_its_greedy_continuations(tmp_path, family):
+    hf, d = hf_model_dir(tmp_path, family, shard=family == "qwen3")
+    if family == "qwen3":
+        assert os.path.exists(os.path.join(d, "model.safetensors.index.json"))
+    ours = model.load_pretrained(d)
+    assert ours.config.qk_norm == (family == "qwen3") and ours.config.qkv_bias == (family == "qwen2")
+    x = torch.randint(2, 300, (2, 60))  # 60 positions: past llama3's original 16, where its rescaling acts
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], hf(x).logits, atol=2e-4, rtol=2e-4)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15]]
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[:, P:].tolist()
+    got = model.generate(ours, prompts, 12, temperature=0.0).completions()
+    assert got == want
+    assert len({tuple(g) for g in got}) > 1
+
+
+def test_bad_pretrained_directories_give_clear_errors(tmp_path):
+    _, d = hf_model_dir(tmp_path, "qwen2")
+    path = os.path.join(d, "model.safetensors")
+    blob = open(path, "rb").read()
+    open(path, "wb").write(blob[: len(blob) - 100])
+    with pytest.raises(model.CheckpointError, match="truncated or corrupt"):
+        model.load_pretrained(d)
+    open(path, "wb").write(b"\x05\x00")
+    with pytest.raises(model.CheckpointError, match="truncated safetensors"):
+        model.load_pretrained(d)
+    _, d = hf_model_dir(tmp_path, "llama")
+    tensors = model.read_safetensors(os.path.join(d, "model.safetensors"))
+    import safetensors.torch  # comes with transformers; used here only to write a broken file
+
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.extra.weight"] = torch.zeros(2)
+    safetensors.torch.save_file({k: v.clone() for k, v in tensors.items()}, os.path.join(d, "model.safetensors"))
+    with pytest.raises(model.CheckpointError, match=r"missing \['layers.1.mlp.up_proj.weight'\], unused \['extra.weight'\]"):
+        model.load_pretrained(d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["model_type"] = "gpt_neox"
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(model.CheckpointError, match="'gpt_neox' is not supported; supported: llama, qwen2, qwen3"):
+        model.load_pretrained(d)
+
+
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+TOKENIZER_CORPUS = ["Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72",
+                    "The temperature   fell from 5 to -3.   It's café naïve — 1,200,000 dollars!\n\n",
+                    "Q: 4821+9375\nA:\n482+937 c0 6\n48+93 c0 96\n#### 14196"] * 30
+
+
+def hf_tokenizer_dir(d, style):
+    """A byte-level BPE trained here with `tokenizers`, in Qwen2's or SmolLM2's pre-tokenizer style, saved as tokenizer.json."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+
+    t = tokenizers.Tokenizer(models.BPE())
+    if style == "qwen2":
+        t.normalizer = normalizers.NFC()
+        t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:  # SmolLM2: every digit its own piece, then the GPT-2 regex
+        t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<|endoftext|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    t.train_from_iterator(TOKENIZER_CORPUS, trainer)
+    os.makedirs(d, exist_ok=True)
+    t.save(os.path.join(d, "tokenizer.json"))
+    return t
+
+
+TOKENIZER_TEXTS = ["Q: Natalia sold 48/2 = <<48/2=24>>24 clips.\nA:\n#### 72", "  123   4567 89\n\n\n  x  \n", "a  1 b\t\t2\r\n3 ",
+                   "café cafe\u0301 naïve — ünïcödé 日本語 😀", "it's I'LL we've   \n", "$1,234.50 -3 −5 ½ ٣", "x" * 50 + " " * 7 + "9" * 9]
+
+
+@pytest.mark.parametrize("style", ["qwen2", "smollm2"])
+def test_a_tokenizer_json_encodes_and_decodes_exactly_as_tokenizers_does(tmp_path, style):
+    ref = hf_tokenizer_dir(str(tmp_path / style), style)
+    tok = data.HFTokenizer(str(tmp_path / style))
+    for text in TOKENIZER_TEXTS:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text).ids, text
+        assert tok.decode(ids) == ref.decode(ids)
+    assert tok.vocab_size == ref.get_vocab_size() and tok.eot == ref.token_to_id("<|endoftext|>") == tok.stop_tokens[0]
+    assert tok.encode("<|endoftext|>") != [tok.eot]  # untrusted text never becomes a special token
+    assert tok.encode_with_specials("<|endoftext|>") == [tok.eot]
+    if style == "smollm2":
+        assert len(tok.encode(" 2024")) == 5  # the space, then one token per digit
+
+
+def test_tokenizer_json_that_tiktoken_cannot_reproduce_is_refused(tmp_path):
+    hf_tokenizer_dir(str(tmp_path / "t"), "qwen2")
+    path = tmp_path / "t" / "tokenizer.json"
+    spec = json.load(open(path))
+    merges = spec["model"]["merges"]
+    merges[3], merges[4] = merges[4], merges[3]  # ids no longer rise in merge order
+    json.dump(spec, open(path, "w"))
+    with pytest.raises(data.InputError, match="do not rise in merge order"):
+        data.HFTokenizer(str(tmp_path / "t"))
+    merges[3], merges[4] = merges[4], merges[3]
+    spec["pre_tokenizer"] = {"type": "Whitespace"}
+    json.dump(spec, open(path, "w"))
+    with pytest.raises(data.InputError, match="pre-tokenizer"):
+        data.HFTokenizer(str(tmp_path / "t"))
+
+
+def test_stop_tokens_come_from_generation_config_and_padded_vocab_rows_are_never_sampled(tmp_path):
+    d = str(tmp_path / "t")
+    hf_tokenizer_dir(d, "qwen2")
+    json.dump({"eos_token_id": [421, 420]}, open(os.path.join(d, "generation_config.json"), "w"))
+    assert data.HFTokenizer(d).stop_tokens == [421, 420]
+    m = tiny_model()
+    with torch.no_grad():
+        m.lm_head.weight[30:] *= 0
+        m.lm_head.weight[30:, 0] = 50.0  # rows 30..39 (a padded embedding) would win every draw
+    free = model.generate(m, RAGGED, 8, temperature=1.0, generator=torch.Generator().manual_seed(0)).completions()
+    assert any(t >= 30 for c in free for t in c)
+    limited = model.generate(m, RAGGED, 8, temperature=1.0, generator=torch.Generator().manual_seed(0), vocab_limit=30).completions()
+    assert all(t < 30 for c in limited for t in c)
+    greedy = model.generate(m, RAGGED, 8, temperature=0.0).completions()
+    s = model.generate(m, RAGGED, 8, temperature=0.0, stop_token=[greedy[0][0], greedy[1][0]])  # several stop ids
+    assert s.finished[0] and s.finished[1] and s.completions()[0] == [] == s.completions()[1]
+
+
+def test_star_on_gsm8k_from_a_pretrained_directory_end_to_end(monkeypatch, tmp_path):
+    import zlib
+
+    _, d = hf_model_dir(tmp_path, "qwen2", vocab_size=440, max_pos=1024)
+    hf_tokenizer_dir(d, "qwen2")
+    json.dump({"eos_token_id": 420}, open(os.path.join(d, "generation_config.json"), "w"))
+    gsm = tmp_path / "gsm"
+    gsm.mkdir()
+    write_jsonl(gsm / "train.jsonl", GSM8K_RECORDS * 3)
+    write_jsonl(gsm / "test.jsonl", GSM8K_RECORDS)
+    # a random model never answers right: grade by a hash of the text so some samples are kept
+    monkeypatch.setattr(data, "sample_correct", lambda text, finished, answer: zlib.crc32(text.encode()) % 2 == 0)
+    out = tmp_path / "run"
+    argv = ["--dataset", "gsm8k", "--data_dir", str(gsm), "--init", d, "--n_seed", "2", "--iters", "1", "--steps", "3",
+            "--batch_size", "4", "--max_new_tokens", "12", "--block_size", "1024", "--threads", "2", "--out_dir", str(out)]
+    metrics = star.main(star.get_args(argv))
+    assert [r["iter"] for r in metrics] == [0, 1] and metrics[1]["kept"] > 0
+    assert not (out / "base.pt").exists()  # the pretrained weights are the base, read from --init
+    tuned, extra = model.load_checkpoint(str(out / "model.pt"))
+    assert extra["tokenizer_dir"] == d and tuned.config.vocab_size == 440 and tuned.config.block_size == 1024
+    assert isinstance(loop.tokenizer_for(str(out / "model.pt")), data.HFTokenizer)
+
+
+def test_the_default_pretrained_init_without_the_hub_fails_fast_naming_a_local_directory(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(data, "HUB_HOST", "unreachable.invalid")
+    t0 = time.time()
+    with pytest.raises(data.InputError, match="download Qwen/Qwen2.5-0.5B; pass --init DIR"):
+        loop.resolve_init("auto", "gsm8k")
+    assert time.time() - t0 < 10
+    assert loop.resolve_init("auto", "arithmetic") is None
+    with pytest.raises(data.InputError, match="not a nanostar checkpoint"):
+        loop.resolve_init("./no/such/dir", "gsm8k")
