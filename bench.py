@@ -6,6 +6,7 @@ this file shows ratios.
     python bench.py --sections sampler --full   # also the no-cache path at the larger shape
     python bench.py --sections rollouts         # stepdpo.py's shared-prefix rollouts vs recomputed prefixes
     python bench.py --sections thoughts         # quietstar.py's parallel thoughts vs a per-position loop; memory
+    python bench.py --sections pretrained       # Qwen2.5-0.5B's shape: sampler vs generate(), training step (GPU: MFU)
 
 Sections:
 - sampler: tokens/s of nanostar's KV-cached batched sampler against its own no-cache path,
@@ -16,6 +17,10 @@ Sections:
   its K rollouts against the prefix recomputed for each.
 - thoughts: Quiet-STaR's parallel thought generation against the per-position loop, and
   the activation memory of a training step as T and the thought length grow.
+- pretrained: a model of Qwen2.5-0.5B's shape (random weights, 494M parameters, vocab
+  151,936) loaded from a saved Hugging Face directory through model.load_pretrained: the
+  sampler at batch 1 and 16 against Qwen2ForCausalLM.generate(), and one full fine-tuning
+  step (tokens/s, peak memory; on a GPU the model FLOP utilization, 6 x params x tokens).
 """
 
 import argparse
@@ -171,11 +176,74 @@ def bench_thoughts(args):
         print(f"  {t:5d} " + " ".join(f"{b / 2**20:7.1f}MB" for b in row) + f" {plain / 2**20:10.1f}MB")
 
 
+def bench_pretrained(args):
+    import os
+    import tempfile
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    hf_cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = Qwen2ForCausalLM(hf_cfg).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        t0 = time.perf_counter()
+        m = model.load_pretrained(d, dev, block_size=1024)
+        print(f"pretrained: Qwen2.5-0.5B shape, {m.num_params():,} parameters, loaded in {time.perf_counter() - t0:.1f}s on {dev}"
+              + (f" ({torch.cuda.get_device_name()})" if dev == "cuda" else ""))
+    P, N = args.prompt_len, args.new_tokens if dev == "cuda" else min(args.new_tokens, 16)
+    wdtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    hf = hf.to(dev, wdtype)
+    fast = m if dev == "cpu" else model.GPT(m.config).to(dev, torch.bfloat16).eval()
+    if dev == "cuda":
+        fast.load_state_dict(m.state_dict())
+    bytes_per_token = sum(p.numel() * p.element_size() for p in fast.parameters())
+    print(f"  sampler: {P} prompt + {N} new tokens, greedy, weights {str(wdtype).split('.')[-1]}; best of {args.repeat}")
+    for B in (1, 16):
+        prompts = torch.randint(0, 151000, (B, P)).tolist()
+        timed = lambda fn: (sync(), timeit(lambda: (fn(), sync()), args.repeat))[1]
+        ours = timed(lambda: model.generate(fast, prompts, N, temperature=0.0))
+        ids = torch.tensor(prompts, device=dev)
+        with torch.no_grad():
+            theirs = timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
+                                               do_sample=False, pad_token_id=0))
+        line = f"  batch {B:3d}: nanostar {B * N / ours:8.0f} tok/s | HF generate() {B * N / theirs:8.0f} tok/s | {theirs / ours:.2f}x"
+        if dev == "cuda" and B == 1:
+            bw = 3.35e12 if "H100" in torch.cuda.get_device_name() else 4.8e12  # HBM3 / HBM3e peak, bytes/s
+            line += f" | weights read {bytes_per_token / 1e9:.2f} GB/token: {bytes_per_token * N / ours / 1e9:.0f} GB/s, {bytes_per_token * N / ours / bw:.0%} of HBM peak"
+        print(line)
+    del hf, fast
+    # one full fine-tuning step: fp32 weights and AdamW state, bf16 autocast on the GPU
+    B, T = (8, 512) if dev == "cuda" else (1, 64)
+    x = torch.randint(0, 151000, (B, T), device=dev)
+    batch = (x, x.roll(-1, 1))
+    cfg = model.TrainConfig(steps=args.train_steps, lr=1e-5, warmup=1)
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.train(m, lambda s, mi: batch, cfg)  # warm-up (allocator, kernels)
+    sync()
+    t0 = time.perf_counter()
+    model.train(m, lambda s, mi: batch, cfg)
+    sync()
+    dt = (time.perf_counter() - t0) / args.train_steps
+    n = m.num_params()
+    line = f"  train step: batch {B} x {T} tokens, {B * T / dt:,.0f} tok/s ({dt * 1e3:.0f} ms/step)"
+    if dev == "cuda":
+        peak = 989e12 if "H100" in torch.cuda.get_device_name() else 989e12  # H100/H200 SXM dense bf16
+        line += f", MFU {6 * n * B * T / dt / peak:.1%} (6 x params x tokens, attention not counted), " \
+                f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    print(line)
+
+
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["sampler"], choices=["sampler", "rollouts", "thoughts"], help="what to time")
+    parser.add_argument("--sections", nargs="+", default=["sampler"], choices=["sampler", "rollouts", "thoughts", "pretrained"], help="what to time")
+    parser.add_argument("--train_steps", type=int, default=3, help="pretrained: timed training steps")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="sampler batch sizes")
     parser.add_argument("--prompt_len", type=int, default=32, help="sampler prompt length")
     parser.add_argument("--new_tokens", type=int, default=128, help="sampler tokens generated per row")
@@ -191,10 +259,12 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if "sampler" in args.sections:
         bench_sampler(args)
     if "rollouts" in args.sections:
         bench_rollouts(args)
     if "thoughts" in args.sections:
         bench_thoughts(args)
+    if "pretrained" in args.sections:
+        bench_pretrained(args)

@@ -395,9 +395,8 @@ def generate(
     B = len(prompts) * num_samples
     cache = model.new_cache(len(prompts), P + max_new_tokens)
     cache.valid[:, :P] = valid
-    with autocast(device):
-        logits, _ = model(tokens, pos=pos, cache=cache)  # prefill: (b, P, V)
-    logits = logits[:, -1]
+    with autocast(device):  # prefill; only the last position's logits are needed (the vocab can be 150k wide)
+        logits = model.lm_head(model.hidden(tokens, pos=pos, cache=cache)[:, -1])  # (b, V)
     next_pos = pos[:, -1:] + 1  # (b, 1)
     if num_samples > 1:
         cache.expand(num_samples)
