@@ -51,7 +51,6 @@ import torch.nn.functional as F
 import data
 import loop
 import model
-from data import Tokenizer
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -105,12 +104,13 @@ def computed_mask(text):
 
 
 def encode_corpus(tok, text):
-    """Token ids and the 'computed' mask, one entry per token (byte-level: one per byte)."""
-    ids = tok.encode(text)
-    mask = []
-    for ch, m in zip(text, computed_mask(text)):
-        mask += [m] * len(ch.encode("utf-8"))
-    assert len(mask) == len(ids)
+    """Token ids and the 'computed' mask, one entry per token: a token is computed if its first byte is."""
+    byte_mask = [m for ch, m in zip(text, computed_mask(text)) for _ in ch.encode("utf-8")]
+    ids, mask, at = tok.encode(text), [], 0
+    for t in ids:
+        mask.append(byte_mask[at])
+        at += len(tok.enc.decode_single_token_bytes(t))
+    assert at == len(byte_mask)
     return torch.tensor(ids), torch.tensor(mask)
 
 
@@ -138,10 +138,36 @@ class MixingHead(nn.Module):
         return torch.tanh(z)  # (..., 1)
 
 
+def add_thought_tokens(gpt, tok):
+    """
+    A pretrained tokenizer has no thought tokens: give <|startthought|> and <|endthought|> the
+    next two ids, and the model embedding (and output) rows for them when its embedding is not
+    already padded past the tokenizer. The byte-level tokenizer has them built in.
+    """
+    if tok.start_thought is not None:
+        return
+    tok.start_thought, tok.end_thought = tok.vocab_size, tok.vocab_size + 1
+    rows = tok.vocab_size + 2
+    if rows > gpt.config.vocab_size:
+        old_emb, old_head = gpt.embed_tokens.weight.data, gpt.lm_head.weight.data
+        gpt.embed_tokens = nn.Embedding(rows, gpt.config.n_embd).to(old_emb.device)
+        gpt.embed_tokens.weight.data[: old_emb.size(0)] = old_emb
+        gpt.lm_head = nn.Linear(gpt.config.n_embd, rows, bias=False).to(old_emb.device)
+        if gpt.config.tie_embeddings:
+            gpt.lm_head.weight = gpt.embed_tokens.weight
+        else:
+            gpt.lm_head.weight.data[: old_head.size(0)] = old_head
+        gpt.config.vocab_size = rows
+
+
 def init_thought_embeddings(gpt, tok, scale):
-    """Start/end thought embeddings start as the embedding of '-'; their gradient is scaled."""
+    """
+    Start/end thought embeddings start as the embedding of a pause: the em dash for a
+    pretrained tokenizer (as the paper does), '-' for the byte-level one (the em dash is three
+    bytes there). Their gradient is multiplied by `scale`.
+    """
     with torch.no_grad():
-        dash = tok.encode("-")[0]
+        dash = tok.encode("-" if isinstance(tok, data.Tokenizer) else "\u2014")[0]
         for t in (tok.start_thought, tok.end_thought):
             gpt.embed_tokens.weight[t] = gpt.embed_tokens.weight[dash]
     rows = torch.ones(gpt.config.vocab_size, 1)
@@ -313,6 +339,7 @@ def generate_thinking(gpt, head, tok, text, n_new, args, generator, show_thought
     dev = gpt.lm_head.weight.device
     ids = tok.encode(text)
     L = args.thought_len
+    specials = {tok.eot, tok.pad, tok.start_thought, tok.end_thought, *tok.stop_tokens}
     if len(ids) + n_new + L + 2 > gpt.config.block_size:
         raise ValueError(f"text of {len(ids)} tokens + {n_new} new + a thought of {L + 2} exceeds block_size {gpt.config.block_size}")
     cache = gpt.new_cache(1, len(ids) + n_new + L + 2)
@@ -336,10 +363,10 @@ def generate_thinking(gpt, head, tok, text, n_new, args, generator, show_thought
         cache.length = n_text  # drop the thought: the next text token overwrites its slots
         h = gpt.hidden(torch.tensor([[nxt]], device=dev), pos=torch.tensor([[n_text]], device=dev), cache=cache)[:, -1]
         if show_thoughts:
-            out.append("[" + tok.decode([t for t in thought if t < 256]) + "]")
+            out.append("[" + tok.decode([t for t in thought if t not in specials]) + "]")
         if nxt == tok.eot:
             break
-        out.append(tok.decode([nxt]) if nxt < 256 else "")
+        out.append(tok.decode([nxt]) if nxt not in specials else "")
     return text + "".join(out)
 
 
@@ -401,7 +428,8 @@ def evaluate(gpt, head, chunks, hard, args, tok, thoughts, seed):
 def main(args):
     args.device = loop.setup_device(args.device, args.threads)
     path = loop.open_run(args.out_dir, vars(args), args.resume, "Quiet-STaR")
-    tok = Tokenizer()
+    init = loop.resolve_init(args.init, "arithmetic")  # auto: pretrain here, on either dataset
+    tok = loop.tokenizer_for(init)
     train_set, test = loop.task_from_args(args)
     ids, mask = encode_corpus(tok, corpus_text(train_set, args.dataset))
     tids, tmask = encode_corpus(tok, corpus_text(test, args.dataset))
@@ -416,8 +444,10 @@ def main(args):
     if os.path.exists(path("pretrained.pt")):
         base, _ = model.load_checkpoint(path("pretrained.pt"), args.device)
         print("resumed: pretrained model from pretrained.pt")
-    elif args.init:
-        base, _ = model.load_checkpoint(args.init, args.device)
+    elif loop.is_pretrained(init):
+        base = model.load_pretrained(init, args.device, block)
+    elif init:
+        base, _ = model.load_checkpoint(init, args.device)
         model.save_checkpoint(path("pretrained.pt"), base)
     else:
         torch.manual_seed(args.seed)
@@ -426,6 +456,7 @@ def main(args):
         train_arm(base, None, ids, mask, args.pretrain_steps, args, tok, False, args.seed, "pretrain")
         model.save_checkpoint(path("pretrained.pt"), base)
         print(f"pretrained {base.num_params():,} parameters for {args.pretrain_steps} steps in {time.time() - t0:.0f}s")
+    add_thought_tokens(base, tok)  # a pretrained tokenizer has none: two new rows
     cfg = base.config
     check_context(base, args.seq_len, args)
     state = {k: v.clone() for k, v in base.state_dict().items()}
@@ -452,7 +483,7 @@ def main(args):
             k = max(1, len(log) // 5)
             res["trajectory"] = [{key: float(sum(r[key] for r in log[i : i + k]) / len(log[i : i + k])) for key in log[0]} | {"step": i}
                                  for i in range(0, len(log), k)]
-            model.save_checkpoint(path("thoughts.pt"), gpt, head=head.state_dict())
+            model.save_checkpoint(path("thoughts.pt"), gpt, head=head.state_dict(), thought_tokens=[tok.start_thought, tok.end_thought])
             g = torch.Generator().manual_seed(args.seed)
             prompt_text = args.generate or corpus_text(test[:1], args.dataset).split("=")[0] + "="
             res["sample"] = generate_thinking(gpt, head, tok, prompt_text, 12, args, g)
@@ -463,6 +494,7 @@ def main(args):
     loop.write_atomic(path("results.json"), json.dumps(results, indent=1))
     if args.generate:  # think while writing, with the trained thought model
         gpt, extra = model.load_checkpoint(path("thoughts.pt"), args.device)
+        tok.start_thought, tok.end_thought = extra["thought_tokens"]
         head = MixingHead(gpt.config.n_embd).to(args.device)
         head.load_state_dict(extra["head"])
         text = generate_thinking(gpt, head, tok, args.generate, args.n_generate, args,

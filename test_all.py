@@ -1121,3 +1121,25 @@ def test_the_default_pretrained_init_without_the_hub_fails_fast_naming_a_local_d
     assert loop.resolve_init("auto", "arithmetic") is None
     with pytest.raises(data.InputError, match="not a nanostar checkpoint"):
         loop.resolve_init("./no/such/dir", "gsm8k")
+
+
+def test_quietstar_from_a_pretrained_directory_adds_thought_tokens_and_thinks(tmp_path):
+    n = hf_tokenizer_dir(str(tmp_path / "tok"), "smollm2").get_vocab_size()
+    _, d = hf_model_dir(tmp_path, "llama", vocab_size=n)  # exactly the tokenizer's ids: no padded rows, so two are added
+    hf_tokenizer_dir(d, "smollm2")
+    argv = ["--init", d, "--n_train", "60", "--n_test", "20", "--max_digits", "2", "--seq_len", "16", "--thought_len", "2",
+            "--n_talk", "2", "--batch_size", "2", "--steps", "2", "--eval_chunks", "2", "--threads", "2", "--out_dir", str(tmp_path / "q")]
+    res = quietstar.main(quietstar.get_args(argv))
+    gpt, extra = model.load_checkpoint(str(tmp_path / "q" / "thoughts.pt"))
+    assert extra["thought_tokens"] == [n, n + 1] and gpt.config.vocab_size == n + 2
+    tok = data.HFTokenizer(d)
+    dash = tok.encode("\u2014")[0]
+    assert all(math.isfinite(r["nll"]) for r in res.values())
+    assert res["thoughts"]["sample"].startswith(data.load_task("arithmetic", None, 60, 20, 1, 2, 0)[1][0].question + "=[")
+    fresh, grown = model.load_pretrained(d), model.load_pretrained(d)
+    quietstar.add_thought_tokens(grown, tok)
+    quietstar.init_thought_embeddings(grown, tok, 10.0)
+    assert (tok.start_thought, tok.end_thought) == (n, n + 1) and dash < n
+    w = grown.embed_tokens.weight
+    assert torch.equal(w[:n], fresh.embed_tokens.weight) and torch.equal(w[n], w[dash]) and torch.equal(w[n + 1], w[dash])
+    assert torch.equal(grown.lm_head.weight[:n], fresh.lm_head.weight)  # untied: the output rows are kept too
