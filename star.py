@@ -93,8 +93,10 @@ def collect(m, tok, questions, args, it, shots=()):
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, top_k=args.top_k,
                stop_text=data.EXEMPLAR_SEP if shots else None)
     prefix, hint_prefix = data.few_shot_prefix(shots), data.few_shot_prefix(shots, hint=True)
+    t0 = time.time()
     samples = loop.sample(m, tok, [prefix + data.prompt(e.question) for e in questions], args.samples, args.temperature,
                           seed=base_seed, desc=f"iter {it} generate", **gen)
+    t_generate, t0 = time.time() - t0, time.time()
     kept, every, failed = [], [], []
     n_correct_samples = 0
     for qi, (e, outs) in enumerate(zip(questions, samples)):
@@ -126,6 +128,7 @@ def collect(m, tok, questions, args, it, shots=()):
         "kept": len(kept), "correct_samples": n_correct_samples,
         "correct_per_question": n_correct_samples / max(1, len(questions)),
         "distinct_per_question": sum(not r["rationalized"] for r in kept) / max(1, len(questions)),
+        "time_generate": t_generate, "time_rationalize": time.time() - t0,
     }
     return kept, every, stats
 
@@ -197,7 +200,9 @@ def main(args):
                            args.device, init, args.compile, args.answer_only)
     config, base_state = base.config, {k: v.clone() for k, v in base.state_dict().items()}
     if not metrics:
-        metrics.append({"iter": 0, **evaluate(base), "time": time.time() - t0})
+        t_warm, t0 = time.time() - t0, time.time()
+        res = evaluate(base)
+        metrics.append({"iter": 0, **res, "time_warm_start": t_warm, "time_evaluate": time.time() - t0, "time": t_warm + time.time() - t0})
         loop.write_rows(path("metrics.jsonl"), metrics)
     print("iter 0 (warm start): " + " ".join(f"{k} {v:.3f}" for k, v in metrics[0].items() if k not in ("iter", "time")))
 
@@ -231,9 +236,12 @@ def main(args):
             break
         steps = int(round(args.steps * args.step_growth ** (it - 1)))
         pairs = seed_pairs + [data.encode_example(tok, r["question"], r["completion"]) for r in kept]
+        t1 = time.time()
         current, loss = loop.fine_tune(base_state, config, pairs, steps, args.lr, args.batch_size, args.seed + it, args.device,
                                        args.compile, f"iter {it} fine-tune", args.grad_accum)
+        t2 = time.time()
         res = evaluate(current)
+        stats = {**stats, "time_fine_tune": t2 - t1, "time_evaluate": time.time() - t2}
         model.save_checkpoint(path("model.pt"), current, iter=it, tokenizer_dir=init if loop.is_pretrained(init) else None)
         row = {"iter": it, **res, **stats, "steps": steps, "loss": loss, "time": time.time() - t0}
         metrics.append(row)
