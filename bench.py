@@ -7,6 +7,7 @@ this file shows ratios.
     python bench.py --sections rollouts         # stepdpo.py's shared-prefix rollouts vs recomputed prefixes
     python bench.py --sections thoughts         # quietstar.py's parallel thoughts vs a per-position loop; memory
     python bench.py --sections pretrained       # Qwen2.5-0.5B's shape: sampler vs generate(), training step (GPU: MFU)
+    python bench.py --sections training         # SFT step of the default model, eager vs torch.compile
 
 Sections:
 - sampler: tokens/s of nanostar's KV-cached batched sampler against its own no-cache path,
@@ -99,6 +100,67 @@ def bench_sampler(args):
             row += f" {ref / ours:11.1f}x" if ref else f" {'-':>12s}"
             row += f" {hft / ours:6.1f}x" if hft else f" {'-':>7s}"
             print(row, flush=True)
+            if si == 0:
+                roofline(m, B, P, N, ours / N, args.repeat)
+
+
+def roofline(m, B, P, N, step_time, repeat):
+    """
+    Where a decode step's time goes, from measurements at its own shapes: every matmul of the
+    step timed alone at B rows (its GFLOP/s is the rate this CPU gives for these shapes), and
+    the attention's reads of the KV cache timed against this CPU's measured read bandwidth.
+    """
+    import torch.nn.functional as F
+
+    cfg = m.config
+    lins = [mod.weight for mod in m.modules() if isinstance(mod, torch.nn.Linear)]  # q, k, v, o, gate, up, down per layer, lm_head
+    x = {w.shape[1]: torch.randn(B, w.shape[1]) for w in lins}
+    with torch.no_grad():
+        mm = timeit(lambda: [F.linear(x[w.shape[1]], w) for w in lins], repeat * 10)
+    flops = 2 * B * sum(w.numel() for w in lins)
+    S = P + N // 2  # average keys attended per decode step
+    kv_bytes = cfg.n_layer * 2 * B * cfg.n_kv_head * S * cfg.head_dim * 4
+    big = torch.randn(64 * 2**20 // 4)
+    bw = big.numel() * 4 / timeit(lambda: big.sum(), repeat * 5)
+    q = torch.randn(B, cfg.n_head, 1, cfg.head_dim)
+    kc = torch.randn(B, cfg.n_kv_head, P + N, cfg.head_dim)[:, :, :S]
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    att = timeit(lambda: F.scaled_dot_product_attention(q, kc, kc, attn_mask=mask), repeat * 10) * cfg.n_layer
+    print(f"{'':42s}   decode step at batch {B}: {step_time * 1e3:.2f} ms = {flops / step_time / 1e9:.0f} GFLOP/s achieved; "
+          f"its matmuls alone {mm * 1e3:.2f} ms ({flops / mm / 1e9:.0f} GFLOP/s at these shapes); attention {att * 1e3:.2f} ms "
+          f"for {kv_bytes / 2**20:.1f} MiB of K/V ({kv_bytes / att / 1e9:.0f} GB/s, this CPU reads {bw / 1e9:.0f} GB/s); "
+          f"step / (matmuls + attention) = {step_time / (mm + att):.2f}x", flush=True)
+
+
+def bench_training(args):
+    """
+    SFT tokens/s of the default model (3 layers x 96, star.py's warm start) on arithmetic
+    batches: eager, and with torch.compile (the --compile flag), each after its warm-up steps.
+    """
+    import data
+
+    tok = data.Tokenizer()
+    train, _ = data.arithmetic_task(2000, 10, 1, 5, 0)
+    pairs = [data.encode_example(tok, e.question, data.completion(e.rationale, e.answer)) for e in train]
+    import random
+
+    rng = random.Random(0)
+    batches = [data.collate(rng.sample(pairs, 32), 256) for _ in range(8)]
+    print(f"training: 3L x 96 model, batch 32 arithmetic examples ({batches[0][0].numel()} padded tokens per batch)")
+    for compile in (False, True):
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=3, n_head=4, n_kv_head=4, n_embd=96))
+        cfg = model.TrainConfig(steps=args.train_steps * 4, lr=1e-3, warmup=1, compile=compile)
+        get = lambda step, micro: batches[step % len(batches)]
+        t0 = time.perf_counter()
+        model.train(m, get, cfg)  # warm-up (and compilation)
+        warm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.train(m, get, cfg)
+        dt = (time.perf_counter() - t0) / cfg.steps
+        padded = sum(x.numel() for x, _ in batches) / len(batches)
+        print(f"  {'compiled' if compile else 'eager':8s}: {dt * 1e3:6.1f} ms/step, {padded / dt:8.0f} padded tokens/s "
+              f"(first {cfg.steps} steps incl. warm-up/compile: {warm:.1f}s)", flush=True)
 
 
 def bench_rollouts(args):
@@ -242,7 +304,7 @@ def bench_pretrained(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["sampler"], choices=["sampler", "rollouts", "thoughts", "pretrained"], help="what to time")
+    parser.add_argument("--sections", nargs="+", default=["sampler"], choices=["sampler", "rollouts", "thoughts", "pretrained", "training"], help="what to time")
     parser.add_argument("--train_steps", type=int, default=3, help="pretrained: timed training steps")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="sampler batch sizes")
     parser.add_argument("--prompt_len", type=int, default=32, help="sampler prompt length")
@@ -268,3 +330,5 @@ if __name__ == "__main__":
         bench_thoughts(args)
     if "pretrained" in args.sections:
         bench_pretrained(args)
+    if "training" in args.sections:
+        bench_training(args)

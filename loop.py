@@ -340,11 +340,12 @@ def tally(golds, greedy, samples=None, scores=None):
     return res
 
 
-def evaluate(m, tok, test, seed, max_new_tokens, batch_size, n_samples=0, temperature=0.7, scorer=None, prefix=""):
+def evaluate(m, tok, test, seed, max_new_tokens, batch_size, n_samples=0, temperature=0.7, scorer=None, prefix="", keep=None):
     """
     Greedy test accuracy; with n_samples > 1 also maj@N and pass@N over N samples at
     `temperature`; with a scorer (question, [texts]) -> [scores] also its best-of-N.
     prefix: a few-shot prompt put before every question (completions then stop at a blank line).
+    keep: a dict that receives what was tallied (golds, greedy, samples, scores), to re-tally.
     """
     prompts = [prefix + data.prompt(e.question) for e in test]
     golds = [e.answer for e in test]
@@ -355,6 +356,8 @@ def evaluate(m, tok, test, seed, max_new_tokens, batch_size, n_samples=0, temper
     outs = sample(m, tok, prompts, n_samples, temperature, max_new_tokens, batch_size, seed + 1,
                   desc=f"eval {n_samples} samples", stop_text=stop)
     scores = [scorer(e.question, [t for t, _ in o]) for e, o in zip(test, outs)] if scorer else None
+    if keep is not None:
+        keep.update(golds=golds, greedy=[o[0] for o in greedy], samples=outs, scores=scores)
     return tally(golds, [o[0] for o in greedy], outs, scores)
 
 

@@ -75,7 +75,7 @@ def get_args(argv=None):
     if args.samples > 1 and args.temperature == 0:
         p.error("--samples > 1 needs --temperature > 0 (greedy samples are all the same)")
     if args.verifier and args.eval_samples < 2:
-        args.eval_samples = 8
+        args.eval_samples = 16
     return args
 
 
@@ -163,7 +163,7 @@ def preference_pairs(questions, sample_rows, per_question, seed):
 
 
 def train_verifier(base_state, config, tok, pairs, args):
-    """DPO from the warm-start weights; the frozen warm-start model is the reference."""
+    """DPO from base_state (the generator after its last fine-tune, as the paper starts from its SFT model), also the frozen reference."""
     enc = [(data.encode_example(tok, q, g), data.encode_example(tok, q, b)) for q, g, b in pairs]
     verifier, loss = loop.dpo_train(base_state, config, enc, args.verifier_steps, args.lr / 3, args.beta, args.batch_size,
                                     args.seed + 7, args.device, compile=args.compile, desc="verifier DPO", grad_accum=args.grad_accum)
@@ -188,8 +188,8 @@ def main(args):
     seed_set, questions, test, args.max_new_tokens = loop.prepare_task(
         *loop.task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset, n_shots)
     shots = seed_set[:n_shots]
-    evaluate = lambda m, scorer=None: loop.evaluate(m, tok, test, args.seed, args.max_new_tokens, args.gen_batch,
-                                                    args.eval_samples, args.eval_temperature, scorer, data.few_shot_prefix(shots))
+    evaluate = lambda m, scorer=None, keep=None: loop.evaluate(m, tok, test, args.seed, args.max_new_tokens, args.gen_batch, args.eval_samples,
+                                                               args.eval_temperature, scorer, data.few_shot_prefix(shots), keep)
 
     # --- 0. warm start (the base model every iteration fine-tunes from)
     metrics = loop.read_rows(path("metrics.jsonl")) if os.path.exists(path("metrics.jsonl")) else []
@@ -267,15 +267,22 @@ def main(args):
         if not prefs:
             print("V-STaR: no question has both a correct and an incorrect sample; no verifier trained")
         else:
-            verifier, ref, loss = train_verifier(base_state, config, tok, prefs, args)
+            verifier, ref, loss = train_verifier({k: v.clone() for k, v in current.state_dict().items()}, config, tok, prefs, args)
             model.save_checkpoint(path("verifier.pt"), verifier)
             scorer = lambda q, texts: verifier_scores(verifier, ref, tok, q, texts, args.beta, args.device)
-            res = evaluate(current, scorer)
-            n = args.eval_samples
-            res[f"verifier@{n}"] = res.pop(f"best@{n}")
-            loop.write_rows(path("verifier.jsonl"), [{**res, "pairs": len(prefs), "loss": loss}])
-            print(f"V-STaR ({len(prefs)} pairs, DPO loss {loss:.4f}): greedy {res['acc']:.3f} | maj@{n} {res[f'maj@{n}']:.3f} "
-                  f"| verifier best-of-{n} {res[f'verifier@{n}']:.3f} | pass@{n} {res[f'pass@{n}']:.3f}")
+            kept_eval = {}
+            res = evaluate(current, scorer, kept_eval)
+            golds, greedy, samples, scores = (kept_eval[k] for k in ("golds", "greedy", "samples", "scores"))
+            curve = []  # the paper's figure: accuracy against N, from the first n of the N samples
+            n = 1
+            while n <= args.eval_samples:
+                r = loop.tally(golds, greedy, [o[:n] for o in samples], [s[:n] for s in scores])
+                curve.append({"n": n, "maj": r[f"maj@{n}"], "verifier": r[f"best@{n}"], "pass": r[f"pass@{n}"]})
+                n *= 2
+            loop.write_rows(path("verifier.jsonl"), [{"acc": res["acc"], "curve": curve, "pairs": len(prefs), "loss": loss}])
+            print(f"V-STaR ({len(prefs)} pairs, DPO loss {loss:.4f}): greedy {res['acc']:.3f}")
+            for c in curve:
+                print(f"  N = {c['n']:3d}: maj@N {c['maj']:.3f} | verifier best-of-N {c['verifier']:.3f} | pass@N {c['pass']:.3f}")
     return metrics
 
 

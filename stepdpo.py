@@ -57,6 +57,7 @@ def get_args(argv=None):
     g.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     g.add_argument("--sft_weight", type=float, default=0.0, help="weight of an SFT loss on the chosen side")
     g.add_argument("--train_steps", type=int, default=300, help="DPO (or RFT) training steps")
+    g.add_argument("--train_epochs", type=float, default=0, help="if > 0: the budget in epochs over the pairs (or RFT solutions) instead of steps")
     g.add_argument("--dpo_lr", type=float, default=3e-4, help="DPO learning rate (RFT uses --lr)")
     g.add_argument("--show", type=int, default=3, help="print this many wrong solutions with their Q values")
     loop.add_run_args(p, "out/stepdpo")
@@ -216,6 +217,11 @@ def main(args):
         print(f"already finished: {open(path('metrics.json')).read()}")
         return json.load(open(path("metrics.json")))
     t0 = time.time()
+    n_items = len(train_rows) if args.variant == "rft" else len(pairs)
+    per_step = args.batch_size if args.variant == "rft" else max(1, args.batch_size // 2)  # DPO: a pair is two sequences
+    if args.train_epochs > 0:
+        args.train_steps = max(1, round(args.train_epochs * n_items / per_step))
+        print(f"{args.train_epochs} epochs over {n_items} {'solutions' if args.variant == 'rft' else 'pairs'}: {args.train_steps} steps")
     if args.variant == "rft":
         enc = data.seed_pairs(tok, seed_set) + [data.encode_example(tok, r["question"], r["completion"]) for r in train_rows]
         m, loss = loop.fine_tune(base_state, config, enc, args.train_steps, args.lr, args.batch_size, args.seed + 2, args.device,
@@ -229,7 +235,7 @@ def main(args):
         n_train = len(pairs)
     model.save_checkpoint(path("model.pt"), m)
     base_acc, acc = accuracy(base), accuracy(m)
-    res = {"variant": args.variant, "samples_per_question": args.samples, "synthetic_samples": len(samples),
+    res = {"variant": args.variant, "samples_per_question": args.samples, "synthetic_samples": len(samples), "steps": args.train_steps,
            "train_examples": n_train, "sft_acc": base_acc, "acc": acc, "loss": loss, "train_time": time.time() - t0}
     loop.write_atomic(path("metrics.json"), json.dumps(res))
     print(f"{args.variant}: test acc {base_acc:.3f} (SFT model) -> {acc:.3f} after {args.train_steps} steps on "

@@ -508,24 +508,28 @@ def test_v_star_mode_scores_test_samples_with_the_saved_verifier(monkeypatch, tm
     seen = []
     real_tally = loop.tally
     monkeypatch.setattr(loop, "tally", lambda *a: seen.append(a) or real_tally(*a))
-    args = TINY_STAR + ["--iters", "1", "--verifier", "--eval_samples", "3", "--verifier_steps", "5",
+    args = TINY_STAR + ["--iters", "1", "--verifier", "--eval_samples", "4", "--verifier_steps", "5",
                         "--temperature", "1.0", "--samples", "2", "--out_dir", str(tmp_path / "v")]
     star.main(star.get_args(args))
     (res,) = loop.read_rows(str(tmp_path / "v" / "verifier.jsonl"))
-    assert set(res) >= {"acc", "maj@3", "verifier@3", "pass@3", "pairs"} and res["pairs"] > 0
+    assert res["pairs"] > 0 and [c["n"] for c in res["curve"]] == [1, 2, 4]
     rows = loop.read_rows(str(tmp_path / "v" / "iter1_samples.jsonl"))
     assert {r["correct"] for r in rows} == {True, False}
-    # the scores that ranked the test samples are the saved verifier's implicit reward against the saved base
-    golds, _, samples, scores = seen[-1]
-    assert scores is not None and len(scores) == len(golds) == 20 and len(samples[0]) == 3
+    # the curve re-tallies the first n of the same N samples and scores the evaluation ranked
+    golds, greedy, samples, scores = next(a for a in seen if len(a) == 4 and a[3] is not None and len(a[2][0]) == 4)
+    for c in res["curve"]:
+        n = c["n"]
+        assert c["verifier"] == real_tally(golds, greedy, [o[:n] for o in samples], [s[:n] for s in scores])[f"best@{n}"]
+    assert res["curve"][0]["verifier"] == res["curve"][0]["pass"]  # one sample: nothing to choose
+    # the scores are the saved verifier's implicit reward against the generator it started from
     verifier, _ = model.load_checkpoint(str(tmp_path / "v" / "verifier.pt"))
-    base, _ = model.load_checkpoint(str(tmp_path / "v" / "base.pt"))
+    generator, _ = model.load_checkpoint(str(tmp_path / "v" / "model.pt"))
     _, test = data.arithmetic_task(120, 20, 1, 2, 0)
     tok = Tokenizer()
     for e, outs, sc in list(zip(test, samples, scores))[:4]:
         for (text, _), got in zip(outs, sc):
             x, y = data.collate([data.encode_example(tok, e.question, text)], verifier.config.block_size)
-            want = 0.1 * (model.sequence_logprobs(verifier, x, y) - model.sequence_logprobs(base, x, y))
+            want = 0.1 * (model.sequence_logprobs(verifier, x, y) - model.sequence_logprobs(generator, x, y))
             assert got == pytest.approx(want.item(), abs=1e-4)
     assert len({round(v, 6) for sc in scores for v in sc}) > 1, "the verifier should tell samples apart"
 
