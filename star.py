@@ -2,33 +2,45 @@
 STaR: the Self-Taught Reasoner (Zelikman et al. 2022), with RFT (Yuan et al. 2023) and
 V-STaR (Hosseini et al. 2024) as modes. The model learns to reason from its own samples:
 
-    0. warm start: fine-tune on a small seed set of worked examples (plain and with the hint)
+    0. the base model. From scratch (the arithmetic default): a warm start, a short fine-tune on
+       --n_seed worked examples (plain and with the hint). Pretrained (--init, the gsm8k
+       default): the pretrained weights, prompted with --few_shot worked examples.
     1. generate: sample a rationale for every training question; keep the ones whose answer is right
     2. rationalize: for each failure, sample again with the right answer as a hint; keep the
        rationales that reach it, stored *without* the hint
-    3. fine-tune from the warm-start weights (not the last iteration's) on seed + kept rationales,
-       with a step budget that grows each iteration
+    3. fine-tune from the base weights (not the last iteration's) on the kept rationales (plus
+       the seed examples when they are not in the prompt), with a step budget that grows each iteration
     4. evaluate on the test set; repeat until accuracy stops improving or --iters
+
+Which prompt each phase uses:
+- from scratch: generation and evaluation "Q: <question>\nA:\n"; rationalization adds
+  "Hint: the answer is <answer>\n" before "A:"; the model learned both in its warm start.
+- pretrained: the same, each after a few-shot prefix of --few_shot seed examples in the
+  solution format (hinted exemplars before a hinted prompt, as STaR's rationalization prompt);
+  a completion ends at the end token or at the blank line that ends an exemplar. Fine-tuning
+  data carries no prefix: (question, rationale, answer), as in the paper.
 
 Run it:
 
     python star.py                                          # built-in arithmetic task, CPU
     python star.py --no_rationalize                         # STaR without rationalization
     python star.py --samples 8 --temperature 0.7            # RFT: K samples, distinct correct paths kept
-    python star.py --verifier --eval_samples 8              # V-STaR: a DPO verifier ranks N samples
+    python star.py --verifier --eval_samples 16             # V-STaR: a DPO verifier ranks N samples
     python star.py --answer_only                            # baseline: gold answers, no rationale
-    python star.py --dataset gsm8k --data_dir ../shared/data/gsm8k
+    python star.py --dataset gsm8k                          # Qwen2.5-0.5B from the hub, one GPU
+    python star.py --dataset gsm8k --init DIR --data_dir ../shared/data/gsm8k   # offline
     python star.py --out_dir out/star --resume              # continue a killed run
 
 How this departs from the papers:
-- The model is a tiny transformer trained from scratch, so the few-shot prompt of STaR is
-  replaced by a short fine-tune on `--n_seed` worked examples (the warm start).
-- Rationalization uses a hint line in the prompt ("Hint: the answer is N") rather than the
-  paper's hinted few-shot exemplars.
+- From scratch, the few-shot prompt of STaR is replaced by the warm start (a tiny model
+  cannot follow a prompt it was never trained on).
+- Rationalization uses a hint line in the prompt ("Hint: the answer is N").
 - RFT de-duplicates by the sequence of equations (GSM8K's <<..>> annotations, else the step
   lines) and, among duplicates, keeps the one farthest in edit distance from those kept.
-- V-STaR's verifier score is its DPO implicit reward, beta * (log p_verifier(y|x) - log p_base(y|x)),
-  summed over the completion's tokens, with the warm-start model as the reference.
+- V-STaR's verifier starts from the generator after its last fine-tune (the paper's SFT
+  model) and is trained with DPO on the correct-over-incorrect pairs of every iteration's
+  samples; its score is the DPO implicit reward beta * (log p_verifier(y|x) - log p_generator(y|x)),
+  summed over the completion's tokens. The paper trains verifier and generator on separate data.
 """
 
 import argparse
