@@ -40,7 +40,7 @@ How this departs from the papers:
 - V-STaR's verifier starts from the generator after its last fine-tune (the paper's SFT
   model) and is trained with DPO on the correct-over-incorrect pairs of every iteration's
   samples; its score is the DPO implicit reward beta * (log p_verifier(y|x) - log p_generator(y|x)),
-  summed over the completion's tokens. The paper trains verifier and generator on separate data.
+  summed over the completion's tokens.
 """
 
 import argparse
