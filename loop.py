@@ -81,6 +81,8 @@ def add_run_args(parser, out_dir, compile_flag=True):
     g.add_argument("--grad_accum", type=int, default=1, help="micro-batches of --batch_size per optimizer step")
     if compile_flag:
         g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+        g.add_argument("--compile_sampler", action="store_true", help="torch.compile the one-token decode step (CUDA graphs on a GPU); "
+                       "each new batch shape compiles again, so it pays off only for long sampling at few shapes")
     g = parser.add_argument_group("run")
     g.add_argument("--out_dir", default=out_dir, help="where the run's files go")
     g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last finished step")
@@ -119,7 +121,7 @@ def read_rows(path):
 
 
 # settings that may change when a run is resumed: where and how it runs, not what it computes
-MAY_DIFFER_ON_RESUME = {"resume", "out_dir", "device", "threads", "gen_batch", "compile", "generate", "n_generate", "hide_thoughts"}
+MAY_DIFFER_ON_RESUME = {"resume", "out_dir", "device", "threads", "gen_batch", "compile", "compile_sampler", "generate", "n_generate", "hide_thoughts"}
 
 
 def open_run(out_dir, settings, resume, name):
@@ -211,7 +213,7 @@ def base_block_size(init, block_size, dataset):
 
 
 def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc="sample",
-           stop_text=None):
+           stop_text=None, compile=False):
     """
     k completions (decoded text) for each prompt text, KV-cached, batch_size sequences at a
     time. share_prefix: each prompt is prefilled once for its k samples (else recomputed for
@@ -229,10 +231,11 @@ def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, to
         chunk = ids[i : i + per_batch]
         max_new = min(max_new_tokens, m.config.block_size - max(len(p) for p in chunk))
         if share_prefix:
-            s = model.generate(m, chunk, max_new, temperature, top_k, tok.stop_tokens, g, num_samples=k, vocab_limit=tok.vocab_size)
+            s = model.generate(m, chunk, max_new, temperature, top_k, tok.stop_tokens, g, num_samples=k, vocab_limit=tok.vocab_size,
+                               compile=compile)
         else:
             s = model.generate(m, [p for p in chunk for _ in range(k)], max_new, temperature, top_k, tok.stop_tokens, g,
-                               vocab_limit=tok.vocab_size)
+                               vocab_limit=tok.vocab_size, compile=compile)
         texts = [tok.decode(c) for c in s.completions()]
         fin = s.finished.tolist()
         if stop_text:
@@ -340,7 +343,8 @@ def tally(golds, greedy, samples=None, scores=None):
     return res
 
 
-def evaluate(m, tok, test, seed, max_new_tokens, batch_size, n_samples=0, temperature=0.7, scorer=None, prefix="", keep=None):
+def evaluate(m, tok, test, seed, max_new_tokens, batch_size, n_samples=0, temperature=0.7, scorer=None, prefix="", keep=None,
+             compile=False):
     """
     Greedy test accuracy; with n_samples > 1 also maj@N and pass@N over N samples at
     `temperature`; with a scorer (question, [texts]) -> [scores] also its best-of-N.
@@ -350,11 +354,11 @@ def evaluate(m, tok, test, seed, max_new_tokens, batch_size, n_samples=0, temper
     prompts = [prefix + data.prompt(e.question) for e in test]
     golds = [e.answer for e in test]
     stop = data.EXEMPLAR_SEP if prefix else None
-    greedy = sample(m, tok, prompts, 1, 0.0, max_new_tokens, batch_size, seed, desc="eval greedy", stop_text=stop)
+    greedy = sample(m, tok, prompts, 1, 0.0, max_new_tokens, batch_size, seed, desc="eval greedy", stop_text=stop, compile=compile)
     if n_samples <= 1:
         return tally(golds, [o[0] for o in greedy])
     outs = sample(m, tok, prompts, n_samples, temperature, max_new_tokens, batch_size, seed + 1,
-                  desc=f"eval {n_samples} samples", stop_text=stop)
+                  desc=f"eval {n_samples} samples", stop_text=stop, compile=compile)
     scores = [scorer(e.question, [t for t, _ in o]) for e, o in zip(test, outs)] if scorer else None
     if keep is not None:
         keep.update(golds=golds, greedy=[o[0] for o in greedy], samples=outs, scores=scores)

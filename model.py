@@ -128,6 +128,13 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def check(self, T):
+        if self.length + T > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.length} + {T} tokens > {self.max_len} slots")
+
+    def advance(self, T):
+        self.length += T
+
     def default_mask(self, T):
         """(B, 1, T, end) mask for T new tokens: causal over slots, padding hidden, each token sees itself."""
         start, end = self.length, self.length + T
@@ -137,6 +144,36 @@ class KVCache:
         q = torch.arange(start, end, device=keys.device)[:, None]
         j = torch.arange(end, device=keys.device)[None, :]
         return (keys & (j <= q)) | (j == q)  # the `j == q` keeps padded rows from attending to nothing
+
+
+class StaticKVCache:
+    """
+    A prefilled KVCache's buffers seen the way gpt-fast's decode step sees them, for compiled
+    sampling: one token per call, written at `slot` (a 1-element tensor the caller advances in
+    place), attention over all max_len slots through a mask (unwritten slots hidden). No Python
+    number changes from step to step, so torch.compile captures the step once and CUDA graphs
+    can replay it.
+    """
+
+    def __init__(self, cache):
+        self.k, self.v, self.valid = cache.k, cache.v, cache.valid
+        self.max_len = cache.max_len
+        self.slot = torch.tensor([cache.length], device=cache.k.device)
+        self.slots = torch.arange(cache.max_len, device=cache.k.device)
+
+    def update(self, layer, k, v):
+        self.k[layer].index_copy_(2, self.slot, k)  # k: (B, Hkv, 1, D) into (B, Hkv, max_len, D)
+        self.v[layer].index_copy_(2, self.slot, v)
+        return self.k[layer], self.v[layer]
+
+    def check(self, T):
+        assert T == 1, "the static cache takes one token per call"
+
+    def advance(self, T):
+        pass  # the caller moves `slot` outside the compiled step
+
+    def default_mask(self, T):
+        return self.valid[:, None, None, :] & (self.slots <= self.slot)  # (B, 1, 1, max_len)
 
 
 class GrowingKVCache:
@@ -156,6 +193,12 @@ class GrowingKVCache:
             k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
         self.k[layer], self.v[layer] = k, v
         return k, v
+
+    def check(self, T):
+        pass
+
+    def advance(self, T):
+        self.length += T
 
 
 class Attention(nn.Module):
@@ -261,8 +304,7 @@ class GPT(nn.Module):
             start = cache.length if cache is not None else 0
             pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
         if cache is not None:
-            if cache.length + T > cache.max_len:
-                raise ValueError(f"KV cache overflow: {cache.length} + {T} tokens > {cache.max_len} slots")
+            cache.check(T)
             if mask is None:
                 mask = cache.default_mask(T)
         cos = self.rope_cos[pos].unsqueeze(1)  # (B, 1, T, D)
@@ -271,7 +313,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         return self.norm(x)
 
     def forward(self, idx, targets=None, pos=None, cache=None, mask=None):
@@ -379,6 +421,7 @@ def generate(
     num_samples=1,
     return_logprobs=False,
     vocab_limit=None,
+    compile=False,
 ):
     """
     KV-cached batched sampling. prompts: a list of token-id lists of any lengths.
@@ -386,7 +429,10 @@ def generate(
     num_samples rollouts (rows i*num_samples .. i*num_samples + num_samples - 1).
     A row stops at stop_token (an id or a list of ids); rows that never emit one are cut at
     max_new_tokens (finished=False). vocab_limit: never sample ids >= this (an embedding padded
-    beyond its tokenizer, as Qwen2.5's 151,936 rows for 151,665 tokens).
+    beyond its tokenizer, as Qwen2.5's 151,936 rows for 151,665 tokens). compile: run the
+    one-token decode step through torch.compile over a StaticKVCache (CUDA graphs on a GPU);
+    worth it only when the same shapes are sampled many times, since each new batch or
+    length shape compiles again.
     """
     device = model.lm_head.weight.device
     stops, pad_id = _stops(stop_token, device)
@@ -425,9 +471,13 @@ def generate(
                 break
         if n == max_new_tokens - 1:
             break
-        with autocast(device):
-            logits, _ = model(tok[:, None], pos=next_pos, cache=cache)
-        logits = logits[:, -1]
+        if compile:
+            if n == 0:
+                cache = StaticKVCache(cache)
+            logits = compiled_decode_step(device)(model, tok[:, None], next_pos, cache).clone()
+            cache.slot += 1  # in place: a CUDA graph replays on the same tensor
+        else:
+            logits = decode_step(model, tok[:, None], next_pos, cache)
         next_pos = next_pos + 1
     finished = done if stops is not None else torch.zeros(B, dtype=torch.bool, device=device)
     L = n + 1
@@ -438,6 +488,23 @@ def generate(
     if return_logprobs:
         lp = torch.cat([torch.zeros(B, P, device=device), out_lp[:, :L]], dim=1)
     return Samples(all_tokens, prompt_mask, gen_mask, finished, lp)
+
+
+def decode_step(model, tok, pos, cache):
+    """One token per row through the cache: (B, 1) ids at (B, 1) positions -> (B, V) logits."""
+    with autocast(pos.device):
+        return model.lm_head(model.hidden(tok, pos=pos, cache=cache)[:, -1])
+
+
+_COMPILED = {}
+
+
+def compiled_decode_step(device):
+    """decode_step through torch.compile, once per device type: inductor on CPU, CUDA graphs on a GPU."""
+    kind = torch.device(device).type
+    if kind not in _COMPILED:
+        _COMPILED[kind] = torch.compile(decode_step, mode="reduce-overhead" if kind == "cuda" else None, fullgraph=True)
+    return _COMPILED[kind]
 
 
 @torch.no_grad()

@@ -103,7 +103,7 @@ def collect(m, tok, questions, args, it, shots=()):
     """
     base_seed = args.seed * 1000 + it * 10
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, top_k=args.top_k,
-               stop_text=data.EXEMPLAR_SEP if shots else None)
+               stop_text=data.EXEMPLAR_SEP if shots else None, compile=args.compile_sampler)
     prefix, hint_prefix = data.few_shot_prefix(shots), data.few_shot_prefix(shots, hint=True)
     t0 = time.time()
     samples = loop.sample(m, tok, [prefix + data.prompt(e.question) for e in questions], args.samples, args.temperature,
@@ -201,7 +201,8 @@ def main(args):
         *loop.task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset, n_shots)
     shots = seed_set[:n_shots]
     evaluate = lambda m, scorer=None, keep=None: loop.evaluate(m, tok, test, args.seed, args.max_new_tokens, args.gen_batch, args.eval_samples,
-                                                               args.eval_temperature, scorer, data.few_shot_prefix(shots), keep)
+                                                               args.eval_temperature, scorer, data.few_shot_prefix(shots), keep,
+                                                               args.compile_sampler)
 
     # --- 0. warm start (the base model every iteration fine-tunes from)
     metrics = loop.read_rows(path("metrics.jsonl")) if os.path.exists(path("metrics.jsonl")) else []

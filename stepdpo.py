@@ -83,7 +83,7 @@ def mc_q_values(m, tok, items, args, seed, share_prefix=True):
             owner.append((j, i))
     q_values = [[0.0] * (len(steps) - 1) + [float(ok)] for _, _, steps, ok in items]
     rollouts = loop.sample(m, tok, prefixes, K, args.temperature, args.max_new_tokens, args.gen_batch, seed,
-                           share_prefix=share_prefix, desc="rollouts")
+                           share_prefix=share_prefix, desc="rollouts", compile=args.compile_sampler)
     for prefix, (j, i), outs in zip(prefixes, owner, rollouts):
         answer = items[j][1]
         q_values[j][i] = sum(data.sample_correct(prefix + text, fin, answer) for text, fin in outs) / K
@@ -153,7 +153,7 @@ def main(args):
     seed_set, questions, test, args.max_new_tokens = loop.prepare_task(
         *loop.task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset)
     questions = questions[: args.n_questions]
-    accuracy = lambda m: loop.evaluate(m, tok, test, args.seed, args.max_new_tokens, args.gen_batch)["acc"]
+    accuracy = lambda m: loop.evaluate(m, tok, test, args.seed, args.max_new_tokens, args.gen_batch, compile=args.compile_sampler)["acc"]
 
     # --- 1. the SFT model, also the reference
     config = model.GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
@@ -169,7 +169,7 @@ def main(args):
     else:
         t0 = time.time()
         outs = loop.sample(base, tok, [data.prompt(e.question) for e in questions], args.samples, args.temperature,
-                           args.max_new_tokens, args.gen_batch, args.seed, desc="sample")
+                           args.max_new_tokens, args.gen_batch, args.seed, desc="sample", compile=args.compile_sampler)
         samples = [{"index": i, "question": e.question, "answer": e.answer, "completion": t, "finished": f,
                     "correct": data.sample_correct(t, f, e.answer)}
                    for i, (e, o) in enumerate(zip(questions, outs)) for t, f in o]

@@ -365,7 +365,7 @@ def fake_sampler(answer_for):
     """A stand-in for loop.sample: answer_for(question, hint, j) -> (text, finished) for sample j."""
     calls = []
 
-    def fake(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc="", stop_text=None):
+    def fake(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc="", stop_text=None, compile=False):
         qh = [question_and_hint(p) for p in prompts]
         calls.append({"questions": [q for q, _ in qh], "hints": [h for _, h in qh], "k": k})
         return [[answer_for(q, h, j) for j in range(k)] for q, h in qh]
@@ -436,8 +436,8 @@ def lucky(real_sample):
     """
     import zlib
 
-    def fake(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc="", stop_text=None):
-        outs = real_sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k, share_prefix, desc, stop_text)
+    def fake(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc="", stop_text=None, compile=False):
+        outs = real_sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k, share_prefix, desc, stop_text, compile)
         res = []
         for p, o in zip(prompts, outs):
             q = question_and_hint(p)[0]
@@ -1147,3 +1147,13 @@ def test_quietstar_from_a_pretrained_directory_adds_thought_tokens_and_thinks(tm
     w = grown.embed_tokens.weight
     assert torch.equal(w[:n], fresh.embed_tokens.weight) and torch.equal(w[n], w[dash]) and torch.equal(w[n + 1], w[dash])
     assert torch.equal(grown.lm_head.weight[:n], fresh.lm_head.weight)  # untied: the output rows are kept too
+
+
+def test_the_compiled_static_decode_step_gives_exactly_the_eager_tokens():
+    m = tiny_model()
+    eager = model.generate(m, RAGGED, 20, temperature=0.0, stop_token=3).completions()
+    compiled = model.generate(m, RAGGED, 20, temperature=0.0, stop_token=3, compile=True).completions()
+    assert compiled == eager and len({tuple(c) for c in eager}) > 1
+    g = lambda: torch.Generator().manual_seed(7)
+    sampled = model.generate(m, RAGGED, 15, temperature=1.0, generator=g(), num_samples=2, compile=True).completions()
+    assert sampled == model.generate(m, RAGGED, 15, temperature=1.0, generator=g(), num_samples=2).completions()
