@@ -69,7 +69,8 @@ def bench_sampler(args):
     ]
     P, N = args.prompt_len, args.new_tokens
     print(f"sampler: {P} prompt + {N} new tokens, greedy, tokens/s = batch * {N} / best of {args.repeat} runs")
-    print(f"{'shape':42s} {'batch':>5s} {'nanostar':>10s} {'no-cache':>10s} {'HF generate':>12s} {'vs no-cache':>12s} {'vs HF':>7s}")
+    print(f"{'shape':42s} {'batch':>5s} {'nanostar':>10s}" + (f" {'compiled':>10s}" if args.compiled else "")
+          + f" {'no-cache':>10s} {'HF generate':>12s} {'vs no-cache':>12s} {'vs HF':>7s}")
     for si, (name, kw) in enumerate(shapes):
         cfg = GPTConfig(block_size=P + N, **kw)
         torch.manual_seed(0)
@@ -81,6 +82,9 @@ def bench_sampler(args):
             ours = timeit(lambda: model.generate(m, plist, N, temperature=0.0), args.repeat)
             tps = lambda sec: B * N / sec
             row = f"{name:42s} {B:5d} {tps(ours):10.0f}"
+            if args.compiled:
+                comp = timeit(lambda: model.generate(m, plist, N, temperature=0.0, compile=True), args.repeat)
+                row += f" {tps(comp):10.0f}"
             if si == 0 or args.full:
                 ref = timeit(lambda: model.generate_reference(m, plist, N, temperature=0.0), 1 if B > 1 else args.repeat)
                 row += f" {tps(ref):10.0f}"
@@ -268,11 +272,15 @@ def bench_pretrained(args):
         prompts = torch.randint(0, 151000, (B, P)).tolist()
         timed = lambda fn: (sync(), timeit(lambda: (fn(), sync()), args.repeat))[1]
         ours = timed(lambda: model.generate(fast, prompts, N, temperature=0.0))
+        comp = timed(lambda: model.generate(fast, prompts, N, temperature=0.0, compile=True)) if args.compiled else None
         ids = torch.tensor(prompts, device=dev)
         with torch.no_grad():
             theirs = timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
                                                do_sample=False, pad_token_id=0))
         line = f"  batch {B:3d}: nanostar {B * N / ours:8.0f} tok/s | HF generate() {B * N / theirs:8.0f} tok/s | {theirs / ours:.2f}x"
+        if comp:
+            line += f" | compiled {B * N / comp:8.0f} tok/s ({theirs / comp:.2f}x HF)"
+            ours = comp
         if dev == "cuda" and B == 1:
             bw = 3.35e12 if "H100" in torch.cuda.get_device_name() else 4.8e12  # HBM3 / HBM3e peak, bytes/s
             line += f" | weights read {bytes_per_token / 1e9:.2f} GB/token: {bytes_per_token * N / ours / 1e9:.0f} GB/s, {bytes_per_token * N / ours / bw:.0%} of HBM peak"
@@ -306,6 +314,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["sampler"], choices=["sampler", "rollouts", "thoughts", "pretrained", "training"], help="what to time")
     parser.add_argument("--train_steps", type=int, default=3, help="pretrained: timed training steps")
+    parser.add_argument("--compiled", action="store_true", help="sampler, pretrained: also time generate(compile=True)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="sampler batch sizes")
     parser.add_argument("--prompt_len", type=int, default=32, help="sampler prompt length")
     parser.add_argument("--new_tokens", type=int, default=128, help="sampler tokens generated per row")
