@@ -243,7 +243,6 @@ def bench_thoughts(args):
 
 
 def bench_pretrained(args):
-    import os
     import tempfile
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -302,7 +301,7 @@ def bench_pretrained(args):
     n = m.num_params()
     line = f"  train step: batch {B} x {T} tokens, {B * T / dt:,.0f} tok/s ({dt * 1e3:.0f} ms/step)"
     if dev == "cuda":
-        peak = 989e12 if "H100" in torch.cuda.get_device_name() else 989e12  # H100/H200 SXM dense bf16
+        peak = 989e12  # dense bf16 of an H100 or H200 SXM
         line += f", MFU {6 * n * B * T / dt / peak:.1%} (6 x params x tokens, attention not counted), " \
                 f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
     print(line)

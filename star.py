@@ -53,7 +53,6 @@ import torch
 import data
 import loop
 import model
-from data import Tokenizer
 from model import GPT
 
 # -----------------------------------------------------------------------------
