@@ -1113,6 +1113,12 @@ def test_star_on_gsm8k_from_a_pretrained_directory_end_to_end(monkeypatch, tmp_p
     tuned, extra = model.load_checkpoint(str(out / "model.pt"))
     assert extra["tokenizer_dir"] == d and tuned.config.vocab_size == 440 and tuned.config.block_size == 1024
     assert isinstance(loop.tokenizer_for(str(out / "model.pt")), data.HFTokenizer)
+    # per-step DPO from that SFT model: its tokenizer comes along with the checkpoint
+    res = stepdpo.main(stepdpo.get_args(["--dataset", "gsm8k", "--data_dir", str(gsm), "--init", str(out / "model.pt"),
+                                         "--n_seed", "2", "--samples", "2", "--rollouts", "2", "--temperature", "1.0",
+                                         "--train_steps", "2", "--batch_size", "4", "--max_new_tokens", "8", "--threads", "2",
+                                         "--out_dir", str(tmp_path / "dpo")]))
+    assert res["train_examples"] > 0 and res["synthetic_samples"] == 2 * (12 - 2)  # 2 per question: 12 records, 2 seeds
 
 
 def test_the_default_pretrained_init_without_the_hub_fails_fast_naming_a_local_directory(monkeypatch):
