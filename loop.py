@@ -223,6 +223,7 @@ def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, to
     """
     from tqdm import tqdm
 
+    m = model.sampling_copy(m)  # bf16 weights on a GPU
     g = model.make_generator(seed, m.lm_head.weight.device)
     ids = [tok.encode(p) for p in prompts]
     out = []

@@ -490,6 +490,20 @@ def generate(
     return Samples(all_tokens, prompt_mask, gen_mask, finished, lp)
 
 
+def sampling_copy(model):
+    """
+    The model to sample from: on a GPU a bf16 copy of fp32 weights (half the bytes read per
+    decoded token; the rotary table is cast too, as transformers does), else the model itself.
+    Training keeps the fp32 weights and uses autocast.
+    """
+    w = model.lm_head.weight
+    if w.device.type != "cuda" or w.dtype == torch.bfloat16:
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(dtype=torch.bfloat16).eval()  # on the GPU: no CPU round trip
+
+
 def decode_step(model, tok, pos, cache):
     """One token per row through the cache: (B, 1) ids at (B, 1) positions -> (B, V) logits."""
     with autocast(pos.device):
