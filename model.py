@@ -1,15 +1,17 @@
 """
 One small, self-contained transformer for nanostar, and everything the scripts do with it.
 
-- `GPT`: the Llama-family layout (RMSNorm, rotary positions, SwiGLU MLP, grouped-query
-  attention, optional q/k/v bias, optional tied embeddings). Tiny from-scratch models and,
-  later, pretrained Llama/Qwen2/SmolLM weights use the same code.
+- `GPT`: the Llama-family layout (RMSNorm, rotary positions with Llama 3's rescaling, SwiGLU
+  MLP, grouped-query attention, optional q/k/v bias, Qwen3's q/k norm and head width,
+  optional tied embeddings). Tiny from-scratch models and pretrained Llama/Qwen2/Qwen3/SmolLM2
+  weights (`load_pretrained`, from a Hugging Face directory) use the same code.
 - `KVCache` + `generate`: batched KV-cached sampling for prompts of *different* lengths
   (left-padded; each row has its own positions), `num_samples` rollouts per prompt that share
-  the prompt's cache, a seeded generator, per-row stop at the end token.
+  the prompt's cache, a seeded generator, per-row stop at any of the stop ids; with
+  compile=True a static-shape decode step (`StaticKVCache`) run through torch.compile.
 - `generate_reference`: the plain no-cache path (full forward per token), kept for tests/bench.
-- `sequence_logprobs`, `dpo_loss`: the log-prob and preference pieces shared by star.py's
-  verifier and stepdpo.py.
+- `sequence_logprobs`, `dpo_loss`, `dpo_sft_loss`: the log-prob and preference pieces shared
+  by star.py's verifier and stepdpo.py.
 - `train`: the one fine-tuning loop every script calls; `save_checkpoint`/`load_checkpoint`.
 
 Importing this file does nothing but define things.
