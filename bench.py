@@ -141,13 +141,13 @@ def bench_training(args):
     SFT tokens/s of the default model (3 layers x 96, star.py's warm start) on arithmetic
     batches: eager, and with torch.compile (the --compile flag), each after its warm-up steps.
     """
+    import random
+
     import data
 
     tok = data.Tokenizer()
     train, _ = data.arithmetic_task(2000, 10, 1, 5, 0)
     pairs = [data.encode_example(tok, e.question, data.completion(e.rationale, e.answer)) for e in train]
-    import random
-
     rng = random.Random(0)
     batches = [data.collate(rng.sample(pairs, 32), 256) for _ in range(8)]
     print(f"training: 3L x 96 model, batch 32 arithmetic examples ({batches[0][0].numel()} padded tokens per batch)")

@@ -131,7 +131,6 @@ class HFTokenizer:
         self.enc = tiktoken.Encoding(name=os.path.basename(os.path.abspath(model_dir)), pat_str=pattern,
                                      mergeable_ranks=ranks, special_tokens=specials)
         self.vocab_size = max(list(ranks.values()) + list(specials.values())) + 1
-        self.specials = specials
         self.stop_tokens = self._stop_tokens(model_dir, specials)
         self.eot = self.stop_tokens[0]
         self.pad = self.eot

@@ -192,7 +192,7 @@ def tokenizer_for(init):
     if is_pretrained(init):
         return data.HFTokenizer(init)
     if init is not None:
-        source = model.load_checkpoint(init)[1].get("tokenizer_dir")
+        source = model.checkpoint_config(init)[1].get("tokenizer_dir")
         if source:
             return data.HFTokenizer(source)
     return data.Tokenizer()
@@ -204,7 +204,7 @@ def base_block_size(init, block_size, dataset):
         with open(os.path.join(init, "config.json")) as f:
             return model.hf_config(json.load(f), block_size or 2048).block_size
     if init:
-        return model.load_checkpoint(init)[0].config.block_size
+        return model.checkpoint_config(init)[0].block_size
     return block_size or (1024 if dataset == "gsm8k" else 256)
 
 
@@ -374,28 +374,27 @@ def prepare_task(train, test, tok, block_size, n_seed, max_new_tokens=0, dataset
     """
     Drop examples longer than the context (saying how many), split off the seed set, and pick
     the generation length (max_new_tokens 0: the longest gold solution and a quarter more).
-    n_shots: the first n_shots seed examples make a few-shot prompt, which every question
-    must fit beside. Returns (seed_set, questions, test, max_new_tokens).
+    n_shots: the first n_shots seed examples make a few-shot prompt, which every other
+    question must fit beside. Returns (seed_set, questions, test, max_new_tokens).
     """
-    def fits(e, extra=0):
-        return extra + len(tok.encode(data.hint_prompt(e.question, e.answer) + data.completion(e.rationale, e.answer))) + 1 <= block_size
+    length = {}  # id(example) -> tokens of its hinted prompt, solution and end token
+    for e in train + test:
+        length[id(e)] = len(tok.encode(data.hint_prompt(e.question, e.answer) + data.completion(e.rationale, e.answer))) + 1
 
-    extra = 0
-    for shot_pass in (False, True):
-        if shot_pass:
-            if not n_shots:
-                break
-            extra = len(tok.encode(data.few_shot_prefix(train[:n_shots], hint=True)))
-            if 2 * extra > block_size:
-                raise data.InputError(f"the {n_shots}-shot prompt takes {extra} of the {block_size} tokens of context: "
-                                      "pass a smaller --few_shot or a larger --block_size")
-        kept = {}
-        for name, split in (("train", train[n_shots:] if shot_pass else train), ("test", test)):
-            kept[name] = [e for e in split if fits(e, extra)]
-            if len(kept[name]) < len(split):
-                print(f"dropped {len(split) - len(kept[name])} of {len(split)} {name} examples longer than block_size {block_size}"
-                      + (f" beside the {n_shots}-shot prompt" if shot_pass else ""))
-        train, test = (train[:n_shots] + kept["train"] if shot_pass else kept["train"]), kept["test"]
+    def keep(name, split, extra=0, why=""):
+        kept = [e for e in split if extra + length[id(e)] <= block_size]
+        if len(kept) < len(split):
+            print(f"dropped {len(split) - len(kept)} of {len(split)} {name} examples longer than block_size {block_size}{why}")
+        return kept
+
+    train, extra = keep("train", train), 0
+    if n_shots:  # the exemplars themselves fit alone; every other question must fit beside them
+        extra = len(tok.encode(data.few_shot_prefix(train[:n_shots], hint=True)))
+        if 2 * extra > block_size:
+            raise data.InputError(f"the {n_shots}-shot prompt takes {extra} of the {block_size} tokens of context: "
+                                  "pass a smaller --few_shot or a larger --block_size")
+        train = train[:n_shots] + keep("train", train[n_shots:], extra, f" beside the {n_shots}-shot prompt")
+    test = keep("test", test, extra, f" beside the {n_shots}-shot prompt" if n_shots else "")
     if n_seed >= len(train):
         raise data.InputError(f"--n_seed {n_seed} leaves no training questions out of {len(train)}")
     if max_new_tokens == 0:

@@ -710,16 +710,30 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, or not one this code can load."""
 
 
-def load_checkpoint(path, device="cpu"):
-    """Rebuild the model from a checkpoint. Returns (model, extra). Clear errors for bad files."""
+def _read_checkpoint(path, device, mmap=False):
+    """The checkpoint dict and its GPTConfig; mmap=True maps the file instead of reading the weights."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        config = GPTConfig(**ckpt["config"])
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+        return ckpt, GPTConfig(**ckpt["config"])
+    except Exception as e:  # a truncated zip, a pickle we refuse, missing keys...
+        raise CheckpointError(f"could not load checkpoint {path}: it is corrupt or not a nanostar checkpoint ({e})") from e
+
+
+def checkpoint_config(path):
+    """(config, extra) of a checkpoint without reading its weights: what start-up needs to know before loading."""
+    ckpt, config = _read_checkpoint(path, "cpu", mmap=True)
+    return config, ckpt.get("extra", {})
+
+
+def load_checkpoint(path, device="cpu"):
+    """Rebuild the model from a checkpoint. Returns (model, extra). Clear errors for bad files."""
+    ckpt, config = _read_checkpoint(path, device)
+    try:
         model = GPT(config)
         model.load_state_dict(ckpt["model"])
-    except Exception as e:  # a truncated zip, a pickle we refuse, missing keys...
+    except Exception as e:  # missing keys, wrong shapes...
         raise CheckpointError(f"could not load checkpoint {path}: it is corrupt or not a nanostar checkpoint ({e})") from e
     model.to(device).eval()
     return model, ckpt.get("extra", {})
@@ -833,10 +847,11 @@ def load_pretrained(model_dir, device="cpu", block_size=0):
         tensors.update(read_safetensors(os.path.join(model_dir, name)))
     model = GPT(config)  # random weights, all replaced below
     state = {k.removeprefix("model."): v for k, v in tensors.items()}
-    expected = {k: v for k, v in model.state_dict().items()}
+    expected = dict(model.state_dict())
     if config.tie_embeddings:
         expected.pop("lm_head.weight")
-        if "lm_head.weight" in state and not torch.equal(state.pop("lm_head.weight"), state.get("embed_tokens.weight")):
+        head = state.pop("lm_head.weight", None)
+        if head is not None and "embed_tokens.weight" in state and not torch.equal(head, state["embed_tokens.weight"]):
             raise CheckpointError(f"{model_dir}: tie_word_embeddings is set but lm_head.weight differs from the embedding")
     missing, unused = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))

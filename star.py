@@ -53,7 +53,6 @@ import torch
 import data
 import loop
 import model
-from model import GPT
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -173,14 +172,11 @@ def preference_pairs(questions, sample_rows, per_question, seed):
     return out
 
 
-def train_verifier(base_state, config, tok, pairs, args):
-    """DPO from base_state (the generator after its last fine-tune, as the paper starts from its SFT model), also the frozen reference."""
+def train_verifier(generator, tok, pairs, args):
+    """DPO from the generator after its last fine-tune (the paper starts from its SFT model), which is also the frozen reference."""
     enc = [(data.encode_example(tok, q, g), data.encode_example(tok, q, b)) for q, g, b in pairs]
-    verifier, loss = loop.dpo_train(base_state, config, enc, args.verifier_steps, args.lr / 3, args.beta, args.batch_size,
-                                    args.seed + 7, args.device, compile=args.compile, desc="verifier DPO", grad_accum=args.grad_accum)
-    ref = GPT(config).to(args.device)
-    ref.load_state_dict(base_state)
-    return verifier, ref, loss
+    return loop.dpo_train(generator.state_dict(), generator.config, enc, args.verifier_steps, args.lr / 3, args.beta, args.batch_size,
+                          args.seed + 7, args.device, compile=args.compile, desc="verifier DPO", grad_accum=args.grad_accum)
 
 
 # -----------------------------------------------------------------------------
@@ -279,9 +275,9 @@ def main(args):
         if not prefs:
             print("V-STaR: no question has both a correct and an incorrect sample; no verifier trained")
         else:
-            verifier, ref, loss = train_verifier({k: v.clone() for k, v in current.state_dict().items()}, config, tok, prefs, args)
+            verifier, loss = train_verifier(current, tok, prefs, args)
             model.save_checkpoint(path("verifier.pt"), verifier)
-            scorer = lambda q, texts: verifier_scores(verifier, ref, tok, q, texts, args.beta, args.device)
+            scorer = lambda q, texts: verifier_scores(verifier, current, tok, q, texts, args.beta, args.device)
             kept_eval = {}
             res = evaluate(current, scorer, kept_eval)
             golds, greedy, samples, scores = (kept_eval[k] for k in ("golds", "greedy", "samples", "scores"))
