@@ -77,9 +77,11 @@ def add_warm_start_args(parser):
 def add_run_args(parser, out_dir, compile_flag=True):
     g = parser.add_argument_group("optimization")
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    g.add_argument("--batch_size", type=int, default=32, help="sequences per training step")
+    g.add_argument("--batch_size", type=int, default=32, help="sequences per training step (under torchrun: split across the processes)")
     g.add_argument("--grad_accum", type=int, default=1, help="micro-batches of --batch_size per optimizer step")
     if compile_flag:
+        g.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model being fine-tuned across the GPUs "
+                       "(FSDP2) for weights, gradients and optimizer state that do not fit one; default: data parallel, a full copy each")
         g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
         g.add_argument("--compile_sampler", action="store_true", help="torch.compile the one-token decode step (CUDA graphs on a GPU); "
                        "each new batch shape compiles again, so it pays off only for long sampling at few shapes")
@@ -93,11 +95,89 @@ def add_run_args(parser, out_dir, compile_flag=True):
 
 
 def run_cli(main, args):
-    """Run a script's main; bad input (a data file, a checkpoint, a flag) ends it with one line and exit status 1."""
+    """
+    Run a script's main; bad input (a data file, a checkpoint, a flag) ends it with one line and
+    exit status 1. Under torchrun every rank runs it (see "several processes" below).
+    """
     try:
         return main(args)
     except (data.InputError, model.CheckpointError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        if distributed():
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# several processes: `torchrun --nproc_per_node N script.py ...`
+#
+# Every rank runs the whole script and holds the same data. Sampling, rationalization,
+# rollouts and evaluation split the prompts across ranks (prompt i goes to rank i % N) and
+# gather the results back in prompt order; each prompt's sampling noise comes from its own
+# counter-based key (model.noise_keys), so its samples do not depend on the rank or batch it
+# lands in. Training splits every micro-batch across ranks and averages the gradients (data
+# parallel), or shards the model (FSDP2, --fsdp); the global batch is the same for any N.
+# Rank 0 alone prints and writes files. Without torchrun none of this runs.
+
+
+def rank_world():
+    """(rank, number of processes): (0, 1) unless started by torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def distributed():
+    return rank_world()[1] > 1
+
+
+def is_main():
+    return rank_world()[0] == 0
+
+
+def barrier():
+    """Wait for every rank (after rank 0 wrote a file the others will read)."""
+    if distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def init_distributed(device):
+    """Join torchrun's process group: NCCL with one GPU per rank, else gloo on CPU. Returns this rank's device."""
+    import torch.distributed as dist
+
+    rank, world = rank_world()
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if device.startswith("cuda"):
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if not os.environ.get("OMP_NUM_THREADS"):  # the node's cores shared out, not each rank on all of them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if rank != 0:  # rank 0 speaks for the job; the others' errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
+        os.environ["TQDM_DISABLE"] = "1"
+    return device
+
+
+def gather_in_order(mine, n):
+    """Each rank's results for prompts rank, rank + N, ... -> the n results in prompt order, on every rank."""
+    rank, world = rank_world()
+    if world == 1:
+        return mine
+    import torch.distributed as dist
+
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    out = [None] * n
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -105,10 +185,20 @@ def run_cli(main, args):
 
 
 def write_atomic(path, text):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write text to path through a temporary file (rank 0 only; every rank waits for it)."""
+    if is_main():
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    barrier()
+
+
+def save_checkpoint(path, m, **meta):
+    """model.save_checkpoint on rank 0; every rank waits for it."""
+    if is_main():
+        model.save_checkpoint(path, m, **meta)
+    barrier()
 
 
 def write_rows(path, rows):
@@ -121,7 +211,8 @@ def read_rows(path):
 
 
 # settings that may change when a run is resumed: where and how it runs, not what it computes
-MAY_DIFFER_ON_RESUME = {"resume", "out_dir", "device", "threads", "gen_batch", "compile", "compile_sampler", "generate", "n_generate", "hide_thoughts"}
+MAY_DIFFER_ON_RESUME = {"resume", "out_dir", "device", "threads", "gen_batch", "compile", "compile_sampler", "generate", "n_generate",
+                        "hide_thoughts", "fsdp"}
 
 
 def open_run(out_dir, settings, resume, name):
@@ -130,7 +221,9 @@ def open_run(out_dir, settings, resume, name):
     there was made with the same settings. Prints the settings; returns path(filename).
     """
     cfg_path = os.path.join(out_dir, "config.json")
-    if os.path.exists(cfg_path):
+    exists = os.path.exists(cfg_path)
+    barrier()  # every rank has looked before rank 0 writes it
+    if exists:
         if not resume:
             raise data.InputError(f"{out_dir} already holds a run: pass --resume to continue it, or another --out_dir")
         with open(cfg_path) as f:
@@ -140,17 +233,24 @@ def open_run(out_dir, settings, resume, name):
         if diff:
             raise data.InputError(f"--resume with other settings than the run in {out_dir} (was, now): {diff}")
     else:
-        os.makedirs(out_dir, exist_ok=True)
+        if is_main():
+            os.makedirs(out_dir, exist_ok=True)
         write_atomic(cfg_path, json.dumps(settings, indent=2))
     print(f"nanostar {name}: {json.dumps(settings)}")
     return lambda filename: os.path.join(out_dir, filename)
 
 
 def setup_device(device, threads):
-    """The device to run on ('auto' picks cuda when there is one) after setting torch's CPU threads."""
+    """
+    The device to run on ('auto' picks cuda when there is one) after setting torch's CPU
+    threads; under torchrun also joins the process group (each rank gets its own GPU).
+    """
+    device = model.autodetect_device(device)
+    if distributed():
+        device = init_distributed(device)
     if threads:
         torch.set_num_threads(threads)
-    return model.autodetect_device(device)
+    return device
 
 
 # -----------------------------------------------------------------------------
@@ -219,24 +319,29 @@ def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, to
     time. share_prefix: each prompt is prefilled once for its k samples (else recomputed for
     each; same samples, for comparison). stop_text: a completion ends (finished) where this
     text first appears, as a base model under a few-shot prompt goes on to write the next
-    exemplar. Returns len(prompts) lists of k (text, finished).
+    exemplar. Sample j of prompt i draws its noise from the key (seed, i, j) alone, so it is
+    the same for any batch_size and any number of processes (which split the prompts).
+    Returns len(prompts) lists of k (text, finished).
     """
     from tqdm import tqdm
 
     m = model.sampling_copy(m)  # bf16 weights on a GPU
-    g = model.make_generator(seed, m.lm_head.weight.device)
-    ids = [tok.encode(p) for p in prompts]
+    device = m.lm_head.weight.device
+    rank, world = rank_world()
+    mine = list(range(rank, len(prompts), world))  # this process's prompts
+    ids = [tok.encode(prompts[i]) for i in mine]
     out = []
     per_batch = max(1, batch_size // k)
     for i in tqdm(range(0, len(ids), per_batch), desc=desc, leave=False, disable=None):
         chunk = ids[i : i + per_batch]
+        keys = model.noise_keys(seed, mine[i : i + per_batch], k, device)
         max_new = min(max_new_tokens, m.config.block_size - max(len(p) for p in chunk))
         if share_prefix:
-            s = model.generate(m, chunk, max_new, temperature, top_k, tok.stop_tokens, g, num_samples=k, vocab_limit=tok.vocab_size,
-                               compile=compile)
+            s = model.generate(m, chunk, max_new, temperature, top_k, tok.stop_tokens, num_samples=k, vocab_limit=tok.vocab_size,
+                               compile=compile, keys=keys)
         else:
-            s = model.generate(m, [p for p in chunk for _ in range(k)], max_new, temperature, top_k, tok.stop_tokens, g,
-                               vocab_limit=tok.vocab_size, compile=compile)
+            s = model.generate(m, [p for p in chunk for _ in range(k)], max_new, temperature, top_k, tok.stop_tokens,
+                               vocab_limit=tok.vocab_size, compile=compile, keys=keys)
         texts = [tok.decode(c) for c in s.completions()]
         fin = s.finished.tolist()
         if stop_text:
@@ -244,20 +349,29 @@ def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, to
             texts = [t.split(stop_text)[0] for t in texts]
         for j in range(len(chunk)):
             out.append(list(zip(texts[j * k : (j + 1) * k], fin[j * k : (j + 1) * k])))
-    return out
+    return gather_in_order(out, len(prompts))
 
 
 # -----------------------------------------------------------------------------
 # training from the base weights: SFT and DPO
 
 
-def fine_tune(base_state, config, pairs, steps, lr, batch_size, seed, device, compile=False, desc="fine-tune", grad_accum=1):
-    """A fresh copy of the base weights fine-tuned on (prompt_ids, completion_ids) pairs. Returns (model, last loss)."""
+def fine_tune(base_state, config, pairs, steps, lr, batch_size, seed, device, compile=False, desc="fine-tune", grad_accum=1,
+              fsdp=False):
+    """
+    A fresh copy of the base weights fine-tuned on (prompt_ids, completion_ids) pairs. Returns
+    (model, last loss). Under torchrun every micro-batch of batch_size is split across the
+    processes (rows rank, rank + N, ...), so the global batch is the same for any N; fsdp:
+    the model is sharded over them (FSDP2) while it trains.
+    """
     torch.manual_seed(seed)
     m = model.GPT(config).to(device)
     m.load_state_dict(base_state)
     rng = random.Random(seed)
     order = []
+    rank, world = rank_world()
+    if batch_size < world:
+        raise data.InputError(f"--batch_size {batch_size} is smaller than the {world} processes it is split across")
 
     def get_batch(step, micro):
         batch = []
@@ -265,11 +379,48 @@ def fine_tune(base_state, config, pairs, steps, lr, batch_size, seed, device, co
             if not order:  # shuffled epochs: every example is seen once before any is seen twice
                 order.extend(rng.sample(range(len(pairs)), len(pairs)))
             batch.append(pairs[order.pop()])
-        return data.collate(batch, config.block_size, device)
+        x, y = data.collate(batch, config.block_size, device)  # the same global micro-batch on every rank
+        if world == 1:
+            return x, y
+        n_tokens = (y != -1).sum()
+        x, y = x[rank::world], y[rank::world]
+        return x, y, world * (y != -1).sum() / n_tokens  # this rank's share of the batch's tokens, times N
 
-    cfg = model.TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), compile=compile, grad_accum=grad_accum)
-    losses = model.train(m, get_batch, cfg, desc=desc)
-    return m, losses[-1] if losses else float("nan")
+    loss_fn = model.lm_loss if world == 1 else lambda m, b: (model.lm_loss(m, b[:2])[0] * b[2], {})
+    cfg = model.TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), compile=compile, grad_accum=grad_accum,
+                            parallel=parallel_mode(m, fsdp))
+    losses = model.train(m, get_batch, cfg, loss_fn=loss_fn, desc=desc)
+    return unsharded(m, config, fsdp), losses[-1] if losses else float("nan")
+
+
+def parallel_mode(m, fsdp):
+    """How model.train runs across processes: "" alone, "ddp", or "fsdp" (sharding m in place, FSDP2: each block, then the rest)."""
+    if not distributed():
+        return ""
+    if not fsdp:
+        return "ddp"
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    # GPT.forward returns views (logits, per-token losses); nothing here writes into them in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for block in m.layers:
+        fully_shard(block)
+    fully_shard(m)
+    return "fsdp"
+
+
+def unsharded(m, config, fsdp):
+    """After FSDP training: a plain model with the full weights on every rank (to sample from and save); else m itself."""
+    if not (fsdp and distributed()):
+        return m
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True))
+    full = model.GPT(config).to(m.lm_head.weight.device)
+    full.load_state_dict(state)
+    return full.eval()
 
 
 @torch.no_grad()
@@ -286,12 +437,13 @@ def reference_logprobs(ref, pairs, batch_size, device):
 
 
 def dpo_train(base_state, config, pairs, steps, lr, beta, batch_size, seed, device, sft_weight=0.0, compile=False, desc="DPO",
-              grad_accum=1):
+              grad_accum=1, fsdp=False):
     """
     DPO from the base weights; the frozen base model is the reference, its log-probs computed
     once before training. pairs: (chosen, rejected), each a (prompt_ids, completion_ids) as
     from data.encode_example (a completion without <|endoftext|> is a partial solution).
-    batch_size sequences a step (half the pairs' sides). Returns (model, last loss).
+    batch_size sequences a step (half the pairs' sides), split across processes by pairs
+    under torchrun. Returns (model, last loss).
     """
     ref = model.GPT(config).to(device)
     ref.load_state_dict(base_state)
@@ -302,16 +454,30 @@ def dpo_train(base_state, config, pairs, steps, lr, beta, batch_size, seed, devi
     m.load_state_dict(base_state)
     rng = random.Random(seed)
     n = max(1, min(batch_size // 2, len(pairs)))
+    rank, world = rank_world()
+    if n < world:
+        raise data.InputError(f"{n} pairs a step cannot be split across {world} processes: pass a larger --batch_size")
 
     def get_batch(step, micro):
-        idx = rng.sample(range(len(pairs)), n)
+        idx = rng.sample(range(len(pairs)), n)  # the same global micro-batch on every rank
         x, y = data.collate([pairs[i][0] for i in idx] + [pairs[i][1] for i in idx], config.block_size, device)
-        return x, y, ref_lp[idx].to(device)
+        if world == 1:
+            return x, y, ref_lp[idx].to(device)
+        mine = list(range(rank, n, world))  # this rank's pairs: both sides of each
+        rows = mine + [n + i for i in mine]
+        chosen_tokens = (y[:n] != -1).sum()
+        x, y = x[rows], y[rows]
+        scales = world * len(mine) / n, world * (y[: len(mine)] != -1).sum() / chosen_tokens
+        return x, y, ref_lp[[idx[i] for i in mine]].to(device), scales
 
-    loss_fn = lambda m, batch: model.dpo_sft_loss(m, *batch, beta=beta, sft_weight=sft_weight)
-    cfg = model.TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), compile=compile, grad_accum=grad_accum)
+    def loss_fn(m, batch):
+        pair_scale, token_scale = batch[3] if world > 1 else (1.0, 1.0)
+        return model.dpo_sft_loss(m, *batch[:3], beta=beta, sft_weight=sft_weight, pair_scale=pair_scale, token_scale=token_scale)
+
+    cfg = model.TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), compile=compile, grad_accum=grad_accum,
+                            parallel=parallel_mode(m, fsdp))
     losses = model.train(m, get_batch, cfg, loss_fn=loss_fn, desc=desc)
-    return m, losses[-1] if losses else float("nan")
+    return unsharded(m, config, fsdp), losses[-1] if losses else float("nan")
 
 
 # -----------------------------------------------------------------------------
@@ -422,13 +588,13 @@ def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device,
         return base
     if init:
         base, _ = model.load_checkpoint(init, device)
-        model.save_checkpoint(path, base)
+        save_checkpoint(path, base)
         return base
     torch.manual_seed(seed)
     init_state = model.GPT(config).state_dict()
     pairs = data.seed_pairs(tok, seed_set, answer_only)
     base, loss = fine_tune(init_state, config, pairs, steps, lr, batch_size, seed, device, compile, "warm start")
-    model.save_checkpoint(path, base)
+    save_checkpoint(path, base)
     print(f"warm start: {base.num_params():,} parameters, {steps} steps, loss {loss:.4f}, {time.time() - t0:.0f}s")
     return base
 

@@ -343,8 +343,13 @@ class GPT(nn.Module):
 # sampling
 
 
-def sample_next_token(logits, generator=None, temperature=1.0, top_k=None):
-    """logits (B, V) -> (B,) token ids. temperature 0 means argmax; top_k keeps the k largest."""
+def sample_next_token(logits, generator=None, temperature=1.0, top_k=None, uniform=None):
+    """
+    logits (B, V) -> (B,) token ids. temperature 0 means argmax; top_k keeps the k largest.
+    uniform: (B,) numbers in (0, 1), one per row, from `counter_uniform`: the token is where
+    it falls in the row's cumulative distribution (inverse-CDF sampling), so a row's token
+    depends on its own logits and number only; else torch.multinomial with `generator`.
+    """
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -352,7 +357,41 @@ def sample_next_token(logits, generator=None, temperature=1.0, top_k=None):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if uniform is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.double().cumsum(dim=-1)  # float64: the sum over a 150k vocab stays exact enough
+    u = (uniform.double() * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=logits.size(-1) - 1)
+
+
+# Counter-based sampling noise: a row's random numbers are a hash of (its key, the token
+# position), not draws from a generator shared by the batch, so the samples of a question do
+# not depend on the batch, the batch size or the process it lands in. The hash works on
+# 32-bit values held in int64, where every product stays below 2**63 (no overflow on any device).
+
+_M32 = 0xFFFFFFFF
+
+
+def hash32(x):
+    """An integer hash (two multiply-xorshift rounds) of int64 values, elementwise, to [0, 2**32)."""
+    x = x & _M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    return (x >> 16) ^ x
+
+
+def noise_keys(seed, rows, samples, device="cpu"):
+    """(len(rows) * samples,) int64 keys, prompt-major like `generate`'s rows: row r's sample j is hash(seed, r, j)."""
+    r = torch.as_tensor(rows, dtype=torch.long, device=device)
+    base = hash32(hash32(torch.full_like(r, seed & _M32)) ^ r)
+    j = torch.arange(samples, dtype=torch.long, device=device)
+    return hash32(hash32(base[:, None]) ^ j).flatten()
+
+
+def counter_uniform(keys, step):
+    """(B,) uniforms in (0, 1) for token `step` of rows with these keys."""
+    h = hash32(keys ^ hash32(torch.full_like(keys, step + 0x9E3779B9)))
+    return (h.double() + 0.5) / 2.0**32
 
 
 @dataclass
@@ -424,6 +463,7 @@ def generate(
     return_logprobs=False,
     vocab_limit=None,
     compile=False,
+    keys=None,
 ):
     """
     KV-cached batched sampling. prompts: a list of token-id lists of any lengths.
@@ -434,7 +474,9 @@ def generate(
     beyond its tokenizer, as Qwen2.5's 151,936 rows for 151,665 tokens). compile: run the
     one-token decode step through torch.compile over a StaticKVCache (CUDA graphs on a GPU);
     worth it only when the same shapes are sampled many times, since each new batch or
-    length shape compiles again.
+    length shape compiles again. keys: (len(prompts) * num_samples,) int64 noise keys (see
+    `noise_keys`): each row's noise comes from its key and position (`counter_uniform`), so
+    a row samples the same tokens in any batch; without keys, `generator` draws the noise.
     """
     device = model.lm_head.weight.device
     stops, pad_id = _stops(stop_token, device)
@@ -460,7 +502,8 @@ def generate(
     n = 0
     for n in range(max_new_tokens):
         logits = _limit(logits, vocab_limit)
-        tok = sample_next_token(logits, generator, temperature, top_k)
+        u = counter_uniform(keys, n) if keys is not None and temperature > 0 else None
+        tok = sample_next_token(logits, generator, temperature, top_k, u)
         tok = tok.masked_fill(done, pad_id)
         out[:, n] = tok
         out_mask[:, n] = ~done
@@ -524,7 +567,8 @@ def compiled_decode_step(device):
 
 
 @torch.no_grad()
-def generate_reference(model, prompts, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, generator=None, vocab_limit=None):
+def generate_reference(model, prompts, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, generator=None, vocab_limit=None,
+                       keys=None):
     """
     The plain path: no cache, the whole sequence re-run for every new token (O(T^2) work).
     Same left padding and sampling as `generate`, so with the same seed it must give the same
@@ -544,7 +588,8 @@ def generate_reference(model, prompts, max_new_tokens, temperature=1.0, top_k=No
         mask = ((valid[:, None, :T] & causal[:T, :T]) | eye[:T, :T])[:, None]  # (B, 1, T, T)
         with autocast(device):
             logits, _ = model(tokens[:, :T], pos=pos[:, :T], mask=mask)
-        tok = sample_next_token(_limit(logits[:, -1], vocab_limit), generator, temperature, top_k).masked_fill(done, pad_id)
+        u = counter_uniform(keys, n) if keys is not None and temperature > 0 else None
+        tok = sample_next_token(_limit(logits[:, -1], vocab_limit), generator, temperature, top_k, u).masked_fill(done, pad_id)
         tokens[:, T] = tok
         valid[:, T] = True
         pos[:, T] = pos[:, T - 1] + 1
@@ -592,7 +637,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     return losses.mean(), metrics
 
 
-def dpo_sft_loss(model, x, y, ref_logprobs, beta, sft_weight=0.0):
+def dpo_sft_loss(model, x, y, ref_logprobs, beta, sft_weight=0.0, pair_scale=1.0, token_scale=1.0):
     """
     DPO plus an optional SFT term on the chosen side, on one forward of a batch of pairs:
 
@@ -600,13 +645,16 @@ def dpo_sft_loss(model, x, y, ref_logprobs, beta, sft_weight=0.0):
 
     x, y: (2n, T) from data.collate, rows 0..n-1 the chosen and n..2n-1 the rejected side of
     the same n pairs; ref_logprobs: (n, 2) the frozen reference's summed log-probs (chosen,
-    rejected). The SFT term is the mean token NLL of the chosen completions.
+    rejected). The SFT term is the mean token NLL of the chosen completions. pair_scale and
+    token_scale multiply the two means: a process holding part of a batch weighs its part by
+    its share of the pairs and of the chosen tokens (times the number of processes).
     """
     n = x.size(0) // 2
     lp = sequence_logprobs(model, x, y)  # (2n,)
     loss, metrics = dpo_loss(lp[:n], lp[n:], ref_logprobs[:, 0], ref_logprobs[:, 1], beta)
+    loss = loss * pair_scale
     if sft_weight:
-        loss = loss + sft_weight * -lp[:n].sum() / (y[:n] != -1).sum()
+        loss = loss + sft_weight * token_scale * -lp[:n].sum() / (y[:n] != -1).sum()
     return loss, metrics
 
 
@@ -623,6 +671,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float = 1.0  # max grad norm (0 = off)
     compile: bool = False  # torch.compile the model for training
+    parallel: str = ""  # under torchrun: "ddp" averages gradients over ranks; "fsdp": the model is FSDP2-sharded
 
 
 def get_lr(step, cfg):
@@ -648,6 +697,11 @@ def train(model, get_batch, cfg, loss_fn=lm_loss, params=None, desc="train", log
     Returns the per-step losses as a list of floats. Losses and metrics stay on the device
     until a step is logged (every log_every steps, and the last), where .item() is the one
     CPU-GPU sync; the losses are fetched once at the end.
+    Several processes (cfg.parallel): each one's get_batch returns its part of the step's
+    batch with a loss already weighted so that the mean over processes is the whole batch's
+    loss; "ddp": gradients are averaged over processes before the update (the arithmetic of
+    DistributedDataParallel, written out so that any forward path works, as Quiet-STaR's);
+    "fsdp": FSDP2 reduces them itself. The returned losses are the whole batch's.
     """
     from tqdm import tqdm
 
@@ -656,7 +710,7 @@ def train(model, get_batch, cfg, loss_fn=lm_loss, params=None, desc="train", log
     # weight decay 0: these are short fine-tunes from a good start, not pretraining
     decay, no_decay = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay}], lr=cfg.lr, betas=(0.9, 0.95),
-                            weight_decay=0.0, fused=device.type == "cuda")
+                            weight_decay=0.0, fused=device.type == "cuda" and cfg.parallel != "fsdp")
     fwd = torch.compile(model) if cfg.compile else model
     model.train()
     losses = []
@@ -673,6 +727,8 @@ def train(model, get_batch, cfg, loss_fn=lm_loss, params=None, desc="train", log
                 loss, metrics = loss_fn(fwd, batch)
             (loss / cfg.grad_accum).backward()
             total += loss.detach()
+        if cfg.parallel == "ddp":
+            _all_reduce_mean([p.grad for p in decay + no_decay if p.grad is not None])
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(decay + no_decay, cfg.grad_clip)
         opt.step()
@@ -685,7 +741,21 @@ def train(model, get_batch, cfg, loss_fn=lm_loss, params=None, desc="train", log
                 extra = " ".join(f"{k} {float(v):.4f}" for k, v in metrics.items())
                 print(f"{desc} step {step}/{cfg.steps} loss {loss_value:.4f} {extra}")
     model.eval()
-    return torch.stack(losses).tolist() if losses else []
+    if not losses:
+        return []
+    losses = torch.stack(losses)
+    if cfg.parallel:
+        _all_reduce_mean([losses])
+    return losses.tolist()
+
+
+def _all_reduce_mean(tensors):
+    """Every process's tensors replaced, in place, by their mean over the processes (SUM then divide: gloo has no AVG)."""
+    import torch.distributed as dist
+
+    for work in [dist.all_reduce(t, async_op=True) for t in tensors]:
+        work.wait()
+    torch._foreach_mul_(tensors, 1.0 / dist.get_world_size())
 
 
 # -----------------------------------------------------------------------------

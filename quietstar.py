@@ -381,23 +381,32 @@ def train_arm(gpt, head, ids, mask, steps, args, tok, thoughts, seed, desc, log=
     V = gpt.config.vocab_size
     params = list(gpt.parameters()) + (list(head.parameters()) if thoughts else [])
 
+    rank, world = loop.rank_world()
+    if args.batch_size < world:
+        raise data.InputError(f"--batch_size {args.batch_size} is smaller than the {world} processes it is split across")
+
     def get_batch(step, micro):
-        x, _ = random_chunks(ids, mask, args.seq_len, args.batch_size, rng)
-        noise = gumbel((args.batch_size * args.n_thoughts, args.thought_len, args.seq_len, V), g, args.device) if thoughts else None
-        return x.to(args.device), noise
+        B, N = args.batch_size, args.n_thoughts
+        x, _ = random_chunks(ids, mask, args.seq_len, B, rng)
+        noise = gumbel((B * N, args.thought_len, args.seq_len, V), g, args.device) if thoughts else None
+        if world == 1:
+            return x.to(args.device), noise, 1.0
+        rows = list(range(rank, B, world))  # under torchrun: this rank's rows of the batch (and their thoughts' noise);
+        noise = noise.view(B, N, *noise.shape[1:])[rows].flatten(0, 1) if thoughts else None
+        return x[rows].to(args.device), noise, world * len(rows) / B  # every loss term is a mean over rows
 
     def loss_fn(m, batch):
-        x, noise = batch
+        x, noise, share = batch
         if not thoughts:
             logits, _ = gpt(x)
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
-            return loss, {"nll_base": loss.detach()}
+            return loss * share, {"nll_base": loss.detach()}
         loss, metrics, _ = quietstar_loss(gpt, head, x, args, tok, noise)
         if log is not None:
             log.append(metrics)
-        return loss, metrics
+        return loss * share, metrics
 
-    cfg = model.TrainConfig(steps=steps, lr=args.lr, warmup=min(50, steps // 10))
+    cfg = model.TrainConfig(steps=steps, lr=args.lr, warmup=min(50, steps // 10), parallel="ddp" if world > 1 else "")
     return model.train(gpt, get_batch, cfg, loss_fn=loss_fn, params=params, desc=desc, log_every=max(1, steps // 5) if thoughts else 0)
 
 
@@ -448,13 +457,13 @@ def main(args):
         base = model.load_pretrained(init, args.device, block)
     elif init:
         base, _ = model.load_checkpoint(init, args.device)
-        model.save_checkpoint(path("pretrained.pt"), base)
+        loop.save_checkpoint(path("pretrained.pt"), base)
     else:
         torch.manual_seed(args.seed)
         base = GPT(cfg).to(args.device)
         t0 = time.time()
         train_arm(base, None, ids, mask, args.pretrain_steps, args, tok, False, args.seed, "pretrain")
-        model.save_checkpoint(path("pretrained.pt"), base)
+        loop.save_checkpoint(path("pretrained.pt"), base)
         print(f"pretrained {base.num_params():,} parameters for {args.pretrain_steps} steps in {time.time() - t0:.0f}s")
     add_thought_tokens(base, tok)  # a pretrained tokenizer has none: two new rows
     cfg = base.config
@@ -483,7 +492,7 @@ def main(args):
             k = max(1, len(log) // 5)
             res["trajectory"] = [{key: float(sum(r[key] for r in log[i : i + k]) / len(log[i : i + k])) for key in log[0]} | {"step": i}
                                  for i in range(0, len(log), k)]
-            model.save_checkpoint(path("thoughts.pt"), gpt, head=head.state_dict(), thought_tokens=[tok.start_thought, tok.end_thought])
+            loop.save_checkpoint(path("thoughts.pt"), gpt, head=head.state_dict(), thought_tokens=[tok.start_thought, tok.end_thought])
             g = torch.Generator().manual_seed(args.seed)
             prompt_text = args.generate or corpus_text(test[:1], args.dataset).split("=")[0] + "="
             res["sample"] = generate_thinking(gpt, head, tok, prompt_text, 12, args, g)

@@ -176,7 +176,8 @@ def train_verifier(generator, tok, pairs, args):
     """DPO from the generator after its last fine-tune (the paper starts from its SFT model), which is also the frozen reference."""
     enc = [(data.encode_example(tok, q, g), data.encode_example(tok, q, b)) for q, g, b in pairs]
     return loop.dpo_train(generator.state_dict(), generator.config, enc, args.verifier_steps, args.lr / 3, args.beta, args.batch_size,
-                          args.seed + 7, args.device, compile=args.compile, desc="verifier DPO", grad_accum=args.grad_accum)
+                          args.seed + 7, args.device, compile=args.compile, desc="verifier DPO", grad_accum=args.grad_accum,
+                          fsdp=args.fsdp)
 
 
 # -----------------------------------------------------------------------------
@@ -246,11 +247,11 @@ def main(args):
         pairs = seed_pairs + [data.encode_example(tok, r["question"], r["completion"]) for r in kept]
         t1 = time.time()
         current, loss = loop.fine_tune(base_state, config, pairs, steps, args.lr, args.batch_size, args.seed + it, args.device,
-                                       args.compile, f"iter {it} fine-tune", args.grad_accum)
+                                       args.compile, f"iter {it} fine-tune", args.grad_accum, args.fsdp)
         t2 = time.time()
         res = evaluate(current)
         stats = {**stats, "time_fine_tune": t2 - t1, "time_evaluate": time.time() - t2}
-        model.save_checkpoint(path("model.pt"), current, iter=it, tokenizer_dir=init if loop.is_pretrained(init) else None)
+        loop.save_checkpoint(path("model.pt"), current, iter=it, tokenizer_dir=init if loop.is_pretrained(init) else None)
         row = {"iter": it, **res, **stats, "steps": steps, "loss": loss, "time": time.time() - t0}
         metrics.append(row)
         loop.write_rows(path("metrics.jsonl"), metrics)
@@ -276,7 +277,7 @@ def main(args):
             print("V-STaR: no question has both a correct and an incorrect sample; no verifier trained")
         else:
             verifier, loss = train_verifier(current, tok, prefs, args)
-            model.save_checkpoint(path("verifier.pt"), verifier)
+            loop.save_checkpoint(path("verifier.pt"), verifier)
             scorer = lambda q, texts: verifier_scores(verifier, current, tok, q, texts, args.beta, args.device)
             kept_eval = {}
             res = evaluate(current, scorer, kept_eval)

@@ -225,15 +225,16 @@ def main(args):
     if args.variant == "rft":
         enc = data.seed_pairs(tok, seed_set) + [data.encode_example(tok, r["question"], r["completion"]) for r in train_rows]
         m, loss = loop.fine_tune(base_state, config, enc, args.train_steps, args.lr, args.batch_size, args.seed + 2, args.device,
-                                 args.compile, "RFT", args.grad_accum)
+                                 args.compile, "RFT", args.grad_accum, args.fsdp)
         n_train = len(train_rows)
     else:
         enc = [(data.encode_example(tok, p["question"], p["chosen"]),
                 data.encode_example(tok, p["question"], p["rejected"], complete=p["rejected_complete"])) for p in pairs]
         m, loss = loop.dpo_train(base_state, config, enc, args.train_steps, args.dpo_lr, args.beta, args.batch_size, args.seed + 2,
-                                 args.device, args.sft_weight, args.compile, f"{args.variant} DPO", args.grad_accum)
+                                 args.device, args.sft_weight, args.compile, f"{args.variant} DPO", args.grad_accum,
+                                 args.fsdp)
         n_train = len(pairs)
-    model.save_checkpoint(path("model.pt"), m)
+    loop.save_checkpoint(path("model.pt"), m)
     base_acc, acc = accuracy(base), accuracy(m)
     res = {"variant": args.variant, "samples_per_question": args.samples, "synthetic_samples": len(samples), "steps": args.train_steps,
            "train_examples": n_train, "sft_acc": base_acc, "acc": acc, "loss": loss, "train_time": time.time() - t0}

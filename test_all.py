@@ -687,11 +687,11 @@ def test_sampled_q_values_strictly_between_0_and_1_match_the_no_cache_path(monke
     recomputed = stepdpo.mc_q_values(m, tok, items, args, seed=4, share_prefix=False)
     assert shared == recomputed
     assert any(0 < v < 1 for q in shared for v in q), "hashed grades should give Q values strictly between 0 and 1"
-    # the same Q values from the no-cache sampler: every prefix repeated K times, one batch, same seed
+    # the same Q values from the no-cache sampler: every prefix repeated K times, one batch, the same noise keys
     prefixes = [data.prompt(q) + "".join(steps[: i + 1]) for q, _, steps, _ in items for i in range(len(steps) - 1)]
     K = args.rollouts
     conts = model.generate_reference(m, [tok.encode(p) for p in prefixes for _ in range(K)], 10, temperature=1.0,
-                                     stop_token=tok.eot, generator=torch.Generator().manual_seed(4))
+                                     stop_token=tok.eot, keys=model.noise_keys(4, range(len(prefixes)), K))
     want = [sum(data.sample_correct(p + tok.decode(c), True, "") for c in conts[n * K : (n + 1) * K]) / K for n, p in enumerate(prefixes)]
     assert [v for q in shared for v in q[:-1]] == want
 
@@ -1163,3 +1163,125 @@ def test_the_compiled_static_decode_step_gives_exactly_the_eager_tokens():
     g = lambda: torch.Generator().manual_seed(7)
     sampled = model.generate(m, RAGGED, 15, temperature=1.0, generator=g(), num_samples=2, compile=True).completions()
     assert sampled == model.generate(m, RAGGED, 15, temperature=1.0, generator=g(), num_samples=2).completions()
+
+
+# -----------------------------------------------------------------------------
+# counter-based sampling noise, and several processes (torchrun, gloo on CPU)
+
+
+def test_counter_noise_gives_a_row_the_same_samples_in_any_batch():
+    m = tiny_model(vocab_size=40)
+    keys = model.noise_keys(7, range(len(RAGGED)), 3)
+    together = model.generate(m, RAGGED, 12, temperature=1.0, num_samples=3, keys=keys).completions()
+    for i, p in enumerate(RAGGED):  # each prompt alone, with its own rows' keys
+        alone = model.generate(m, [p], 12, temperature=1.0, num_samples=3, keys=keys[3 * i : 3 * i + 3]).completions()
+        assert alone == together[3 * i : 3 * i + 3]
+    assert model.generate_reference(m, [p for p in RAGGED for _ in range(3)], 12, temperature=1.0, keys=keys) == together
+    assert len({tuple(c) for c in together}) > len(RAGGED)  # the samples of one prompt differ from each other
+    other = model.generate(m, RAGGED, 12, temperature=1.0, num_samples=3, keys=model.noise_keys(8, range(len(RAGGED)), 3))
+    assert other.completions() != together
+
+
+def test_loop_sample_is_the_same_for_any_gen_batch():
+    m, tok = tiny_model(vocab_size=260, block_size=64), Tokenizer()
+    prompts = [data.prompt(f"{a}+{a * 7}") for a in range(9)]
+    runs = [loop.sample(m, tok, prompts, 3, 1.0, 10, b, seed=5) for b in (3, 7, 512)]
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_counter_uniform_sampling_follows_the_distribution():
+    logits = torch.tensor([2.0, 0.0, 1.0, -1.0, 0.5])
+    n = 40000
+    u = model.counter_uniform(model.noise_keys(3, range(n), 1), 5)
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+    tok = model.sample_next_token(logits.expand(n, 5), temperature=1.0, uniform=u)
+    freq = torch.bincount(tok, minlength=5).double() / n
+    p = F.softmax(logits.double(), -1)
+    assert (freq - p).abs().max() < 4 * (p * (1 - p) / n).sqrt().max()  # within 4 standard errors
+    top2 = model.sample_next_token(logits.expand(n, 5), temperature=1.0, top_k=2, uniform=u)
+    assert set(top2.tolist()) == {0, 2}
+
+
+def torchrun(args, tmp_path, timeout=240):
+    """Run `torchrun --standalone --nproc_per_node 2 args` (gloo on CPU) from the repository; return the finished process."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+                          cwd=os.path.dirname(os.path.abspath(__file__)), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+TINY_TORCHRUN = ["--n_train", "60", "--n_test", "16", "--max_digits", "1", "--n_seed", "20", "--n_layer", "1", "--n_embd", "32",
+                 "--batch_size", "16", "--lr", "1e-2", "--steps", "20", "--iters", "1", "--samples", "2", "--temperature", "1.0",
+                 "--eval_samples", "4", "--device", "cpu"]
+
+
+def test_two_processes_keep_the_same_rationales_as_one(tmp_path):
+    # one warm start for both runs, made here; then iteration 1 in one process and under torchrun with two
+    star.main(star.get_args(TINY_TORCHRUN + ["--warm_steps", "150", "--iters", "0", "--threads", "1", "--out_dir", str(tmp_path / "w")]))
+    run = TINY_TORCHRUN + ["--init", str(tmp_path / "w" / "base.pt")]
+    one = star.main(star.get_args(run + ["--threads", "1", "--out_dir", str(tmp_path / "one")]))
+    p = torchrun(["star.py", *run, "--out_dir", str(tmp_path / "two")], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    kept = [loop.read_rows(tmp_path / d / "iter1_kept.jsonl") for d in ("one", "two")]
+    assert kept[0] == kept[1] and 0 < len(kept[0])
+    rationalized = sum(r["rationalized"] for r in kept[0])
+    assert 0 < rationalized < len(kept[0])  # both kinds of kept rows are compared
+    two = loop.read_rows(tmp_path / "two" / "metrics.jsonl")
+    for key in ("acc", "maj@4", "pass@4", "kept", "solved"):
+        assert one[-1][key] == two[-1][key], key
+    assert two[-1]["loss"] == pytest.approx(one[-1]["loss"], rel=1e-4)  # the data-parallel fine-tune
+
+
+FIT_SCRIPT = """
+import sys, torch
+import data, loop, model
+out, fsdp = sys.argv[1], sys.argv[2] == "fsdp"
+loop.setup_device("cpu", 1)
+tok = data.Tokenizer()
+pairs = data.seed_pairs(tok, data.arithmetic_task(40, 4, 1, 3, 0)[0])
+cfg = model.GPTConfig(block_size=128, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+torch.manual_seed(0)
+base = model.GPT(cfg).state_dict()
+m, loss = loop.fine_tune(base, cfg, pairs, 6, 3e-3, 10, 1, "cpu", grad_accum=2, fsdp=fsdp)
+dpo_pairs = [(pairs[i], pairs[i + 1]) for i in range(0, len(pairs) - 1, 2)]
+d, dpo_loss = loop.dpo_train(base, cfg, dpo_pairs, 5, 1e-3, 0.1, 10, 1, "cpu", sft_weight=0.5, fsdp=fsdp)
+if loop.is_main():
+    torch.save({"sft": m.state_dict(), "sft_loss": loss, "dpo": d.state_dict(), "dpo_loss": dpo_loss}, out)
+loop.run_cli(lambda args: None, None)
+"""
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_data_parallel_and_sharded_training_match_one_process(tmp_path, mode):
+    import runpy
+    import sys
+
+    script = tmp_path / "fit.py"
+    script.write_text(FIT_SCRIPT)
+    argv = sys.argv
+    try:
+        sys.argv = [str(script), str(tmp_path / "one.pt"), "none"]
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    p = torchrun([str(script), str(tmp_path / "two.pt"), mode], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, two = (torch.load(tmp_path / f, weights_only=True) for f in ("one.pt", "two.pt"))
+    for kind in ("sft", "dpo"):  # 6 SFT steps of 2 micro-batches, 5 DPO(+SFT) steps: split over 2 processes, same updates
+        assert two[f"{kind}_loss"] == pytest.approx(one[f"{kind}_loss"], rel=1e-5)
+        for k in one[kind]:
+            torch.testing.assert_close(two[kind][k], one[kind][k], rtol=0, atol=1e-4)
+
+
+def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text("import loop\nloop.setup_device('cpu', 1)\nrank, _ = loop.rank_world()\n"
+                      "if rank == 1:\n    raise RuntimeError('rank 1 fails on purpose')\n"
+                      "loop.gather_in_order(['waits for rank 1'], 2)\n")
+    t = time.time()
+    p = torchrun([str(script)], tmp_path, timeout=120)
+    assert p.returncode != 0
+    assert "rank 1 fails on purpose" in p.stdout + p.stderr
+    assert time.time() - t < 100
