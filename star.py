@@ -10,7 +10,8 @@ V-STaR (Hosseini et al. 2024) as modes. The model learns to reason from its own 
        rationales that reach it, stored *without* the hint
     3. fine-tune from the base weights (not the last iteration's) on the kept rationales (plus
        the seed examples when they are not in the prompt), with a step budget that grows each iteration
-    4. evaluate on the test set; repeat until accuracy stops improving or --iters
+    4. evaluate on the validation split (--n_val training questions never trained on) and the
+       test set; repeat until validation accuracy stops improving or --iters
 
 Which prompt each phase uses:
 - from scratch: generation and evaluation "Q: <question>\nA:\n"; rationalization adds
@@ -65,7 +66,9 @@ def get_args(argv=None):
     loop.add_warm_start_args(p)
     g = p.add_argument_group("STaR")
     g.add_argument("--iters", type=int, default=5, help="most STaR iterations")
-    g.add_argument("--patience", type=int, default=2, help="stop after this many iterations without a better test accuracy")
+    g.add_argument("--patience", type=int, default=2, help="stop after this many iterations without a better validation accuracy")
+    g.add_argument("--n_val", type=int, default=200, help="training questions held out as the validation split (never trained "
+                   "on): it decides when to stop, and settings are chosen on it, never on the test set")
     g.add_argument("--steps", type=int, default=400, help="fine-tuning steps of the first iteration")
     g.add_argument("--step_growth", type=float, default=1.2, help="the step budget is multiplied by this each iteration")
     g.add_argument("--no_rationalize", action="store_true", help="ablation: do not rationalize failed questions")
@@ -196,6 +199,11 @@ def main(args):
     seed_set, questions, test, args.max_new_tokens = loop.prepare_task(
         *loop.task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset, n_shots)
     shots = seed_set[:n_shots]
+    if not 0 < args.n_val < len(questions):
+        raise data.InputError(f"--n_val {args.n_val}: need between 1 and {len(questions) - 1} of the {len(questions)} training questions")
+    val, questions = questions[-args.n_val :], questions[: -args.n_val]
+    validate = lambda m: loop.evaluate(m, tok, val, args.seed, args.max_new_tokens, args.gen_batch, 0, prefix=data.few_shot_prefix(shots),
+                                       compile=args.compile_sampler)["acc"]
     evaluate = lambda m, scorer=None, keep=None: loop.evaluate(m, tok, test, args.seed, args.max_new_tokens, args.gen_batch, args.eval_samples,
                                                                args.eval_temperature, scorer, data.few_shot_prefix(shots), keep,
                                                                args.compile_sampler)
@@ -207,23 +215,24 @@ def main(args):
                              n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
     base = loop.warm_start(path("base.pt"), tok, seed_set, config, args.warm_steps, args.lr, args.batch_size, args.seed,
                            args.device, init, args.compile, args.answer_only)
-    config, base_state = base.config, {k: v.clone() for k, v in base.state_dict().items()}
+    config, base_state = base.config, {k: v.to("cpu", copy=True) for k, v in base.state_dict().items()}  # kept off the GPU
     if not metrics:
         t_warm, t0 = time.time() - t0, time.time()
-        res = evaluate(base)
+        res = {**evaluate(base), "val_acc": validate(base)}
         metrics.append({"iter": 0, **res, "time_warm_start": t_warm, "time_evaluate": time.time() - t0, "time": t_warm + time.time() - t0})
         loop.write_rows(path("metrics.jsonl"), metrics)
     print("iter 0 (warm start): " + " ".join(f"{k} {v:.3f}" for k, v in metrics[0].items() if k not in ("iter", "time")))
 
     # --- 1-4. iterate
     current = model.load_checkpoint(path("model.pt"), args.device)[0] if len(metrics) > 1 else base
+    del base  # its weights live on as base_state, on the CPU
     seed_pairs = [] if shots else data.seed_pairs(tok, seed_set, args.answer_only)  # the seeds: in the prompt or in the data
-    best, stale = -1.0, 0  # best test accuracy so far, iterations since it last improved
+    best, stale = -1.0, 0  # best validation accuracy so far, iterations since it last improved
     for r in metrics:
-        best, stale = (r["acc"], 0) if r["acc"] > best else (best, stale + 1)
+        best, stale = (r["val_acc"], 0) if r["val_acc"] > best else (best, stale + 1)
     for it in range(len(metrics), args.iters + 1):
         if stale >= args.patience:
-            print(f"stopping: no better test accuracy for {args.patience} iterations")
+            print(f"stopping: no better validation accuracy for {args.patience} iterations")
             break
         t0 = time.time()
         kept_path = path(f"iter{it}_kept.jsonl")
@@ -249,13 +258,13 @@ def main(args):
         current, loss = loop.fine_tune(base_state, config, pairs, steps, args.lr, args.batch_size, args.seed + it, args.device,
                                        args.compile, f"iter {it} fine-tune", args.grad_accum, args.fsdp)
         t2 = time.time()
-        res = evaluate(current)
+        res = {**evaluate(current), "val_acc": validate(current)}
         stats = {**stats, "time_fine_tune": t2 - t1, "time_evaluate": time.time() - t2}
         loop.save_checkpoint(path("model.pt"), current, iter=it, tokenizer_dir=init if loop.is_pretrained(init) else None)
         row = {"iter": it, **res, **stats, "steps": steps, "loss": loss, "time": time.time() - t0}
         metrics.append(row)
         loop.write_rows(path("metrics.jsonl"), metrics)
-        best, stale = (res["acc"], 0) if res["acc"] > best else (best, stale + 1)
+        best, stale = (res["val_acc"], 0) if res["val_acc"] > best else (best, stale + 1)
         extra = " ".join(f"{k} {v:.3f}" for k, v in res.items() if k != "acc")
         print(f"iter {it}: test acc {res['acc']:.3f} {extra} | kept {stats.get('kept')} "
               f"(rationalized {stats.get('rationalized', 0)}, solved {stats.get('solved_frac', 0):.3f} of train) "

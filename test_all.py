@@ -351,7 +351,7 @@ import star  # noqa: E402
 
 TINY_STAR = ["--n_train", "120", "--n_test", "20", "--max_digits", "2", "--n_seed", "40", "--warm_steps", "30",
              "--steps", "20", "--iters", "2", "--patience", "5", "--n_layer", "1", "--n_embd", "32", "--batch_size", "16",
-             "--threads", "2"]
+             "--threads", "2", "--n_val", "10"]
 
 
 def question_and_hint(prompt_text):
@@ -471,6 +471,31 @@ def test_each_iteration_fine_tunes_from_the_base_weights(monkeypatch, tmp_path):
     metrics = loop.read_rows(str(tmp_path / "run" / "metrics.jsonl"))
     assert [r["iter"] for r in metrics] == [0, 1, 2]
     assert metrics[2]["steps"] == round(20 * 1.2) and metrics[1]["kept"] > 0
+
+
+def test_validation_questions_are_never_sampled_for_training_and_decide_when_to_stop(monkeypatch, tmp_path):
+    descs = {}
+    real = lucky(loop.sample)
+
+    def spy(m, tok, prompts, *a, **kw):
+        descs.setdefault(kw.get("desc", a[-1] if a else ""), set()).update(question_and_hint(p)[0] for p in prompts)
+        return real(m, tok, prompts, *a, **kw)
+
+    monkeypatch.setattr(loop, "sample", spy)
+    monkeypatch.setattr(star.loop, "sample", spy)
+    args = star.get_args(TINY_STAR + ["--iters", "4", "--patience", "1", "--out_dir", str(tmp_path / "run")])
+    metrics = star.main(args)
+    train, test = data.arithmetic_task(120, 20, 1, 2, 0)
+    val = {e.question for e in train[40:][-10:]}
+    trained = set().union(*(q for d, q in descs.items() if "generate" in d or "rationalize" in d))
+    assert trained and not trained & val
+    assert val <= descs["eval greedy"]  # sampled only to be graded
+    kept = set().union(*({r["question"] for r in loop.read_rows(f)} for f in (tmp_path / "run").glob("iter*_kept.jsonl")))
+    assert kept and not kept & val
+    # patience 1: the run stops after the first iteration whose validation accuracy is not a new best
+    vals = [r["val_acc"] for r in metrics]
+    stop = next((i for i in range(1, len(vals)) if vals[i] <= max(vals[:i])), None)
+    assert len(metrics) == (stop + 1 if stop is not None else 5)
 
 
 def test_resume_after_a_crash_gives_the_same_kept_set(monkeypatch, tmp_path):
@@ -1106,7 +1131,7 @@ def test_star_on_gsm8k_from_a_pretrained_directory_end_to_end(monkeypatch, tmp_p
     monkeypatch.setattr(data, "sample_correct", lambda text, finished, answer: zlib.crc32(text.encode()) % 2 == 0)
     out = tmp_path / "run"
     argv = ["--dataset", "gsm8k", "--data_dir", str(gsm), "--init", d, "--n_seed", "2", "--iters", "1", "--steps", "3",
-            "--batch_size", "4", "--max_new_tokens", "12", "--block_size", "1024", "--threads", "2", "--out_dir", str(out)]
+            "--batch_size", "4", "--max_new_tokens", "12", "--block_size", "1024", "--threads", "2", "--n_val", "2", "--out_dir", str(out)]
     metrics = star.main(star.get_args(argv))
     assert [r["iter"] for r in metrics] == [0, 1] and metrics[1]["kept"] > 0
     assert not (out / "base.pt").exists()  # the pretrained weights are the base, read from --init
@@ -1214,7 +1239,7 @@ def torchrun(args, tmp_path, timeout=240):
 
 TINY_TORCHRUN = ["--n_train", "60", "--n_test", "16", "--max_digits", "1", "--n_seed", "20", "--n_layer", "1", "--n_embd", "32",
                  "--batch_size", "16", "--lr", "1e-2", "--steps", "20", "--iters", "1", "--samples", "2", "--temperature", "1.0",
-                 "--eval_samples", "4", "--device", "cpu"]
+                 "--eval_samples", "4", "--device", "cpu", "--n_val", "8"]
 
 
 def test_two_processes_keep_the_same_rationales_as_one(tmp_path):
