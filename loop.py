@@ -287,15 +287,17 @@ def is_pretrained(init):
     return init is not None and os.path.isdir(init)
 
 
+def tokenizer_source(init):
+    """The Hugging Face directory whose tokenizer.json a model from --init uses (recorded in checkpoints made from it), or None."""
+    if is_pretrained(init):
+        return init
+    return model.checkpoint_config(init)[1].get("tokenizer_dir") if init else None
+
+
 def tokenizer_for(init):
     """The byte-level tokenizer, or the tokenizer.json of a pretrained model (also one a nanostar checkpoint was tuned from)."""
-    if is_pretrained(init):
-        return data.HFTokenizer(init)
-    if init is not None:
-        source = model.checkpoint_config(init)[1].get("tokenizer_dir")
-        if source:
-            return data.HFTokenizer(source)
-    return data.Tokenizer()
+    source = tokenizer_source(init)
+    return data.HFTokenizer(source) if source else data.Tokenizer()
 
 
 def base_block_size(init, block_size, dataset):
@@ -356,29 +358,44 @@ def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, to
 # training from the base weights: SFT and DPO
 
 
+# fine-tuning batches are drawn from this many batches' worth of examples sorted by length: a
+# batch is padded to its longest sequence, and random batches of the arithmetic task's 1-5
+# digit sums compute 1.38x the real tokens, batches of similar length 1.03x
+BUCKET = 16
+
+
+def similar_length_batches(ids, pairs, batch_size, rng):
+    """The examples pairs[i] for i in ids, sorted by length and cut into batches, the batches in random order."""
+    span = sorted(ids, key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    batches = [span[i : i + batch_size] for i in range(0, len(span), batch_size)]
+    return rng.sample(batches, len(batches))
+
+
 def fine_tune(base_state, config, pairs, steps, lr, batch_size, seed, device, compile=False, desc="fine-tune", grad_accum=1,
               fsdp=False):
     """
-    A fresh copy of the base weights fine-tuned on (prompt_ids, completion_ids) pairs. Returns
-    (model, last loss). Under torchrun every micro-batch of batch_size is split across the
-    processes (rows rank, rank + N, ...), so the global batch is the same for any N; fsdp:
-    the model is sharded over them (FSDP2) while it trains.
+    A fresh copy of the base weights fine-tuned on (prompt_ids, completion_ids) pairs, in
+    batches of similar length (see BUCKET). Returns (model, last loss). Under torchrun every
+    micro-batch of batch_size is split across the processes (rows rank, rank + N, ...), so the
+    global batch is the same for any N; fsdp: the model is sharded over them (FSDP2) while it
+    trains.
     """
     torch.manual_seed(seed)
     m = model.GPT(config).to(device)
     m.load_state_dict(base_state)
     rng = random.Random(seed)
-    order = []
+    order, ready = [], []
     rank, world = rank_world()
     if batch_size < world:
         raise data.InputError(f"--batch_size {batch_size} is smaller than the {world} processes it is split across")
 
     def get_batch(step, micro):
-        batch = []
-        while len(batch) < batch_size:
-            if not order:  # shuffled epochs: every example is seen once before any is seen twice
+        if not ready:  # the next BUCKET batches' worth of examples, sorted by length, cut into batches, in random order
+            while len(order) < BUCKET * batch_size:  # a stream of shuffled epochs
                 order.extend(rng.sample(range(len(pairs)), len(pairs)))
-            batch.append(pairs[order.pop()])
+            ready.extend(similar_length_batches(order[: BUCKET * batch_size], pairs, batch_size, rng))
+            del order[: BUCKET * batch_size]
+        batch = [pairs[i] for i in ready.pop()]
         x, y = data.collate(batch, config.block_size, device)  # the same global micro-batch on every rank
         if world == 1:
             return x, y
@@ -588,7 +605,7 @@ def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device,
         return base
     if init:
         base, _ = model.load_checkpoint(init, device)
-        save_checkpoint(path, base)
+        save_checkpoint(path, base, tokenizer_dir=tokenizer_source(init))
         return base
     torch.manual_seed(seed)
     init_state = model.GPT(config).state_dict()

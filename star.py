@@ -260,7 +260,7 @@ def main(args):
         t2 = time.time()
         res = {**evaluate(current), "val_acc": validate(current)}
         stats = {**stats, "time_fine_tune": t2 - t1, "time_evaluate": time.time() - t2}
-        loop.save_checkpoint(path("model.pt"), current, iter=it, tokenizer_dir=init if loop.is_pretrained(init) else None)
+        loop.save_checkpoint(path("model.pt"), current, iter=it, tokenizer_dir=loop.tokenizer_source(init))
         row = {"iter": it, **res, **stats, "steps": steps, "loss": loss, "time": time.time() - t0}
         metrics.append(row)
         loop.write_rows(path("metrics.jsonl"), metrics)
@@ -286,7 +286,7 @@ def main(args):
             print("V-STaR: no question has both a correct and an incorrect sample; no verifier trained")
         else:
             verifier, loss = train_verifier(current, tok, prefs, args)
-            loop.save_checkpoint(path("verifier.pt"), verifier)
+            loop.save_checkpoint(path("verifier.pt"), verifier, tokenizer_dir=loop.tokenizer_source(init))
             scorer = lambda q, texts: verifier_scores(verifier, current, tok, q, texts, args.beta, args.device)
             kept_eval = {}
             res = evaluate(current, scorer, kept_eval)

@@ -1144,6 +1144,9 @@ def test_star_on_gsm8k_from_a_pretrained_directory_end_to_end(monkeypatch, tmp_p
                                          "--train_steps", "2", "--batch_size", "4", "--max_new_tokens", "8", "--threads", "2",
                                          "--out_dir", str(tmp_path / "dpo")]))
     assert res["train_examples"] > 0 and res["synthetic_samples"] == 2 * (12 - 2)  # 2 per question: 12 records, 2 seeds
+    # and stays with every checkpoint made from it: stepdpo's base.pt and model.pt
+    for name in ("base.pt", "model.pt"):
+        assert model.load_checkpoint(str(tmp_path / "dpo" / name))[1]["tokenizer_dir"] == d
 
 
 def test_the_default_pretrained_init_without_the_hub_fails_fast_naming_a_local_directory(monkeypatch):
@@ -1310,3 +1313,18 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
     assert p.returncode != 0
     assert "rank 1 fails on purpose" in p.stdout + p.stderr
     assert time.time() - t < 100
+
+
+def test_fine_tune_batches_are_of_similar_length_and_cover_every_example(monkeypatch):
+    rng = random.Random(0)
+    pairs = [([1, 2], [3] * rng.randint(1, 60)) for _ in range(2 * loop.BUCKET * 4)]  # two spans of 16 batches of 4
+    seen = []
+    real = data.collate
+    monkeypatch.setattr(data, "collate", lambda batch, *a: seen.append(batch) or real(batch, *a))
+    m = tiny_model(vocab_size=16, block_size=64)
+    loop.fine_tune(m.state_dict(), m.config, pairs, 2 * loop.BUCKET, 1e-3, 4, 0, "cpu")
+    ids = sorted(id(p) for b in seen for p in b)
+    assert ids == sorted(id(p) for p in pairs)  # one epoch: every example exactly once
+    padded = sum(4 * max(len(p[1]) for p in b) for b in seen)
+    random_batches = [pairs[i : i + 4] for i in range(0, len(pairs), 4)]  # the pairs come in random order
+    assert padded < 0.8 * sum(4 * max(len(p[1]) for p in b) for b in random_batches)
