@@ -154,14 +154,29 @@ class StaticKVCache:
     sampling: one token per call, written at `slot` (a 1-element tensor the caller advances in
     place), attention over all max_len slots through a mask (unwritten slots hidden). No Python
     number changes from step to step, so torch.compile captures the step once and CUDA graphs
-    can replay it.
+    can replay it. The buffers are kept for the next call of the same shape and, on a GPU,
+    marked as static addresses (as gpt-fast's module buffers are), without which torch skips
+    CUDA graphs for a step that writes into its inputs.
     """
 
+    _buffers = None  # (k, v, valid, slot, slots) of the last shape: the tensors every compiled step writes into
+
     def __init__(self, cache):
-        self.k, self.v, self.valid = cache.k, cache.v, cache.valid
-        self.max_len = cache.max_len
-        self.slot = torch.tensor([cache.length], device=cache.k.device)
-        self.slots = torch.arange(cache.max_len, device=cache.k.device)
+        shape, dev = cache.k.shape, cache.k.device
+        bufs = StaticKVCache._buffers
+        if bufs is None or bufs[0].shape != shape or bufs[0].dtype != cache.k.dtype or bufs[0].device != dev:
+            bufs = (torch.empty_like(cache.k), torch.empty_like(cache.v), torch.empty_like(cache.valid),
+                    torch.zeros(1, dtype=torch.long, device=dev), torch.arange(shape[3], device=dev))
+            if dev.type == "cuda":  # the same addresses on every call: CUDA graphs may replay writes into them
+                for t in bufs:
+                    torch._dynamo.mark_static_address(t)
+            StaticKVCache._buffers = bufs
+        self.k, self.v, self.valid, self.slot, self.slots = bufs
+        self.k.copy_(cache.k)  # the prefilled cache, copied once per generate call
+        self.v.copy_(cache.v)
+        self.valid.copy_(cache.valid)
+        self.slot.fill_(cache.length)
+        self.max_len = shape[3]
 
     def update(self, layer, k, v):
         self.k[layer].index_copy_(2, self.slot, k)  # k: (B, Hkv, 1, D) into (B, Hkv, max_len, D)
