@@ -20,6 +20,7 @@ Importing this file does nothing but define things.
 import json
 import math
 import os
+import weakref
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -559,9 +560,28 @@ def sampling_copy(model):
     w = model.lm_head.weight
     if w.device.type != "cuda" or w.dtype == torch.bfloat16:
         return model
+    return cached_copy(model, torch.bfloat16)
+
+
+_COPIES = weakref.WeakKeyDictionary()  # model -> (its parameters' versions, its copy)
+
+
+def cached_copy(model, dtype):
+    """
+    A copy of model in dtype, made once and reused until a parameter of model changes in place
+    (its tensor version counter moves, as an optimizer step does) or model is freed; evaluate
+    samples twice from one model, and only one copy per model is kept.
+    """
+    version = tuple(p._version for p in model.parameters())
+    hit = _COPIES.get(model)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    _COPIES.pop(model, None)  # the stale copy goes before the new one is made
     import copy
 
-    return copy.deepcopy(model).to(dtype=torch.bfloat16).eval()  # on the GPU: no CPU round trip
+    out = copy.deepcopy(model).to(dtype=dtype).eval()  # on the GPU: no CPU round trip
+    _COPIES[model] = (version, out)
+    return out
 
 
 def decode_step(model, tok, pos, cache):

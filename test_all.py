@@ -1328,3 +1328,15 @@ def test_fine_tune_batches_are_of_similar_length_and_cover_every_example(monkeyp
     padded = sum(4 * max(len(p[1]) for p in b) for b in seen)
     random_batches = [pairs[i : i + 4] for i in range(0, len(pairs), 4)]  # the pairs come in random order
     assert padded < 0.8 * sum(4 * max(len(p[1]) for p in b) for b in random_batches)
+
+
+def test_the_sampling_copy_is_made_once_per_model_and_remade_after_training():
+    m = tiny_model(vocab_size=40)
+    a = model.cached_copy(m, torch.bfloat16)
+    assert a is model.cached_copy(m, torch.bfloat16) and a.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(a.lm_head.weight, m.lm_head.weight.to(torch.bfloat16))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(torch.tensor([[1, 2, 3]]))[0].sum().backward()
+    opt.step()  # an in-place update: the old copy is stale
+    b = model.cached_copy(m, torch.bfloat16)
+    assert b is not a and torch.equal(b.lm_head.weight, m.lm_head.weight.to(torch.bfloat16))
