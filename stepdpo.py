@@ -21,6 +21,7 @@ used right, teach as much as many more right ones:
     python stepdpo.py --variant plain                   # plain DPO: correct vs whole wrong, random pairs
     python stepdpo.py --variant rft                     # SFT on the correct samples only (RFT)
     python stepdpo.py --out_dir out/stepdpo --resume    # continue a killed run
+    torchrun --standalone --nproc_per_node 2 stepdpo.py # rollouts and DPO split across 2 processes
 
 How this departs from the paper: the paper weights every step by its advantage (an
 advantage-weighted DPO objective); here, as in its simplest form, each wrong solution gives

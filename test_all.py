@@ -1260,6 +1260,17 @@ def test_two_processes_keep_the_same_rationales_as_one(tmp_path):
     for key in ("acc", "maj@4", "pass@4", "kept", "solved"):
         assert one[-1][key] == two[-1][key], key
     assert two[-1]["loss"] == pytest.approx(one[-1]["loss"], rel=1e-4)  # the data-parallel fine-tune
+    # --resume under torchrun: the two-process run, as if it had been started with --iters 2 and killed after
+    # iteration 1, continues to the same iteration 2 as one process running both iterations
+    cfg = json.loads((tmp_path / "two" / "config.json").read_text())
+    (tmp_path / "two" / "config.json").write_text(json.dumps({**cfg, "iters": 2}))
+    p = torchrun(["star.py", *run, "--iters", "2", "--resume", "--out_dir", str(tmp_path / "two")], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    star.main(star.get_args(run + ["--iters", "2", "--threads", "1", "--out_dir", str(tmp_path / "one2")]))
+    kept = [loop.read_rows(tmp_path / d / "iter2_kept.jsonl") for d in ("one2", "two")]
+    assert kept[0] == kept[1] and 0 < len(kept[0])
+    rows = [loop.read_rows(tmp_path / d / "metrics.jsonl") for d in ("one2", "two")]
+    assert [r["iter"] for r in rows[1]] == [0, 1, 2] and rows[0][2]["kept"] == rows[1][2]["kept"]
 
 
 FIT_SCRIPT = """
