@@ -844,12 +844,6 @@ def load_checkpoint(path, device="cpu"):
     return model, ckpt.get("extra", {})
 
 
-def make_generator(seed, device):
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
-
-
 # -----------------------------------------------------------------------------
 # pretrained weights: Hugging Face model directories (config.json + safetensors)
 
