@@ -165,28 +165,6 @@ def bench_training(args):
         padded = sum(x.numel() for x, _ in batches) / len(batches)
         print(f"  {'compiled' if compile else 'eager':8s}: {dt * 1e3:6.1f} ms/step, {padded / dt:8.0f} padded tokens/s "
               f"(first {cfg.steps} steps incl. warm-up/compile: {warm:.1f}s)", flush=True)
-    # fine_tune's batches: the same 256 examples sorted by length and cut into 8 batches (loop.similar_length_batches)
-    import loop
-
-    examples = rng.sample(pairs, 256)
-    real = sum(len(p) + len(c) for p, c in examples)
-    groups = {"random": [examples[i : i + 32] for i in range(0, 256, 32)],
-              "similar length": [[examples[i] for i in b] for b in loop.similar_length_batches(range(256), examples, 32, rng)]}
-    times = {}
-    for name, groups_ in groups.items():
-        bs = [data.collate(g, 256) for g in groups_]
-        torch.manual_seed(0)
-        m = GPT(GPTConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=3, n_head=4, n_kv_head=4, n_embd=96))
-        cfg = model.TrainConfig(steps=len(bs) * max(1, args.train_steps // 2), lr=1e-3, warmup=1)
-        get = lambda step, micro: bs[step % len(bs)]
-        model.train(m, get, model.TrainConfig(steps=len(bs), lr=1e-3, warmup=1))  # warm-up
-        t0 = time.perf_counter()
-        model.train(m, get, cfg)
-        times[name] = (time.perf_counter() - t0) / (cfg.steps // len(bs))  # one pass over the 256 examples
-        padded = sum(x.numel() for x, _ in bs)
-        print(f"  eager, {name:14s} batches: {times[name]:.2f} s per 256 examples, {real / times[name]:8.0f} real tokens/s "
-              f"({padded / real:.2f}x the real tokens computed)", flush=True)
-    print(f"  similar-length batches (fine_tune's): {times['random'] / times['similar length']:.2f}x the examples/s of random ones")
 
 
 def bench_rollouts(args):

@@ -358,24 +358,11 @@ def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, to
 # training from the base weights: SFT and DPO
 
 
-# fine-tuning batches are drawn from this many batches' worth of examples sorted by length: a
-# batch is padded to its longest sequence, and random batches of the arithmetic task's 1-5
-# digit sums compute 1.38x the real tokens, batches of similar length 1.03x
-BUCKET = 16
-
-
-def similar_length_batches(ids, pairs, batch_size, rng):
-    """The examples pairs[i] for i in ids, sorted by length and cut into batches, the batches in random order."""
-    span = sorted(ids, key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    batches = [span[i : i + batch_size] for i in range(0, len(span), batch_size)]
-    return rng.sample(batches, len(batches))
-
-
 def fine_tune(base_state, config, pairs, steps, lr, batch_size, seed, device, compile=False, desc="fine-tune", grad_accum=1,
               fsdp=False):
     """
     A fresh copy of the base weights fine-tuned on (prompt_ids, completion_ids) pairs, in
-    batches of similar length (see BUCKET). Returns (model, last loss). Under torchrun every
+    random batches. Returns (model, last loss). Under torchrun every
     micro-batch of batch_size is split across the processes (rows rank, rank + N, ...), so the
     global batch is the same for any N; fsdp: the model is sharded over them (FSDP2) while it
     trains.
@@ -384,18 +371,17 @@ def fine_tune(base_state, config, pairs, steps, lr, batch_size, seed, device, co
     m = model.GPT(config).to(device)
     m.load_state_dict(base_state)
     rng = random.Random(seed)
-    order, ready = [], []
+    order = []
     rank, world = rank_world()
     if batch_size < world:
         raise data.InputError(f"--batch_size {batch_size} is smaller than the {world} processes it is split across")
 
     def get_batch(step, micro):
-        if not ready:  # the next BUCKET batches' worth of examples, sorted by length, cut into batches, in random order
-            while len(order) < BUCKET * batch_size:  # a stream of shuffled epochs
+        batch = []
+        while len(batch) < batch_size:
+            if not order:  # shuffled epochs: every example is seen once before any is seen twice
                 order.extend(rng.sample(range(len(pairs)), len(pairs)))
-            ready.extend(similar_length_batches(order[: BUCKET * batch_size], pairs, batch_size, rng))
-            del order[: BUCKET * batch_size]
-        batch = [pairs[i] for i in ready.pop()]
+            batch.append(pairs[order.pop()])
         x, y = data.collate(batch, config.block_size, device)  # the same global micro-batch on every rank
         if world == 1:
             return x, y

@@ -1351,21 +1351,6 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
     assert time.time() - t < 100
 
 
-def test_fine_tune_batches_are_of_similar_length_and_cover_every_example(monkeypatch):
-    rng = random.Random(0)
-    pairs = [([1, 2], [3] * rng.randint(1, 60)) for _ in range(2 * loop.BUCKET * 4)]  # two spans of 16 batches of 4
-    seen = []
-    real = data.collate
-    monkeypatch.setattr(data, "collate", lambda batch, *a: seen.append(batch) or real(batch, *a))
-    m = tiny_model(vocab_size=16, block_size=64)
-    loop.fine_tune(m.state_dict(), m.config, pairs, 2 * loop.BUCKET, 1e-3, 4, 0, "cpu")
-    ids = sorted(id(p) for b in seen for p in b)
-    assert ids == sorted(id(p) for p in pairs)  # one epoch: every example exactly once
-    padded = sum(4 * max(len(p[1]) for p in b) for b in seen)
-    random_batches = [pairs[i : i + 4] for i in range(0, len(pairs), 4)]  # the pairs come in random order
-    assert padded < 0.8 * sum(4 * max(len(p[1]) for p in b) for b in random_batches)
-
-
 def test_the_sampling_copy_is_made_once_per_model_and_remade_after_training():
     m = tiny_model(vocab_size=40)
     a = model.cached_copy(m, torch.bfloat16)
