@@ -73,9 +73,6 @@ def get_args(argv=None):
     g.add_argument("--steps", type=int, default=400, help="fine-tuning steps of the first iteration")
     g.add_argument("--step_growth", type=float, default=1.2, help="the step budget is multiplied by this each iteration")
     g.add_argument("--no_rationalize", action="store_true", help="ablation: do not rationalize failed questions")
-    g.add_argument("--hint_free_check", action="store_true", help="keep a rationalized rationale only if the model, given the "
-                   "question without the hint and the rationale's steps, writes the right answer itself (drops rationales "
-                   "whose steps do not lead to the answer they copied from the hint)")
     g.add_argument("--answer_only", action="store_true", help="baseline: fine-tune on gold answers of all questions, no rationales")
     g.add_argument("--samples", type=int, default=1, help="rationales sampled per question (RFT when > 1)")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature for generation (0 = greedy)")
@@ -128,27 +125,20 @@ def collect(m, tok, questions, args, it, shots=()):
             kept.append({"index": qi, "question": e.question, "completion": text, "rationalized": False})
         if not good:
             failed.append(qi)
-    n_rationalized = n_copied = 0
+    n_rationalized = 0
     if failed and not args.no_rationalize:
         fq = [questions[i] for i in failed]
         hinted = loop.sample(m, tok, [hint_prefix + data.hint_prompt(e.question, e.answer) for e in fq], 1, args.temperature,
                              seed=base_seed + 1, desc=f"iter {it} rationalize", **gen)
-        found = [(qi, e, outs[0][0]) for qi, e, outs in zip(failed, fq, hinted) if data.sample_correct(*outs[0], e.answer)]
-        if args.hint_free_check and found:
-            # the steps without their answer line, after the question without the hint: the model must write the answer itself
-            steps = [text[: text.rfind(data.ANSWER_MARK)] for _, _, text in found]
-            reread = loop.sample(m, tok, [prefix + data.prompt(e.question) + st for (_, e, _), st in zip(found, steps)], 1, 0.0,
-                                 seed=base_seed + 2, desc=f"iter {it} hint-free check", **gen)
-            checked = [f for f, st, outs in zip(found, steps, reread) if data.sample_correct(st + outs[0][0], outs[0][1], f[1].answer)]
-            n_copied, found = len(found) - len(checked), checked
-        for qi, e, text in found:
-            # stored without the hint: the model learns to reach the answer from the question alone
-            kept.append({"index": qi, "question": e.question, "completion": text, "rationalized": True})
-            n_rationalized += 1
+        for qi, e, outs in zip(failed, fq, hinted):
+            text, fin = outs[0]
+            if data.sample_correct(text, fin, e.answer):
+                # stored without the hint: the model learns to reach the answer from the question alone
+                kept.append({"index": qi, "question": e.question, "completion": text, "rationalized": True})
+                n_rationalized += 1
     solved = len({r["index"] for r in kept if not r["rationalized"]})
     stats = {
         "solved": solved, "solved_frac": solved / max(1, len(questions)), "rationalized": n_rationalized,
-        "rationalized_dropped": n_copied,
         "kept": len(kept), "correct_samples": n_correct_samples,
         "correct_per_question": n_correct_samples / max(1, len(questions)),
         "distinct_per_question": sum(not r["rationalized"] for r in kept) / max(1, len(questions)),

@@ -414,31 +414,6 @@ def test_a_rationalized_example_is_kept_without_its_hint(monkeypatch):
     assert kept2 == []
 
 
-def test_the_hint_free_check_drops_rationales_whose_steps_do_not_give_the_hinted_answer(monkeypatch):
-    qs = [data.Example("12+30", "42"), data.Example("5+5", "10")]
-    checked = []
-
-    def fake(m, tok, prompts, k, temperature, **kw):
-        out = []
-        for p in prompts:
-            if "Hint" in p:  # 12+30: steps that reach 42; 5+5: steps that reach 7, answer copied from the hint
-                out.append([("12+30 c0 2\n0+0 c0 42\n#### 42", True)] if "12+30" in p else [("5+5 c0 7\n#### 10", True)])
-            elif p.endswith("A:\n"):
-                out.append([("#### 0", True)])  # no plain attempt succeeds
-            else:  # the check: no hint, the steps given; this stand-in model reads the answer off the last step
-                checked.append(p)
-                out.append([(f"#### {p.rstrip().split()[-1]}", True)])
-        return out
-
-    monkeypatch.setattr(loop, "sample", fake)
-    kept, _, stats = star.collect(None, Tokenizer(), qs, star.get_args([]), it=1)
-    assert [r["question"] for r in kept] == ["12+30", "5+5"] and not checked  # off by default
-    kept, _, stats = star.collect(None, Tokenizer(), qs, star.get_args(["--hint_free_check"]), it=1)
-    assert [r["question"] for r in kept] == ["12+30"] and stats["rationalized"] == 1 and stats["rationalized_dropped"] == 1
-    assert kept[0]["completion"] == "12+30 c0 2\n0+0 c0 42\n#### 42"
-    assert checked == ["Q: 12+30\nA:\n12+30 c0 2\n0+0 c0 42\n", "Q: 5+5\nA:\n5+5 c0 7\n"]  # no hint, no answer line
-
-
 def test_dedup_keeps_distinct_paths_and_drops_repeats():
     a1 = "She has 3*4=<<3*4=12>>12 apples.\nThen 12+5=<<12+5=17>>17.\n#### 17"
     a2 = "3 bags of 4 is <<3*4=12>>12; add 5: <<12+5=17>>17 in all.\n#### 17"  # same path, other words
