@@ -194,6 +194,13 @@ def write_atomic(path, text):
     barrier()
 
 
+def exists(path):
+    """os.path.exists for the run directory, after which every rank waits: no rank looks after rank 0 has written it."""
+    found = os.path.exists(path)
+    barrier()
+    return found
+
+
 def save_checkpoint(path, m, **meta):
     """model.save_checkpoint on rank 0; every rank waits for it."""
     if is_main():
@@ -221,9 +228,7 @@ def open_run(out_dir, settings, resume, name):
     there was made with the same settings. Prints the settings; returns path(filename).
     """
     cfg_path = os.path.join(out_dir, "config.json")
-    exists = os.path.exists(cfg_path)
-    barrier()  # every rank has looked before rank 0 writes it
-    if exists:
+    if exists(cfg_path):
         if not resume:
             raise data.InputError(f"{out_dir} already holds a run: pass --resume to continue it, or another --out_dir")
         with open(cfg_path) as f:
@@ -582,7 +587,7 @@ def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device,
     on the seed set (each example plain and with its hint). Saved to `path` either way.
     """
     t0 = time.time()
-    if os.path.exists(path):
+    if exists(path):
         print(f"resumed: warm-start model from {path}")
         return model.load_checkpoint(path, device)[0]
     if is_pretrained(init):  # the pretrained weights are the base; the few-shot prompt replaces the warm start

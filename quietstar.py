@@ -450,7 +450,7 @@ def main(args):
                     n_kv_head=args.n_head, n_embd=args.n_embd)
 
     # --- the base LM (shared by both arms): --init, or pretrained here
-    if os.path.exists(path("pretrained.pt")):
+    if loop.exists(path("pretrained.pt")):
         base, _ = model.load_checkpoint(path("pretrained.pt"), args.device)
         print("resumed: pretrained model from pretrained.pt")
     elif loop.is_pretrained(init):
@@ -473,7 +473,7 @@ def main(args):
 
     # --- the two arms, same steps, same data order
     for arm, thoughts in (("no_thoughts", False), ("thoughts", True)):
-        if os.path.exists(path(f"{arm}.json")):
+        if loop.exists(path(f"{arm}.json")):
             with open(path(f"{arm}.json")) as f:
                 results[arm] = json.load(f)
             continue

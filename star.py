@@ -210,7 +210,7 @@ def main(args):
                                                                args.compile_sampler)
 
     # --- 0. warm start (the base model every iteration fine-tunes from)
-    metrics = loop.read_rows(path("metrics.jsonl")) if os.path.exists(path("metrics.jsonl")) else []
+    metrics = loop.read_rows(path("metrics.jsonl")) if loop.exists(path("metrics.jsonl")) else []
     t0 = time.time()
     config = model.GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
                              n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
@@ -241,7 +241,7 @@ def main(args):
             kept = [{"index": i, "question": e.question, "completion": data.completion("", e.answer), "rationalized": False}
                     for i, e in enumerate(questions)]
             stats = {"kept": len(kept)}
-        elif os.path.exists(kept_path):
+        elif loop.exists(kept_path):
             kept, stats = loop.read_rows(kept_path), loop.read_rows(path(f"iter{it}_stats.jsonl"))[0]
             print(f"resumed: iteration {it}'s {len(kept)} kept rationales from {kept_path}")
         else:
@@ -275,12 +275,12 @@ def main(args):
                   f"{stats['distinct_per_question']:.2f} distinct paths kept after de-duplication")
 
     # --- V-STaR: verifier trained on every sample of every iteration
-    if args.verifier and os.path.exists(path("verifier.jsonl")):
+    if args.verifier and loop.exists(path("verifier.jsonl")):
         print(f"V-STaR already evaluated: {loop.read_rows(path('verifier.jsonl'))[0]}")
     elif args.verifier:
         rows = []
         for it in range(1, args.iters + 1):
-            if os.path.exists(path(f"iter{it}_samples.jsonl")):
+            if loop.exists(path(f"iter{it}_samples.jsonl")):
                 rows += loop.read_rows(path(f"iter{it}_samples.jsonl"))
         prefs = preference_pairs(questions, rows, args.verifier_pairs, args.seed)
         if not prefs:

@@ -164,7 +164,7 @@ def main(args):
     config, base_state = base.config, {k: v.to("cpu", copy=True) for k, v in base.state_dict().items()}  # kept off the GPU
 
     # --- 2. N solutions per question, graded
-    if os.path.exists(path("samples.jsonl")):
+    if loop.exists(path("samples.jsonl")):
         samples = loop.read_rows(path("samples.jsonl"))
         print(f"resumed: {len(samples)} samples from samples.jsonl")
     else:
@@ -191,7 +191,7 @@ def main(args):
     else:
         q_rows = []
         if args.variant == "perstep":
-            if os.path.exists(path("q_values.jsonl")):
+            if loop.exists(path("q_values.jsonl")):
                 q_rows = loop.read_rows(path("q_values.jsonl"))
             else:
                 t0 = time.time()
@@ -214,7 +214,7 @@ def main(args):
         print(f"{len(pairs)} DPO pairs ({args.variant})")
 
     # --- 5. train, 6. evaluate
-    if os.path.exists(path("metrics.json")):
+    if loop.exists(path("metrics.json")):
         print(f"already finished: {open(path('metrics.json')).read()}")
         return json.load(open(path("metrics.json")))
     t0 = time.time()
