@@ -52,6 +52,7 @@ class Tokenizer:
         self.eot, self.start_thought, self.end_thought, self.pad = (specials[s] for s in SPECIAL_TOKENS)
         self.stop_tokens = [self.eot]
         self.vocab_size = self.enc.n_vocab
+        self.source = None  # built here, from no file
 
     def encode(self, text):
         """Encode untrusted text: a literal '<|endoftext|>' in it stays plain text, never a special token."""
@@ -94,8 +95,8 @@ class HFTokenizer:
     A Hugging Face tokenizer.json (byte-level BPE: GPT-2, Llama 3, SmolLM2, Qwen2/2.5/3) as a
     tiktoken Encoding, with the interface of the byte-level Tokenizer: encode (untrusted text:
     special-token strings stay text), encode_with_specials, decode, eot (the end token a
-    training completion ends with), stop_tokens, pad, vocab_size (ids the tokenizer can decode).
-    No transformers or tokenizers at run time.
+    training completion ends with), stop_tokens, pad, vocab_size (ids the tokenizer can decode),
+    source (the directory it came from). No transformers or tokenizers at run time.
     """
 
     def __init__(self, model_dir):
@@ -131,6 +132,7 @@ class HFTokenizer:
         self.enc = tiktoken.Encoding(name=os.path.basename(os.path.abspath(model_dir)), pat_str=pattern,
                                      mergeable_ranks=ranks, special_tokens=specials)
         self.vocab_size = max(list(ranks.values()) + list(specials.values())) + 1
+        self.source = model_dir  # recorded in the checkpoints of models that use this tokenizer
         self.stop_tokens = self._stop_tokens(model_dir, specials)
         self.eot = self.stop_tokens[0]
         self.pad = self.eot

@@ -292,16 +292,14 @@ def is_pretrained(init):
     return init is not None and os.path.isdir(init)
 
 
-def tokenizer_source(init):
-    """The Hugging Face directory whose tokenizer.json a model from --init uses (recorded in checkpoints made from it), or None."""
-    if is_pretrained(init):
-        return init
-    return model.checkpoint_config(init)[1].get("tokenizer_dir") if init else None
-
-
 def tokenizer_for(init):
-    """The byte-level tokenizer, or the tokenizer.json of a pretrained model (also one a nanostar checkpoint was tuned from)."""
-    source = tokenizer_source(init)
+    """
+    The byte-level tokenizer, or the tokenizer.json of a pretrained model (also one a nanostar
+    checkpoint was tuned from: its tokenizer_dir). Checkpoints made with it record tok.source.
+    """
+    source = init if is_pretrained(init) else None
+    if init and not source:
+        source = model.checkpoint_config(init)[1].get("tokenizer_dir")
     return data.HFTokenizer(source) if source else data.Tokenizer()
 
 
@@ -367,10 +365,9 @@ def fine_tune(base_state, config, pairs, steps, lr, batch_size, seed, device, co
               fsdp=False):
     """
     A fresh copy of the base weights fine-tuned on (prompt_ids, completion_ids) pairs, in
-    random batches. Returns (model, last loss). Under torchrun every
-    micro-batch of batch_size is split across the processes (rows rank, rank + N, ...), so the
-    global batch is the same for any N; fsdp: the model is sharded over them (FSDP2) while it
-    trains.
+    random batches. Returns (model, last loss). Under torchrun every micro-batch of batch_size
+    is split across the processes (rows rank, rank + N, ...), so the global batch is the same
+    for any N; fsdp: the model is sharded over them (FSDP2) while it trains.
     """
     torch.manual_seed(seed)
     m = model.GPT(config).to(device)
@@ -596,7 +593,7 @@ def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device,
         return base
     if init:
         base, _ = model.load_checkpoint(init, device)
-        save_checkpoint(path, base, tokenizer_dir=tokenizer_source(init))
+        save_checkpoint(path, base, tokenizer_dir=tok.source)
         return base
     torch.manual_seed(seed)
     init_state = model.GPT(config).state_dict()

@@ -7,7 +7,8 @@ One small, self-contained transformer for nanostar, and everything the scripts d
   weights (`load_pretrained`, from a Hugging Face directory) use the same code.
 - `KVCache` + `generate`: batched KV-cached sampling for prompts of *different* lengths
   (left-padded; each row has its own positions), `num_samples` rollouts per prompt that share
-  the prompt's cache, a seeded generator, per-row stop at any of the stop ids; with
+  the prompt's cache, counter-based noise per row (`noise_keys`: the same samples in any
+  batch) or a seeded generator, per-row stop at any of the stop ids; with
   compile=True a static-shape decode step (`StaticKVCache`) run through torch.compile.
 - `generate_reference`: the plain no-cache path (full forward per token), kept for tests/bench.
 - `sequence_logprobs`, `dpo_loss`, `dpo_sft_loss`: the log-prob and preference pieces shared
@@ -359,12 +360,12 @@ class GPT(nn.Module):
 # sampling
 
 
-def sample_next_token(logits, generator=None, temperature=1.0, top_k=None, uniform=None):
+def sample_next_token(logits, generator=None, temperature=1.0, top_k=None, keys=None, step=0):
     """
     logits (B, V) -> (B,) token ids. temperature 0 means argmax; top_k keeps the k largest.
-    uniform: (B,) numbers in (0, 1), one per row, from `counter_uniform`: the token is where
-    it falls in the row's cumulative distribution (inverse-CDF sampling), so a row's token
-    depends on its own logits and number only; else torch.multinomial with `generator`.
+    keys: (B,) noise keys (`noise_keys`): row b's number counter_uniform(keys, step)[b] picks
+    where it falls in the row's cumulative distribution (inverse-CDF sampling), so a row's
+    token depends on its own logits, key and step only; else torch.multinomial with `generator`.
     """
     if temperature == 0.0:
         return logits.argmax(dim=-1)
@@ -373,10 +374,10 @@ def sample_next_token(logits, generator=None, temperature=1.0, top_k=None, unifo
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
-    if uniform is None:
+    if keys is None:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     cdf = probs.double().cumsum(dim=-1)  # float64: the sum over a 150k vocab stays exact enough
-    u = (uniform.double() * cdf[:, -1]).unsqueeze(1)
+    u = (counter_uniform(keys, step) * cdf[:, -1]).unsqueeze(1)
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=logits.size(-1) - 1)
 
 
@@ -518,8 +519,7 @@ def generate(
     n = 0
     for n in range(max_new_tokens):
         logits = _limit(logits, vocab_limit)
-        u = counter_uniform(keys, n) if keys is not None and temperature > 0 else None
-        tok = sample_next_token(logits, generator, temperature, top_k, u)
+        tok = sample_next_token(logits, generator, temperature, top_k, keys, n)
         tok = tok.masked_fill(done, pad_id)
         out[:, n] = tok
         out_mask[:, n] = ~done
@@ -623,8 +623,7 @@ def generate_reference(model, prompts, max_new_tokens, temperature=1.0, top_k=No
         mask = ((valid[:, None, :T] & causal[:T, :T]) | eye[:T, :T])[:, None]  # (B, 1, T, T)
         with autocast(device):
             logits, _ = model(tokens[:, :T], pos=pos[:, :T], mask=mask)
-        u = counter_uniform(keys, n) if keys is not None and temperature > 0 else None
-        tok = sample_next_token(_limit(logits[:, -1], vocab_limit), generator, temperature, top_k, u).masked_fill(done, pad_id)
+        tok = sample_next_token(_limit(logits[:, -1], vocab_limit), generator, temperature, top_k, keys, n).masked_fill(done, pad_id)
         tokens[:, T] = tok
         valid[:, T] = True
         pos[:, T] = pos[:, T - 1] + 1

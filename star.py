@@ -203,11 +203,11 @@ def main(args):
     if not 0 < args.n_val < len(questions):
         raise data.InputError(f"--n_val {args.n_val}: need between 1 and {len(questions) - 1} of the {len(questions)} training questions")
     val, questions = questions[-args.n_val :], questions[: -args.n_val]
-    validate = lambda m: loop.evaluate(m, tok, val, args.seed, args.max_new_tokens, args.gen_batch, 0, prefix=data.few_shot_prefix(shots),
-                                       compile=args.compile_sampler)["acc"]
-    evaluate = lambda m, scorer=None, keep=None: loop.evaluate(m, tok, test, args.seed, args.max_new_tokens, args.gen_batch, args.eval_samples,
-                                                               args.eval_temperature, scorer, data.few_shot_prefix(shots), keep,
-                                                               args.compile_sampler)
+    grade = lambda m, split, n_samples=0, scorer=None, keep=None: loop.evaluate(
+        m, tok, split, args.seed, args.max_new_tokens, args.gen_batch, n_samples, args.eval_temperature, scorer,
+        data.few_shot_prefix(shots), keep, args.compile_sampler)
+    validate = lambda m: grade(m, val)["acc"]  # greedy only: it decides when to stop
+    evaluate = lambda m, scorer=None, keep=None: grade(m, test, args.eval_samples, scorer, keep)
 
     # --- 0. warm start (the base model every iteration fine-tunes from)
     metrics = loop.read_rows(path("metrics.jsonl")) if loop.exists(path("metrics.jsonl")) else []
@@ -261,7 +261,7 @@ def main(args):
         t2 = time.time()
         res = {**evaluate(current), "val_acc": validate(current)}
         stats = {**stats, "time_fine_tune": t2 - t1, "time_evaluate": time.time() - t2}
-        loop.save_checkpoint(path("model.pt"), current, iter=it, tokenizer_dir=loop.tokenizer_source(init))
+        loop.save_checkpoint(path("model.pt"), current, iter=it, tokenizer_dir=tok.source)
         row = {"iter": it, **res, **stats, "steps": steps, "loss": loss, "time": time.time() - t0}
         metrics.append(row)
         loop.write_rows(path("metrics.jsonl"), metrics)
@@ -287,7 +287,7 @@ def main(args):
             print("V-STaR: no question has both a correct and an incorrect sample; no verifier trained")
         else:
             verifier, loss = train_verifier(current, tok, prefs, args)
-            loop.save_checkpoint(path("verifier.pt"), verifier, tokenizer_dir=loop.tokenizer_source(init))
+            loop.save_checkpoint(path("verifier.pt"), verifier, tokenizer_dir=tok.source)
             scorer = lambda q, texts: verifier_scores(verifier, current, tok, q, texts, args.beta, args.device)
             kept_eval = {}
             res = evaluate(current, scorer, kept_eval)

@@ -235,7 +235,7 @@ def main(args):
                                  args.device, args.sft_weight, args.compile, f"{args.variant} DPO", args.grad_accum,
                                  args.fsdp)
         n_train = len(pairs)
-    loop.save_checkpoint(path("model.pt"), m, tokenizer_dir=loop.tokenizer_source(init))
+    loop.save_checkpoint(path("model.pt"), m, tokenizer_dir=tok.source)
     base_acc, acc = accuracy(base), accuracy(m)
     res = {"variant": args.variant, "samples_per_question": args.samples, "synthetic_samples": len(samples), "steps": args.train_steps,
            "train_examples": n_train, "sft_acc": base_acc, "acc": acc, "loss": loss, "train_time": time.time() - t0}

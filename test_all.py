@@ -1220,23 +1220,28 @@ def test_loop_sample_is_the_same_for_any_gen_batch():
 def test_counter_uniform_sampling_follows_the_distribution():
     logits = torch.tensor([2.0, 0.0, 1.0, -1.0, 0.5])
     n = 40000
-    u = model.counter_uniform(model.noise_keys(3, range(n), 1), 5)
+    keys = model.noise_keys(3, range(n), 1)
+    u = model.counter_uniform(keys, 5)
     assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
-    tok = model.sample_next_token(logits.expand(n, 5), temperature=1.0, uniform=u)
+    tok = model.sample_next_token(logits.expand(n, 5), temperature=1.0, keys=keys, step=5)
     freq = torch.bincount(tok, minlength=5).double() / n
     p = F.softmax(logits.double(), -1)
     assert (freq - p).abs().max() < 4 * (p * (1 - p) / n).sqrt().max()  # within 4 standard errors
-    top2 = model.sample_next_token(logits.expand(n, 5), temperature=1.0, top_k=2, uniform=u)
+    top2 = model.sample_next_token(logits.expand(n, 5), temperature=1.0, top_k=2, keys=keys, step=5)
     assert set(top2.tolist()) == {0, 2}
 
 
-def torchrun(args, tmp_path, timeout=240):
-    """Run `torchrun --standalone --nproc_per_node 2 args` (gloo on CPU) from the repository; return the finished process."""
+def torchrun(args, tmp_path, timeout=240, nproc=2):
+    """
+    Run `torchrun --standalone --nproc_per_node 2 args` (gloo on CPU) from the repository, or
+    with nproc=1 plain `python args`; return the finished process.
+    """
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    return subprocess.run([sys.executable, *launch, *args],
                           cwd=os.path.dirname(os.path.abspath(__file__)), env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -1294,19 +1299,12 @@ loop.run_cli(lambda args: None, None)
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_data_parallel_and_sharded_training_match_one_process(tmp_path, mode):
-    import runpy
-    import sys
-
     script = tmp_path / "fit.py"
     script.write_text(FIT_SCRIPT)
-    argv = sys.argv
-    try:
-        sys.argv = [str(script), str(tmp_path / "one.pt"), "none"]
-        runpy.run_path(str(script), run_name="__main__")
-    finally:
-        sys.argv = argv
-    p = torchrun([str(script), str(tmp_path / "two.pt"), mode], tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+    # the one-process run in a process of its own too: its set_num_threads(1) stays out of pytest's
+    for p in (torchrun([str(script), str(tmp_path / "one.pt"), "none"], tmp_path, nproc=1),
+              torchrun([str(script), str(tmp_path / "two.pt"), mode], tmp_path)):
+        assert p.returncode == 0, p.stderr[-3000:]
     one, two = (torch.load(tmp_path / f, weights_only=True) for f in ("one.pt", "two.pt"))
     for kind in ("sft", "dpo"):  # 6 SFT steps of 2 micro-batches, 5 DPO(+SFT) steps: split over 2 processes, same updates
         assert two[f"{kind}_loss"] == pytest.approx(one[f"{kind}_loss"], rel=1e-5)
