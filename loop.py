@@ -357,6 +357,25 @@ def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, to
     return gather_in_order(out, len(prompts))
 
 
+@torch.no_grad()
+def completion_logprobs(m, pairs, batch_size):
+    """
+    (summed log-prob, number of tokens) of each completion given its prompt, for
+    (prompt_ids, completion_ids) pairs; split across processes like `sample` and gathered back
+    in order, so every rank gets the same numbers.
+    """
+    device = m.lm_head.weight.device
+    rank, world = rank_world()
+    mine = pairs[rank::world]
+    out = []
+    for i in range(0, len(mine), batch_size):
+        x, y = data.collate(mine[i : i + batch_size], m.config.block_size, device)
+        with model.autocast(device):
+            lp = model.sequence_logprobs(m, x, y).float()
+        out += zip(lp.tolist(), (y != -1).sum(1).tolist())
+    return gather_in_order(out, len(pairs))
+
+
 # -----------------------------------------------------------------------------
 # training from the base weights: SFT and DPO
 

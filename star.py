@@ -73,6 +73,8 @@ def get_args(argv=None):
     g.add_argument("--steps", type=int, default=400, help="fine-tuning steps of the first iteration")
     g.add_argument("--step_growth", type=float, default=1.2, help="the step budget is multiplied by this each iteration")
     g.add_argument("--no_rationalize", action="store_true", help="ablation: do not rationalize failed questions")
+    g.add_argument("--max_hint_gain", type=float, default=float("inf"), help="keep a rationalized rationale only if the hint "
+                   "raised its log-prob by at most this many nats per token (log p(r|q, hint) - log p(r|q)); inf keeps all, as the paper")
     g.add_argument("--answer_only", action="store_true", help="baseline: fine-tune on gold answers of all questions, no rationales")
     g.add_argument("--samples", type=int, default=1, help="rationales sampled per question (RFT when > 1)")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature for generation (0 = greedy)")
@@ -125,26 +127,45 @@ def collect(m, tok, questions, args, it, shots=()):
             kept.append({"index": qi, "question": e.question, "completion": text, "rationalized": False})
         if not good:
             failed.append(qi)
-    n_rationalized = 0
+    n_rationalized = n_dropped = 0
     if failed and not args.no_rationalize:
         fq = [questions[i] for i in failed]
         hinted = loop.sample(m, tok, [hint_prefix + data.hint_prompt(e.question, e.answer) for e in fq], 1, args.temperature,
                              seed=base_seed + 1, desc=f"iter {it} rationalize", **gen)
-        for qi, e, outs in zip(failed, fq, hinted):
-            text, fin = outs[0]
-            if data.sample_correct(text, fin, e.answer):
+        found = [(qi, e, outs[0][0]) for qi, e, outs in zip(failed, fq, hinted) if data.sample_correct(*outs[0], e.answer)]
+        gains = hint_gain(m, tok, found, prefix, hint_prefix, args.gen_batch)
+        for (qi, e, text), gain in zip(found, gains):
+            if gain <= args.max_hint_gain:
                 # stored without the hint: the model learns to reach the answer from the question alone
-                kept.append({"index": qi, "question": e.question, "completion": text, "rationalized": True})
+                kept.append({"index": qi, "question": e.question, "completion": text, "rationalized": True, "hint_gain": gain})
                 n_rationalized += 1
+        n_dropped = len(found) - n_rationalized
     solved = len({r["index"] for r in kept if not r["rationalized"]})
     stats = {
         "solved": solved, "solved_frac": solved / max(1, len(questions)), "rationalized": n_rationalized,
+        "rationalized_dropped": n_dropped,
         "kept": len(kept), "correct_samples": n_correct_samples,
         "correct_per_question": n_correct_samples / max(1, len(questions)),
         "distinct_per_question": sum(not r["rationalized"] for r in kept) / max(1, len(questions)),
         "time_generate": t_generate, "time_rationalize": time.time() - t0,
     }
     return kept, every, stats
+
+
+def hint_gain(m, tok, found, prefix, hint_prefix, batch_size):
+    """
+    How much each rationalized rationale leans on its hint: (log p(r | q, hint) - log p(r | q)) / tokens,
+    under the model that wrote it. A rationale that copies the answer's digits from the hint
+    into steps that do not compute them is likely with the hint and unlikely without it.
+    found: (index, example, completion text) triples. Returns a float per triple.
+    """
+    if not found:
+        return []
+    free = [(tok.encode(prefix + data.prompt(e.question)), tok.encode(t) + [tok.eot]) for _, e, t in found]
+    hinted = [(tok.encode(hint_prefix + data.hint_prompt(e.question, e.answer)), c) for (_, e, _), (_, c) in zip(found, free)]
+    lp = loop.completion_logprobs(m, free + hinted, batch_size)
+    n = len(found)
+    return [(h - f) / max(1, k) for (f, k), (h, _) in zip(lp[:n], lp[n:])]
 
 
 # -----------------------------------------------------------------------------
