@@ -133,11 +133,13 @@ def collect(m, tok, questions, args, it, shots=()):
         hinted = loop.sample(m, tok, [hint_prefix + data.hint_prompt(e.question, e.answer) for e in fq], 1, args.temperature,
                              seed=base_seed + 1, desc=f"iter {it} rationalize", **gen)
         found = [(qi, e, outs[0][0]) for qi, e, outs in zip(failed, fq, hinted) if data.sample_correct(*outs[0], e.answer)]
-        gains = hint_gain(m, tok, found, prefix, hint_prefix, args.gen_batch)
+        filtered = args.max_hint_gain < float("inf")
+        gains = hint_gain(m, tok, found, prefix, hint_prefix, args.gen_batch) if filtered else [None] * len(found)
         for (qi, e, text), gain in zip(found, gains):
-            if gain <= args.max_hint_gain:
+            if not filtered or gain <= args.max_hint_gain:
                 # stored without the hint: the model learns to reach the answer from the question alone
-                kept.append({"index": qi, "question": e.question, "completion": text, "rationalized": True, "hint_gain": gain})
+                kept.append({"index": qi, "question": e.question, "completion": text, "rationalized": True,
+                             **({"hint_gain": gain} if filtered else {})})
                 n_rationalized += 1
         n_dropped = len(found) - n_rationalized
     solved = len({r["index"] for r in kept if not r["rationalized"]})

@@ -414,6 +414,39 @@ def test_a_rationalized_example_is_kept_without_its_hint(monkeypatch):
     assert kept2 == []
 
 
+def test_rationales_that_lean_on_the_hint_beyond_max_hint_gain_are_dropped(monkeypatch):
+    qs = [data.Example(f"{i}+0", str(i)) for i in range(1, 5)]
+    fake, _ = fake_sampler(lambda q, hint, j: ("#### 0", True) if hint is None else (f"#### {hint}", True))
+    monkeypatch.setattr(loop, "sample", fake)
+    monkeypatch.setattr(star, "hint_gain", lambda m, tok, found, *a: [0.5, 0.1, 0.3, 0.2][: len(found)])
+    kept, _, stats = star.collect(None, Tokenizer(), qs, star.get_args(["--max_hint_gain", "0.25"]), it=1)
+    assert [r["question"] for r in kept] == ["2+0", "4+0"] and [r["hint_gain"] for r in kept] == [0.1, 0.2]
+    assert stats["rationalized"] == 2 and stats["rationalized_dropped"] == 2
+    kept, _, stats = star.collect(None, Tokenizer(), qs, star.get_args([]), it=1)  # inf, the default: all kept, none scored
+    assert len(kept) == 4 and stats["rationalized_dropped"] == 0 and "hint_gain" not in kept[0]
+
+
+def test_hint_gain_is_the_per_token_log_prob_the_hint_adds_by_a_hand_computed_forward():
+    torch.manual_seed(0)
+    tok = Tokenizer()
+    m = model.GPT(model.GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    found = [(0, data.Example("12+30", "42"), "2+3 c0 2\n#### 42"), (5, data.Example("7+5", "12"), "0+0 c1 2\n#### 12")]
+
+    def hand(prompt_text, text):  # one sequence alone, log-softmax over the full forward, summed over the completion
+        p, c = tok.encode(prompt_text), tok.encode(text) + [tok.eot]
+        logits, _ = m(torch.tensor([p + c]))
+        lp = F.log_softmax(logits[0], -1)
+        return sum(lp[len(p) - 1 + i, c[i]].item() for i in range(len(c))), len(c)
+
+    want = []
+    for _, e, text in found:
+        (f, n), (h, _) = hand("EX\n\n" + data.prompt(e.question), text), hand("HX\n\n" + data.hint_prompt(e.question, e.answer), text)
+        want.append((h - f) / n)
+    got = star.hint_gain(m, tok, found, "EX\n\n", "HX\n\n", batch_size=1)
+    assert got == pytest.approx(want, abs=1e-5)
+    assert star.hint_gain(m, tok, found, "EX\n\n", "HX\n\n", batch_size=2) == pytest.approx(want, abs=1e-5)  # padded batch
+
+
 def test_dedup_keeps_distinct_paths_and_drops_repeats():
     a1 = "She has 3*4=<<3*4=12>>12 apples.\nThen 12+5=<<12+5=17>>17.\n#### 17"
     a2 = "3 bags of 4 is <<3*4=12>>12; add 5: <<12+5=17>>17 in all.\n#### 17"  # same path, other words
