@@ -74,9 +74,14 @@ def add_warm_start_args(parser):
     return g
 
 
-def add_run_args(parser, out_dir, compile_flag=True):
+PRETRAINED_LR = 1e-5  # full fine-tuning of a pretrained model; the from-scratch rates below would wreck its weights
+
+
+def add_run_args(parser, out_dir, compile_flag=True, scratch_lr=3e-3):
     g = parser.add_argument_group("optimization")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {scratch_lr:g} for a model trained "
+                   f"here from scratch, {PRETRAINED_LR:g} for a pretrained model or a checkpoint tuned from one)")
+    parser.set_defaults(scratch_lr=scratch_lr)
     g.add_argument("--batch_size", type=int, default=32, help="sequences per training step (under torchrun: split across the processes)")
     g.add_argument("--grad_accum", type=int, default=1, help="micro-batches of --batch_size per optimizer step")
     if compile_flag:
@@ -301,6 +306,14 @@ def tokenizer_for(init):
     if init and not source:
         source = model.checkpoint_config(init)[1].get("tokenizer_dir")
     return data.HFTokenizer(source) if source else data.Tokenizer()
+
+
+def learning_rate(lr, tok, scratch_lr, pretrained_lr=PRETRAINED_LR, flag="--lr"):
+    """The flag's value if given, else by where the weights come from: a model with a pretrained tokenizer (tok.source) is a pretrained one."""
+    if lr is None:
+        lr = pretrained_lr if tok.source else scratch_lr
+        print(f"{flag} {lr:g} ({'pretrained model' if tok.source else 'from scratch'}; pass {flag} to change it)")
+    return lr
 
 
 def base_block_size(init, block_size, dataset):

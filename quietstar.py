@@ -439,6 +439,7 @@ def main(args):
     path = loop.open_run(args.out_dir, vars(args), args.resume, "Quiet-STaR")
     init = loop.resolve_init(args.init, "arithmetic")  # auto: pretrain here, on either dataset
     tok = loop.tokenizer_for(init)
+    args.lr = loop.learning_rate(args.lr, tok, args.scratch_lr)
     train_set, test = loop.task_from_args(args)
     ids, mask = encode_corpus(tok, corpus_text(train_set, args.dataset))
     tids, tmask = encode_corpus(tok, corpus_text(test, args.dataset))

@@ -216,6 +216,7 @@ def main(args):
     path = loop.open_run(args.out_dir, vars(args), args.resume, "STaR")
     init = loop.resolve_init(args.init, args.dataset)
     tok = loop.tokenizer_for(init)
+    args.lr = loop.learning_rate(args.lr, tok, args.scratch_lr)
     block_size = loop.base_block_size(init, args.block_size, args.dataset)
     # a pretrained model is prompted with worked examples (STaR's few-shot prompt); a model
     # trained here from scratch is fine-tuned on them instead (the warm start)

@@ -59,7 +59,8 @@ def get_args(argv=None):
     g.add_argument("--sft_weight", type=float, default=0.0, help="weight of an SFT loss on the chosen side")
     g.add_argument("--train_steps", type=int, default=300, help="DPO (or RFT) training steps")
     g.add_argument("--train_epochs", type=float, default=0, help="if > 0: the budget in epochs over the pairs (or RFT solutions) instead of steps")
-    g.add_argument("--dpo_lr", type=float, default=3e-4, help="DPO learning rate (RFT uses --lr)")
+    g.add_argument("--dpo_lr", type=float, default=None, help="DPO learning rate (RFT uses --lr); default: 3e-4 from scratch, "
+                   "1e-6 for a pretrained model or a checkpoint tuned from one")
     g.add_argument("--show", type=int, default=3, help="print this many wrong solutions with their Q values")
     loop.add_run_args(p, "out/stepdpo")
     return p.parse_args(argv)
@@ -150,6 +151,8 @@ def main(args):
     path = loop.open_run(args.out_dir, vars(args), args.resume, "per-step DPO")
     init = loop.resolve_init(args.init, args.dataset)
     tok = loop.tokenizer_for(init)
+    args.lr = loop.learning_rate(args.lr, tok, args.scratch_lr)
+    args.dpo_lr = loop.learning_rate(args.dpo_lr, tok, 3e-4, pretrained_lr=1e-6, flag="--dpo_lr")
     block_size = loop.base_block_size(init, args.block_size, args.dataset)
     seed_set, questions, test, args.max_new_tokens = loop.prepare_task(
         *loop.task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset)

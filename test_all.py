@@ -487,7 +487,7 @@ def test_each_iteration_fine_tunes_from_the_base_weights(monkeypatch, tmp_path):
 
     def spy(*a, **kw):
         bound = inspect.signature(real).bind(*a, **kw).arguments
-        seen.append((bound["desc"], {k: v.clone() for k, v in bound["base_state"].items()}))
+        seen.append((bound["desc"], {k: v.clone() for k, v in bound["base_state"].items()}, bound["lr"]))
         return real(*a, **kw)
 
     monkeypatch.setattr(loop, "fine_tune", spy)
@@ -495,8 +495,9 @@ def test_each_iteration_fine_tunes_from_the_base_weights(monkeypatch, tmp_path):
     star.main(star.get_args(TINY_STAR + ["--out_dir", str(tmp_path / "run")]))
     base, _ = model.load_checkpoint(str(tmp_path / "run" / "base.pt"))
     last, extra = model.load_checkpoint(str(tmp_path / "run" / "model.pt"))
-    iters = [s for d, s in seen if d.startswith("iter")]
+    iters = [s for d, s, _ in seen if d.startswith("iter")]
     assert len(iters) == 2 and extra["iter"] == 2
+    assert {lr for _, _, lr in seen} == {star.get_args([]).scratch_lr}  # from scratch, no --lr: the from-scratch rate
     for state in iters:
         for k, v in base.state_dict().items():
             assert torch.equal(state[k], v), k
@@ -1162,6 +1163,10 @@ def test_star_on_gsm8k_from_a_pretrained_directory_end_to_end(monkeypatch, tmp_p
     write_jsonl(gsm / "test.jsonl", GSM8K_RECORDS)
     # a random model never answers right: grade by a hash of the text so some samples are kept
     monkeypatch.setattr(data, "sample_correct", lambda text, finished, answer: zlib.crc32(text.encode()) % 2 == 0)
+    lrs = []  # the learning rate of every fine-tune and DPO run: a pretrained model gets the pretrained defaults
+    for name in ("fine_tune", "dpo_train"):
+        real = getattr(loop, name)
+        monkeypatch.setattr(loop, name, lambda *a, real=real, name=name, **k: (lrs.append((name, a[4])), real(*a, **k))[1])
     out = tmp_path / "run"
     argv = ["--dataset", "gsm8k", "--data_dir", str(gsm), "--init", d, "--n_seed", "2", "--iters", "1", "--steps", "3",
             "--batch_size", "4", "--max_new_tokens", "12", "--block_size", "1024", "--threads", "2", "--n_val", "2", "--out_dir", str(out)]
@@ -1177,6 +1182,7 @@ def test_star_on_gsm8k_from_a_pretrained_directory_end_to_end(monkeypatch, tmp_p
                                          "--train_steps", "2", "--batch_size", "4", "--max_new_tokens", "8", "--threads", "2",
                                          "--out_dir", str(tmp_path / "dpo")]))
     assert res["train_examples"] > 0 and res["synthetic_samples"] == 2 * (12 - 2)  # 2 per question: 12 records, 2 seeds
+    assert lrs == [("fine_tune", loop.PRETRAINED_LR), ("dpo_train", 1e-6)]  # star's iteration, then stepdpo's per-step DPO
     # and stays with every checkpoint made from it: stepdpo's base.pt and model.pt
     for name in ("base.pt", "model.pt"):
         assert model.load_checkpoint(str(tmp_path / "dpo" / name))[1]["tokenizer_dir"] == d
