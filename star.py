@@ -7,7 +7,8 @@ V-STaR (Hosseini et al. 2024) as modes. The model learns to reason from its own 
        default): the pretrained weights, prompted with --few_shot worked examples.
     1. generate: sample a rationale for every training question; keep the ones whose answer is right
     2. rationalize: for each failure, sample again with the right answer as a hint; keep the
-       rationales that reach it, stored *without* the hint
+       rationales that reach it without leaning on the hint too much (--max_hint_gain), stored
+       *without* the hint
     3. fine-tune from the base weights (not the last iteration's) on the kept rationales (plus
        the seed examples when they are not in the prompt), with a step budget that grows each iteration
     4. evaluate on the validation split (--n_val training questions never trained on) and the
@@ -36,7 +37,11 @@ Run it:
 How this departs from the papers:
 - From scratch, the few-shot prompt of STaR is replaced by the warm start (a tiny model
   cannot follow a prompt it was never trained on).
-- Rationalization uses a hint line in the prompt ("Hint: the answer is N").
+- Rationalization uses a hint line in the prompt ("Hint: the answer is N"), and a rationalized
+  rationale is kept only if the hint raised its log-prob by at most --max_hint_gain nats per
+  token (default 0.2; inf keeps every one, as the paper). On the arithmetic task a model can
+  copy the answer's digits from the hint into steps whose carries are wrong; such rationales
+  reach the right answer, and trained on they stalled runs (README, "the copy trap").
 - RFT de-duplicates by the sequence of equations (GSM8K's <<..>> annotations, else the step
   lines) and, among duplicates, keeps the one farthest in edit distance from those kept.
 - V-STaR's verifier starts from the generator after its last fine-tune (the paper's SFT
@@ -73,8 +78,8 @@ def get_args(argv=None):
     g.add_argument("--steps", type=int, default=400, help="fine-tuning steps of the first iteration")
     g.add_argument("--step_growth", type=float, default=1.2, help="the step budget is multiplied by this each iteration")
     g.add_argument("--no_rationalize", action="store_true", help="ablation: do not rationalize failed questions")
-    g.add_argument("--max_hint_gain", type=float, default=float("inf"), help="keep a rationalized rationale only if the hint "
-                   "raised its log-prob by at most this many nats per token (log p(r|q, hint) - log p(r|q)); inf keeps all, as the paper")
+    g.add_argument("--max_hint_gain", type=float, default=0.2, help="keep a rationalized rationale only if the hint raised its "
+                   "log-prob by at most this many nats per token (log p(r|q, hint) - log p(r|q)); inf keeps all, as the paper")
     g.add_argument("--answer_only", action="store_true", help="baseline: fine-tune on gold answers of all questions, no rationales")
     g.add_argument("--samples", type=int, default=1, help="rationales sampled per question (RFT when > 1)")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature for generation (0 = greedy)")
@@ -86,7 +91,7 @@ def get_args(argv=None):
     g.add_argument("--verifier_steps", type=int, default=300, help="DPO steps of the verifier")
     g.add_argument("--verifier_pairs", type=int, default=4, help="most (correct, incorrect) pairs per question")
     g.add_argument("--beta", type=float, default=0.1, help="DPO beta of the verifier")
-    loop.add_run_args(p, "out/star")
+    loop.add_run_args(p, "out/star", scratch_lr=1e-3)
     args = p.parse_args(argv)
     if args.samples > 1 and args.temperature == 0:
         p.error("--samples > 1 needs --temperature > 0 (greedy samples are all the same)")
