@@ -80,8 +80,6 @@ def get_args(argv=None):
     g.add_argument("--no_rationalize", action="store_true", help="ablation: do not rationalize failed questions")
     g.add_argument("--max_hint_gain", type=float, default=0.2, help="keep a rationalized rationale only if the hint raised its "
                    "log-prob by at most this many nats per token (log p(r|q, hint) - log p(r|q)); inf keeps all, as the paper")
-    g.add_argument("--hint_gain_model", default="current", choices=["current", "base"], help="the model that scores --max_hint_gain: "
-                   "the one that wrote the rationales, or the base model every iteration starts from")
     g.add_argument("--answer_only", action="store_true", help="baseline: fine-tune on gold answers of all questions, no rationales")
     g.add_argument("--samples", type=int, default=1, help="rationales sampled per question (RFT when > 1)")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature for generation (0 = greedy)")
@@ -106,12 +104,11 @@ def get_args(argv=None):
 # sampling, filtering, de-duplication
 
 
-def collect(m, tok, questions, args, it, shots=(), judge=None):
+def collect(m, tok, questions, args, it, shots=()):
     """
     One generation round: sample, filter, de-duplicate, rationalize. Returns (kept rows,
     all sample rows for the verifier, stats). A kept row is a training example, never with a hint.
     shots: the few-shot exemplars put before every prompt (hinted ones for rationalization).
-    judge: the model that scores how much a rationalized rationale leans on its hint (default: m).
     """
     base_seed = args.seed * 1000 + it * 10
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, top_k=args.top_k,
@@ -142,7 +139,7 @@ def collect(m, tok, questions, args, it, shots=(), judge=None):
                              seed=base_seed + 1, desc=f"iter {it} rationalize", **gen)
         found = [(qi, e, outs[0][0]) for qi, e, outs in zip(failed, fq, hinted) if data.sample_correct(*outs[0], e.answer)]
         filtered = args.max_hint_gain < float("inf")
-        gains = hint_gain(judge or m, tok, found, prefix, hint_prefix, args.gen_batch) if filtered else [None] * len(found)
+        gains = hint_gain(m, tok, found, prefix, hint_prefix, args.gen_batch) if filtered else [None] * len(found)
         for (qi, e, text), gain in zip(found, gains):
             if not filtered or gain <= args.max_hint_gain:
                 # stored without the hint: the model learns to reach the answer from the question alone
@@ -277,12 +274,7 @@ def main(args):
             kept, stats = loop.read_rows(kept_path), loop.read_rows(path(f"iter{it}_stats.jsonl"))[0]
             print(f"resumed: iteration {it}'s {len(kept)} kept rationales from {kept_path}")
         else:
-            judge = None
-            if args.hint_gain_model == "base" and it > 1:  # the warm start never trained on a rationalized rationale
-                judge = model.GPT(config).to(args.device)
-                judge.load_state_dict(base_state)
-            kept, every, stats = collect(current, tok, questions, args, it, shots, judge)
-            del judge
+            kept, every, stats = collect(current, tok, questions, args, it, shots)
             if args.verifier:
                 loop.write_rows(path(f"iter{it}_samples.jsonl"), every)
             loop.write_rows(path(f"iter{it}_stats.jsonl"), [stats])
