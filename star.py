@@ -297,7 +297,7 @@ def main(args):
         best, stale = (res["val_acc"], 0) if res["val_acc"] > best else (best, stale + 1)
         extra = " ".join(f"{k} {v:.3f}" for k, v in res.items() if k != "acc")
         print(f"iter {it}: test acc {res['acc']:.3f} {extra} | kept {stats.get('kept')} "
-              f"(rationalized {stats.get('rationalized', 0)}, solved {stats.get('solved_frac', 0):.3f} of train) "
+              f"(rationalized {stats.get('rationalized', 0)}, {stats.get('rationalized_dropped', 0)} more dropped by the hint filter, solved {stats.get('solved_frac', 0):.3f} of train) "
               f"| {steps} steps, loss {loss:.4f} | {row['time']:.0f}s")
         if args.samples > 1 and not args.answer_only:
             print(f"  RFT: {stats['correct_per_question']:.2f} correct samples per question, "
