@@ -461,16 +461,10 @@ def unsharded(m, config, fsdp):
 
 
 @torch.no_grad()
-def reference_logprobs(ref, pairs, batch_size, device):
-    """Summed log-probs under the frozen reference of every (chosen, rejected) pair, once, no grad. (n, 2)."""
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        seqs = [s for pair in pairs[i : i + batch_size] for s in pair]  # c0, r0, c1, r1, ...
-        x, y = data.collate(seqs, ref.config.block_size, device)
-        with model.autocast(device):
-            lp = model.sequence_logprobs(ref, x, y).float()
-        out.append(lp.view(-1, 2))
-    return torch.cat(out).cpu()  # (n_pairs, 2): chosen, rejected
+def reference_logprobs(ref, pairs, batch_size):
+    """Summed log-probs under the frozen reference of every (chosen, rejected) pair, once, no grad: (n, 2) on the CPU."""
+    lp = completion_logprobs(ref, [s for pair in pairs for s in pair], batch_size)  # c0, r0, c1, r1, ...
+    return torch.tensor([v for v, _ in lp]).view(-1, 2)
 
 
 def dpo_train(base_state, config, pairs, steps, lr, beta, batch_size, seed, device, sft_weight=0.0, compile=False, desc="DPO",
@@ -484,7 +478,7 @@ def dpo_train(base_state, config, pairs, steps, lr, beta, batch_size, seed, devi
     """
     ref = model.GPT(config).to(device)
     ref.load_state_dict(base_state)
-    ref_lp = reference_logprobs(ref, pairs, batch_size, device)
+    ref_lp = reference_logprobs(ref, pairs, batch_size)
     del ref
     torch.manual_seed(seed)
     m = model.GPT(config).to(device)
