@@ -42,6 +42,9 @@ import model
 # arguments
 
 
+DPO_LR, PRETRAINED_DPO_LR = 3e-4, 1e-6  # --dpo_lr's defaults: from scratch, pretrained
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     loop.add_task_args(p)
@@ -59,8 +62,8 @@ def get_args(argv=None):
     g.add_argument("--sft_weight", type=float, default=0.0, help="weight of an SFT loss on the chosen side")
     g.add_argument("--train_steps", type=int, default=300, help="DPO (or RFT) training steps")
     g.add_argument("--train_epochs", type=float, default=0, help="if > 0: the budget in epochs over the pairs (or RFT solutions) instead of steps")
-    g.add_argument("--dpo_lr", type=float, default=None, help="DPO learning rate (RFT uses --lr); default: 3e-4 from scratch, "
-                   "1e-6 for a pretrained model or a checkpoint tuned from one")
+    g.add_argument("--dpo_lr", type=float, default=None, help=f"DPO learning rate (RFT uses --lr); default: {DPO_LR:g} from scratch, "
+                   f"{PRETRAINED_DPO_LR:g} for a pretrained model or a checkpoint tuned from one")
     g.add_argument("--show", type=int, default=3, help="print this many wrong solutions with their Q values")
     loop.add_run_args(p, "out/stepdpo")
     return p.parse_args(argv)
@@ -152,7 +155,7 @@ def main(args):
     init = loop.resolve_init(args.init, args.dataset)
     tok = loop.tokenizer_for(init)
     args.lr = loop.learning_rate(args.lr, tok, args.scratch_lr)
-    args.dpo_lr = loop.learning_rate(args.dpo_lr, tok, 3e-4, pretrained_lr=1e-6, flag="--dpo_lr")
+    args.dpo_lr = loop.learning_rate(args.dpo_lr, tok, DPO_LR, PRETRAINED_DPO_LR, "--dpo_lr")
     block_size = loop.base_block_size(init, args.block_size, args.dataset)
     seed_set, questions, test, args.max_new_tokens = loop.prepare_task(
         *loop.task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset)
