@@ -7,7 +7,7 @@ this file shows ratios.
     python bench.py --sections rollouts         # stepdpo.py's shared-prefix rollouts vs recomputed prefixes
     python bench.py --sections thoughts         # quietstar.py's parallel thoughts vs a per-position loop; memory
     python bench.py --sections pretrained       # Qwen2.5-0.5B's shape: sampler vs generate(), training step (GPU: MFU)
-    python bench.py --sections training         # SFT step of the default model, eager vs torch.compile
+    python bench.py --sections training         # SFT step of the default model: padded vs packed, eager vs torch.compile
 
 Sections:
 - sampler: tokens/s of nanostar's KV-cached batched sampler against its own no-cache path,
@@ -138,8 +138,10 @@ def roofline(m, B, P, N, step_time, repeat):
 
 def bench_training(args):
     """
-    SFT tokens/s of the default model (3 layers x 96, star.py's warm start) on arithmetic
-    batches: eager, and with torch.compile (the --compile flag), each after its warm-up steps.
+    SFT speed of the default model (3 layers x 96, star.py's warm start) on arithmetic batches
+    of 32 examples: padded to the longest (data.collate) and packed several to a row
+    (data.pack, what loop.fine_tune uses), eager and with torch.compile (the --compile flag),
+    each after its warm-up steps. The same examples either way, so scored tokens/s compare.
     """
     import random
 
@@ -149,22 +151,28 @@ def bench_training(args):
     train, _ = data.arithmetic_task(2000, 10, 1, 5, 0)
     pairs = [data.encode_example(tok, e.question, data.completion(e.rationale, e.answer)) for e in train]
     rng = random.Random(0)
-    batches = [data.collate(rng.sample(pairs, 32), 256) for _ in range(8)]
-    print(f"training: 3L x 96 model, batch 32 arithmetic examples ({batches[0][0].numel()} padded tokens per batch)")
+    examples = [rng.sample(pairs, 32) for _ in range(8)]
+    layouts = {"padded": [data.collate(b, 256) for b in examples], "packed": [data.pack(b, 256) for b in examples]}
+    scored = sum(len(c) for b in examples for _, c in b) / len(examples)
+    size = {k: sum(b[0].numel() for b in v) / len(v) for k, v in layouts.items()}
+    print(f"training: 3L x 96 model, batch 32 arithmetic examples, {scored:.0f} scored tokens per batch; "
+          f"{size['padded']:.0f} token slots padded, {size['packed']:.0f} packed")
+    times = {}
     for compile in (False, True):
-        torch.manual_seed(0)
-        m = GPT(GPTConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=3, n_head=4, n_kv_head=4, n_embd=96))
-        cfg = model.TrainConfig(steps=args.train_steps * 4, lr=1e-3, warmup=1, compile=compile)
-        get = lambda step, micro: batches[step % len(batches)]
-        t0 = time.perf_counter()
-        model.train(m, get, cfg)  # warm-up (and compilation)
-        warm = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        model.train(m, get, cfg)
-        dt = (time.perf_counter() - t0) / cfg.steps
-        padded = sum(x.numel() for x, _ in batches) / len(batches)
-        print(f"  {'compiled' if compile else 'eager':8s}: {dt * 1e3:6.1f} ms/step, {padded / dt:8.0f} padded tokens/s "
-              f"(first {cfg.steps} steps incl. warm-up/compile: {warm:.1f}s)", flush=True)
+        for layout, batches in layouts.items():
+            torch.manual_seed(0)
+            m = GPT(GPTConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=3, n_head=4, n_kv_head=4, n_embd=96))
+            cfg = model.TrainConfig(steps=args.train_steps * 4, lr=1e-3, warmup=1, compile=compile)
+            get = lambda step, micro: batches[step % len(batches)]
+            t0 = time.perf_counter()
+            model.train(m, get, cfg)  # warm-up (and compilation)
+            warm = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            model.train(m, get, cfg)
+            dt = times[compile, layout] = (time.perf_counter() - t0) / cfg.steps
+            print(f"  {'compiled' if compile else 'eager':8s} {layout}: {dt * 1e3:6.1f} ms/step, {scored / dt:8.0f} scored tokens/s, "
+                  f"{times[False, 'padded'] / dt:.2f}x eager padded (first {cfg.steps} steps incl. warm-up/compile: {warm:.1f}s)",
+                  flush=True)
 
 
 def bench_rollouts(args):

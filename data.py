@@ -525,6 +525,48 @@ def collate(pairs, block_size, device="cpu"):
     return x.to(device), y.to(device)
 
 
+def pack(pairs, block_size, device="cpu"):
+    """
+    The same examples as `collate`, packed: several short sequences share a row, so the step
+    computes on far fewer padding tokens (on the arithmetic task a random batch of 32 is ~28%
+    padding). Rows are as long as the longest sequence, filled first-fit, longest first.
+    Returns x, y (R, T) as collate's, pos (R, T): each sequence's positions start at 0, and
+    mask (R, 1, T, T) bool: a token attends causally within its own sequence only (a padding
+    slot to itself). With this mask and these positions every scored token sees exactly
+    what it sees in collate's row, so the loss is the same up to float rounding.
+    """
+    seqs = [p + c for p, c in pairs]
+    T = max(len(s) for s in seqs) - 1
+    check_fits(T, block_size, "training sequence (minus its last token)")
+    rows = []  # [used, [example index, ...]]
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+        n = len(seqs[i]) - 1
+        row = next((r for r in rows if r[0] + n <= T), None)
+        if row is None:
+            row = [0, []]
+            rows.append(row)
+        row[0] += n
+        row[1].append(i)
+    R = len(rows)
+    x = torch.zeros(R, T, dtype=torch.long)
+    y = torch.full((R, T), -1, dtype=torch.long)
+    pos = torch.zeros(R, T, dtype=torch.long)
+    doc = torch.full((R, T), -1, dtype=torch.long)  # which sequence of the row a slot holds; -1 = padding
+    for r, (_, members) in enumerate(rows):
+        at = 0
+        for d, i in enumerate(members):
+            (p, c), s = pairs[i], seqs[i]
+            n = len(s) - 1
+            x[r, at : at + n] = torch.tensor(s[:-1])
+            y[r, at + len(p) - 1 : at + n] = torch.tensor(c)
+            pos[r, at : at + n] = torch.arange(n)
+            doc[r, at : at + n] = d
+            at += n
+    same = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0)
+    mask = (same & torch.ones(T, T, dtype=torch.bool).tril()) | torch.eye(T, dtype=torch.bool)
+    return x.to(device), y.to(device), pos.to(device), mask.unsqueeze(1).to(device)
+
+
 def encode_example(tok, question, completion_text, hint=None, complete=True):
     """
     (prompt_ids, completion_ids + [eot]) for one training example; hint: the answer to show.

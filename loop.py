@@ -416,14 +416,13 @@ def fine_tune(base_state, config, pairs, steps, lr, batch_size, seed, device, co
             if not order:  # shuffled epochs: every example is seen once before any is seen twice
                 order.extend(rng.sample(range(len(pairs)), len(pairs)))
             batch.append(pairs[order.pop()])
-        x, y = data.collate(batch, config.block_size, device)  # the same global micro-batch on every rank
         if world == 1:
-            return x, y
-        n_tokens = (y != -1).sum()
-        x, y = x[rank::world], y[rank::world]
-        return x, y, world * (y != -1).sum() / n_tokens  # this rank's share of the batch's tokens, times N
+            return data.pack(batch, config.block_size, device)  # (x, y, pos, mask): short examples share rows
+        mine = batch[rank::world]  # the same global micro-batch on every rank, this rank's examples packed
+        share = world * sum(len(c) for _, c in mine) / sum(len(c) for _, c in batch)  # its share of the scored tokens, times N
+        return (*data.pack(mine, config.block_size, device), share)
 
-    loss_fn = model.lm_loss if world == 1 else lambda m, b: (model.lm_loss(m, b[:2])[0] * b[2], {})
+    loss_fn = model.lm_loss if world == 1 else lambda m, b: (model.lm_loss(m, b[:4])[0] * b[4], {})
     cfg = model.TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), compile=compile, grad_accum=grad_accum,
                             parallel=parallel_mode(m, fsdp))
     losses = model.train(m, get_batch, cfg, loss_fn=loss_fn, desc=desc)

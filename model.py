@@ -717,9 +717,9 @@ def get_lr(step, cfg):
 
 
 def lm_loss(model, batch):
-    """Mean cross-entropy over scored tokens (y != -1): the SFT loss. batch = (x, y)."""
-    x, y = batch
-    _, loss = model(x, targets=y)
+    """Mean cross-entropy over scored tokens (y != -1): the SFT loss. batch = (x, y) from data.collate, or (x, y, pos, mask) from data.pack."""
+    x, y, pos, mask = batch if len(batch) == 4 else (*batch, None, None)
+    _, loss = model(x, targets=y, pos=pos, mask=mask)
     n = (y != -1).sum().clamp(min=1)
     return loss.sum() / n, {}
 

@@ -269,6 +269,26 @@ def test_collate_scores_only_the_completion():
     assert tok.decode(hp) == "Q: 1+2\nHint: the answer is 3\nA:\n"
 
 
+def test_packed_batch_gives_the_padded_batchs_loss_and_gradient():
+    tok = Tokenizer()
+    short, _ = data.arithmetic_task(n_train=10, n_test=1, min_digits=1, max_digits=1, seed=3)
+    long, _ = data.arithmetic_task(n_train=10, n_test=1, min_digits=5, max_digits=5, seed=3)
+    pairs = [data.encode_example(tok, e.question, data.completion(e.rationale, e.answer)) for e in long[:3] + short[:10]]
+    x, y, pos, mask = data.pack(pairs, 128)
+    assert x.size(0) < len(pairs) and x.size(1) == max(len(p) + len(c) for p, c in pairs) - 1  # rows shared, none longer
+    assert sorted(y[y != -1].tolist()) == sorted(t for _, c in pairs for t in c)  # every completion token scored once
+    grads = []
+    for batch in (data.collate(pairs, 128), (x, y, pos, mask)):
+        m = tiny_model(seed=1, std=0.05, block_size=128, vocab_size=tok.vocab_size)
+        loss, _ = model.lm_loss(m, batch)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    (l1, g1), (l2, g2) = grads
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
 # -----------------------------------------------------------------------------
 # training, log-probs, DPO, checkpoints
 
