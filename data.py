@@ -413,6 +413,130 @@ def arithmetic_task(n_train=4000, n_test=500, min_digits=1, max_digits=8, seed=0
 
 
 # -----------------------------------------------------------------------------
+# task: word problems (templated, several solution paths)
+
+# Each template draws its numbers and returns the question and its terms: the answer is the
+# sum of the terms, each a chain evaluated left to right ([9, "*", 4] is 9*4; a leading "-"
+# subtracts the term). The story's wording is GSM8K-like; the numbers stay small enough for a
+# model trained from scratch to do each step in one line.
+
+_NAMES = [("Ann", "she"), ("Ben", "he"), ("Cara", "she"), ("Dev", "he"), ("Eve", "she"), ("Finn", "he"), ("Gia", "she"),
+          ("Hugo", "he")]
+_ITEMS = ["apples", "pens", "stickers", "marbles", "cards", "shells", "books", "beads"]
+
+
+def _buy_give(r):
+    (name, he), item = r.choice(_NAMES), r.choice(_ITEMS)
+    a, b, c = r.randint(1, 30), r.randint(2, 9), r.randint(2, 12)
+    d = r.randint(2, min(20, a + b * c))  # answers are never negative
+    return (f"{name} has {a} {item}. {he.capitalize()} buys {b} packs of {c} {item} and gives away {d}. "
+            f"How many {item} does {name} have now?", [[a], [b, "*", c], ["-", d]])
+
+
+def _bakery(r):
+    a, b, c, d = r.randint(2, 9), r.randint(2, 12), r.randint(2, 9), r.randint(2, 12)
+    e = r.randint(2, min(30, a * b + c * d))
+    return (f"A baker makes {a} trays of {b} rolls and {c} trays of {d} buns. {e} are sold. "
+            f"How many rolls and buns are left?", [[a, "*", b], [c, "*", d], ["-", e]])
+
+
+def _wages(r):
+    name, _ = r.choice(_NAMES)
+    a, b, c = r.randint(2, 12), r.randint(2, 9), r.randint(2, 30)
+    d = r.randint(2, min(30, a * b + c))
+    return (f"{name} earns {a} dollars an hour for {b} hours and gets {c} dollars in tips, then spends {d} dollars. "
+            f"How many dollars does {name} have left?", [[a, "*", b], [c], ["-", d]])
+
+
+def _groups(r):
+    b, c, d = r.randint(2, 6), r.randint(2, 9), r.randint(1, 20)
+    a = b * r.randint(2, 8)
+    return (f"A class of {a} students splits into groups of {b}. Each group gets {c} markers and the teacher keeps {d}. "
+            f"How many markers are there in all?", [[a, "/", b, "*", c], [d]])
+
+
+def _farm(r):
+    a, b, d = r.randint(2, 9), r.randint(2, 12), r.randint(1, 20)
+    c = r.randint(2, min(15, a * b))
+    return (f"A farm has {a} pens of {b} sheep. {c} sheep are sold and {d} lambs are born. "
+            f"How many sheep are on the farm now?", [[a, "*", b], ["-", c], [d]])
+
+
+def _reading(r):
+    name, _ = r.choice(_NAMES)
+    a, b, c, d = r.randint(2, 12), r.randint(2, 9), r.randint(2, 12), r.randint(2, 9)
+    e = a * b + c * d + r.randint(1, 60)
+    return (f"{name}'s book has {e} pages. {name} reads {a} pages a day for {b} days, then {c} pages a day for {d} days. "
+            f"How many pages are left?", [[e], ["-", a, "*", b], ["-", c, "*", d]])
+
+
+WORD_TEMPLATES = [_buy_give, _bakery, _wages, _groups, _farm, _reading]
+
+
+def _apply(x, op, y):
+    return x * y if op == "*" else x // y if op == "/" else x + y if op == "+" else x - y
+
+
+def word_solution(terms, r):
+    """
+    One solution path, drawn at random among the valid ones: any order that computes each
+    chain's steps in turn and adds or subtracts finished terms into a running total that never
+    goes below zero. Returns (rationale, answer): one "x*y=z" style line a step.
+    """
+    chains = []  # [sign, value so far, remaining (op, number) steps]
+    for t in terms:
+        sign, t = (-1, t[1:]) if t[0] == "-" else (1, t)
+        chains.append([sign, t[0], list(zip(t[1::2], t[2::2]))])
+    lines, total = [], None
+    while chains:
+        moves = [("step", c) for c in chains if c[2]]
+        moves += [("add", c) for c in chains if not c[2] and (c[0] > 0 or (total is not None and total >= c[1]))]
+        kind, c = r.choice(moves)
+        if kind == "step":
+            op, y = c[2].pop(0)
+            z = _apply(c[1], op, y)
+            lines.append(f"{c[1]}{op}{y}={z}")
+            c[1] = z
+            continue
+        chains.remove(c)
+        if total is None:
+            total = c[1]
+            continue
+        z = total + c[0] * c[1]
+        lines.append(f"{total}{'+' if c[0] > 0 else '-'}{c[1]}={z}")
+        total = z
+    return "\n".join(lines), str(total)
+
+
+def word_problem_task(n_train=4000, n_test=500, seed=0):
+    """
+    Train/test sets of templated multi-step word problems (two to four steps of +, -, *, /)
+    whose gold rationales take a random one of their valid paths, so the model sees, and can
+    sample, several right solutions of a question. Deterministic in seed; no train question
+    repeats a test one.
+    """
+    rng = random.Random(f"word-{seed}")
+
+    def draw(n, exclude):
+        out, seen = [], set(exclude)
+        for _ in range(100 * n + 1000):
+            if len(out) == n:
+                break
+            question, terms = rng.choice(WORD_TEMPLATES)(rng)
+            if question not in seen:
+                seen.add(question)
+                rationale, answer = word_solution(terms, rng)
+                out.append(Example(question, answer, rationale))
+        if len(out) < n:
+            raise InputError(f"only {len(out)} distinct word problems, asked for {n}")
+        return out, seen
+
+    test, seen = draw(n_test, ())
+    train, _ = draw(n_train, seen)
+    return train, test
+
+
+# -----------------------------------------------------------------------------
 # task: gsm8k
 
 
@@ -494,10 +618,12 @@ def load_task(dataset, data_dir=None, n_train=4000, n_test=0, min_digits=1, max_
     """
     if dataset == "arithmetic":
         return arithmetic_task(n_train, n_test or 500, min_digits, max_digits, seed)
+    if dataset == "word_problems":
+        return word_problem_task(n_train, n_test or 500, seed)
     if dataset == "gsm8k":
         train, test = gsm8k_task(data_dir)
         return train[:n_train], test[: n_test or len(test)]
-    raise InputError(f"unknown dataset {dataset!r}: arithmetic or gsm8k")
+    raise InputError(f"unknown dataset {dataset!r}: arithmetic, word_problems or gsm8k")
 
 
 # -----------------------------------------------------------------------------

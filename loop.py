@@ -33,13 +33,14 @@ import model
 
 def add_task_args(parser):
     g = parser.add_argument_group("task")
-    g.add_argument("--dataset", default="arithmetic", choices=["arithmetic", "gsm8k"], help="which task to learn")
+    g.add_argument("--dataset", default="arithmetic", choices=["arithmetic", "word_problems", "gsm8k"],
+                   help="which task to learn: n-digit addition, templated multi-step word problems (both generated here), or GSM8K")
     g.add_argument("--data_dir", default=None, help="gsm8k: local directory with train.jsonl and test.jsonl (skips the hub)")
     g.add_argument("--n_train", type=int, default=4000, help="training questions used (gsm8k: at most this many)")
-    g.add_argument("--n_test", type=int, default=0, help="test questions (0 = 500 generated for arithmetic, all 1,319 for gsm8k)")
+    g.add_argument("--n_test", type=int, default=0, help="test questions (0 = 500 generated, all 1,319 for gsm8k)")
     g.add_argument("--min_digits", type=int, default=1, help="arithmetic: fewest digits per operand")
     g.add_argument("--max_digits", type=int, default=5, help="arithmetic: most digits per operand")
-    g.add_argument("--data_seed", type=int, default=0, help="arithmetic: seed of the generated train/test sets")
+    g.add_argument("--data_seed", type=int, default=0, help="arithmetic, word_problems: seed of the generated train/test sets")
     return g
 
 

@@ -25,6 +25,7 @@ Which prompt each phase uses:
 Run it:
 
     python star.py                                          # built-in arithmetic task, CPU
+    python star.py --dataset word_problems                  # built-in multi-step word problems, several paths each
     python star.py --no_rationalize                         # STaR without rationalization
     python star.py --samples 8 --temperature 0.7            # RFT: K samples, distinct correct paths kept
     python star.py --verifier --eval_samples 16             # V-STaR: a DPO verifier ranks N samples

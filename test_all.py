@@ -179,6 +179,54 @@ def test_arithmetic_sets_are_deterministic_and_never_overlap():
         data.arithmetic_task(200, 10, 1, 1, seed=0)  # only 100 one-digit pairs exist
 
 
+def check_word_solution(question, completion_text):
+    """
+    An independent reading of a word-problem solution: every step line 'x op y=z' is a true
+    equation (checked with Python's operators), every number it uses is in the question or
+    an earlier result, and the answer line is the last result. Returns the steps.
+    """
+    import operator
+    import re
+
+    ops = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}
+    known = {int(n) for n in re.findall(r"\d+", question)}
+    *steps, last = completion_text.split("\n")
+    for line in steps:
+        x, op, y, z = re.fullmatch(r"(\d+)([-+*/])(\d+)=(\d+)", line).groups()
+        x, y, z = int(x), int(y), int(z)
+        assert ops[op](x, y) == z and x in known and y in known, line
+        if op == "/":
+            assert x % y == 0, line
+        known.add(z)
+    assert last == f"#### {z}"
+    return steps
+
+
+def test_word_problems_have_true_steps_from_the_question_and_several_paths():
+    train, test = data.word_problem_task(n_train=300, n_test=60, seed=1)
+    for e in train + test:
+        text = data.completion(e.rationale, e.answer)
+        assert 2 <= len(check_word_solution(e.question, text)) <= 4
+        assert data.answer_correct(text, e.answer) and int(e.answer) >= 0
+    assert not {e.question for e in train} & {e.question for e in test} and len({e.question for e in train}) == 300
+    again, _ = data.word_problem_task(n_train=300, n_test=60, seed=1)
+    assert [(e.question, e.rationale) for e in again] == [(e.question, e.rationale) for e in train]
+    # one question, many drawn paths: all valid, all reach the same answer, and they differ
+    for template in data.WORD_TEMPLATES:
+        question, terms = template(random.Random(4))
+        paths = {data.word_solution(terms, random.Random(i)) for i in range(50)}
+        expect = 0
+        for t in terms:  # the terms' sum, each chain left to right, written out here
+            sign, t = (-1, t[1:]) if t[0] == "-" else (1, t)
+            v = t[0]
+            for op, y in zip(t[1::2], t[2::2]):
+                v = {"+": v + y, "-": v - y, "*": v * y, "/": v // y}[op]
+            expect += sign * v
+        assert {a for _, a in paths} == {str(expect)} and len(paths) >= 2, question
+        for rationale, answer in paths:
+            check_word_solution(question, data.completion(rationale, answer))
+
+
 GSM8K_RECORDS = [
     {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?",
      "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"},
