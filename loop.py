@@ -381,12 +381,15 @@ def completion_logprobs(m, pairs, batch_size):
     device = m.lm_head.weight.device
     rank, world = rank_world()
     mine = pairs[rank::world]
-    out = []
-    for i in range(0, len(mine), batch_size):
-        x, y = data.collate(mine[i : i + batch_size], m.config.block_size, device)
+    order = sorted(range(len(mine)), key=lambda i: len(mine[i][0]) + len(mine[i][1]))  # similar lengths share a batch: less padding
+    out = [None] * len(mine)
+    for i in range(0, len(order), batch_size):
+        at = order[i : i + batch_size]
+        x, y = data.collate([mine[j] for j in at], m.config.block_size, device)
         with model.autocast(device):
             lp = model.sequence_logprobs(m, x, y).float()
-        out += zip(lp.tolist(), (y != -1).sum(1).tolist())
+        for j, v, n in zip(at, lp.tolist(), (y != -1).sum(1).tolist()):
+            out[j] = (v, n)
     return gather_in_order(out, len(pairs))
 
 
