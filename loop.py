@@ -68,6 +68,8 @@ def add_warm_start_args(parser):
     g = parser.add_argument_group("warm start and sampling")
     g.add_argument("--n_seed", type=int, default=256, help="worked examples for the warm start (taken from the train set)")
     g.add_argument("--warm_steps", type=int, default=1000, help="fine-tuning steps of the warm start")
+    g.add_argument("--warm_holdout", type=int, default=0, help="seed examples held out of the warm start: it keeps the weights "
+                   "where their NLL was lowest (early stopping; 0 = train on all, keep the last weights)")
     g.add_argument("--max_new_tokens", type=int, default=0, help="cut generations at this length (0 = from the task)")
     g.add_argument("--gen_batch", type=int, default=512, help="sequences per sampling batch")
     g.add_argument("--few_shot", type=int, default=-1, help="worked examples from the seed set in every sampling prompt "
@@ -398,12 +400,13 @@ def completion_logprobs(m, pairs, batch_size):
 
 
 def fine_tune(base_state, config, pairs, steps, lr, batch_size, seed, device, compile=False, desc="fine-tune", grad_accum=1,
-              fsdp=False):
+              fsdp=False, on_step=None):
     """
     A fresh copy of the base weights fine-tuned on (prompt_ids, completion_ids) pairs, in
     random batches. Returns (model, last loss). Under torchrun every micro-batch of batch_size
     is split across the processes (rows rank, rank + N, ...), so the global batch is the same
     for any N; fsdp: the model is sharded over them (FSDP2) while it trains.
+    on_step(step, model): called after every update.
     """
     torch.manual_seed(seed)
     m = model.GPT(config).to(device)
@@ -429,7 +432,7 @@ def fine_tune(base_state, config, pairs, steps, lr, batch_size, seed, device, co
     loss_fn = model.lm_loss if world == 1 else lambda m, b: (model.lm_loss(m, b[:4])[0] * b[4], {})
     cfg = model.TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), compile=compile, grad_accum=grad_accum,
                             parallel=parallel_mode(m, fsdp))
-    losses = model.train(m, get_batch, cfg, loss_fn=loss_fn, desc=desc)
+    losses = model.train(m, get_batch, cfg, loss_fn=loss_fn, desc=desc, on_step=on_step and (lambda step: on_step(step, m)))
     return unsharded(m, config, fsdp), losses[-1] if losses else float("nan")
 
 
@@ -606,11 +609,15 @@ def prepare_task(train, test, tok, block_size, n_seed, max_new_tokens=0, dataset
     return seed_set, questions, test, max_new_tokens
 
 
-def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device, init=None, compile=False, answer_only=False):
+def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device, init=None, compile=False, answer_only=False,
+               holdout=0):
     """
     The base model every iteration starts from: loaded from `path` if this run already made
     it, else from the checkpoint `init`, else a fresh model of `config` fine-tuned for `steps`
     on the seed set (each example plain and with its hint). Saved to `path` either way.
+    holdout: the last `holdout` seed examples are not trained on; their NLL is measured 20
+    times over the run and the weights where it was lowest are the warm start (early stopping:
+    a small model fine-tuned on a few hundred examples memorizes them and gets worse on others).
     """
     t0 = time.time()
     if exists(path):
@@ -626,9 +633,29 @@ def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device,
         return base
     torch.manual_seed(seed)
     init_state = model.GPT(config).state_dict()
-    pairs = data.seed_pairs(tok, seed_set, answer_only)
-    base, loss = fine_tune(init_state, config, pairs, steps, lr, batch_size, seed, device, compile, "warm start")
+    if not 0 <= holdout < len(seed_set):
+        raise data.InputError(f"--warm_holdout {holdout}: need 0 <= it < --n_seed {len(seed_set)}")
+    pairs = data.seed_pairs(tok, seed_set[: len(seed_set) - holdout], answer_only)
+    held = data.seed_pairs(tok, seed_set[len(seed_set) - holdout :], answer_only)
+    best = {"nll": float("inf"), "step": 0, "state": None}
+    curve = []
+
+    def keep_best(step, m):
+        if (step + 1) % max(1, steps // 20) and step + 1 != steps:
+            return
+        lp = completion_logprobs(m, held, batch_size=256)
+        nll = -sum(v for v, _ in lp) / sum(n for _, n in lp)
+        curve.append(f"{step + 1}:{nll:.3f}")
+        if nll < best["nll"]:
+            best.update(nll=nll, step=step + 1, state={k: v.detach().clone() for k, v in m.state_dict().items()})
+
+    base, loss = fine_tune(init_state, config, pairs, steps, lr, batch_size, seed, device, compile, "warm start",
+                           on_step=keep_best if held else None)
+    stopped = ""
+    if held:
+        base.load_state_dict(best["state"])
+        stopped = f"; held-out NLL by step {' '.join(curve)}: kept step {best['step']} ({best['nll']:.4f})"
     save_checkpoint(path, base)
-    print(f"warm start: {base.num_params():,} parameters, {steps} steps, loss {loss:.4f}, {time.time() - t0:.0f}s")
+    print(f"warm start: {base.num_params():,} parameters, {steps} steps, loss {loss:.4f}, {time.time() - t0:.0f}s{stopped}")
     return base
 

@@ -724,10 +724,11 @@ def lm_loss(model, batch):
     return loss.sum() / n, {}
 
 
-def train(model, get_batch, cfg, loss_fn=lm_loss, params=None, desc="train", log_every=0):
+def train(model, get_batch, cfg, loss_fn=lm_loss, params=None, desc="train", log_every=0, on_step=None):
     """
     The one fine-tuning loop. get_batch(step, micro) -> a batch for loss_fn(model, batch) ->
     (loss, metrics), both tensors. params: what to optimize (default: all of the model's).
+    on_step(step): called after each optimizer update (every process calls it).
     Returns the per-step losses as a list of floats. Losses and metrics stay on the device
     until a step is logged (every log_every steps, and the last), where .item() is the one
     CPU-GPU sync; the losses are fetched once at the end.
@@ -768,6 +769,8 @@ def train(model, get_batch, cfg, loss_fn=lm_loss, params=None, desc="train", log
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(total / cfg.grad_accum)
+        if on_step is not None:
+            on_step(step)
         if step % every == 0 or step == cfg.steps - 1:
             loss_value = losses[-1].item()  # the one sync, on logged steps only
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.1e}")

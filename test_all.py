@@ -384,6 +384,34 @@ def test_a_few_hundred_steps_of_fine_tuning_on_arithmetic_lower_the_loss():
     assert last < 1.0
 
 
+def test_warm_start_with_a_holdout_keeps_the_weights_where_the_held_out_nll_was_lowest(monkeypatch, tmp_path, capsys):
+    import re
+
+    tok = Tokenizer()
+    seeds, _ = data.arithmetic_task(n_train=24, n_test=1, min_digits=1, max_digits=3, seed=5)
+    held = data.seed_pairs(tok, seeds[-8:])
+    trained, real = [], loop.fine_tune
+
+    def spy(*a, **kw):
+        trained.extend(inspect.signature(real).bind(*a, **kw).arguments["pairs"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loop, "fine_tune", spy)
+    config = GPTConfig(block_size=128, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
+    base = loop.warm_start(str(tmp_path / "base.pt"), tok, seeds, config, 200, 3e-3, 8, 0, "cpu", holdout=8)
+    assert len(trained) == 2 * 16 and not {tuple(p + c) for p, c in held} & {tuple(p + c) for p, c in trained}
+    line = capsys.readouterr().out
+    curve = {int(s): float(v) for s, v in re.findall(r"(\d+):([\d.]+)", line.split("held-out NLL by step")[1])}
+    kept = int(re.search(r"kept step (\d+)", line).group(1))
+    assert sorted(curve) == list(range(10, 201, 10)) and curve[kept] == min(curve.values())
+    assert curve[kept] < curve[200] - 0.05  # 16 examples, 200 steps: it overfits, and the last weights are not kept
+    x, y = data.collate(held, 128)  # the kept weights' held-out NLL, by a plain padded forward
+    with torch.no_grad():
+        nll = -model.sequence_logprobs(base, x, y).sum().item() / (y != -1).sum().item()
+    assert nll == pytest.approx(curve[kept], abs=1e-3)
+    assert model.load_checkpoint(str(tmp_path / "base.pt"))[0].state_dict()["lm_head.weight"].equal(base.lm_head.weight)
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     cfg = model.TrainConfig(steps=100, lr=1.0, warmup=10, min_lr_frac=0.1)
     lrs = [model.get_lr(s, cfg) for s in range(100)]
