@@ -394,22 +394,36 @@ def arithmetic_task(n_train=4000, n_test=500, min_digits=1, max_digits=8, seed=0
         raise InputError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
     rng = random.Random(f"arithmetic-{seed}")
 
-    def draw(n, exclude):
-        out, seen = [], set(exclude)
+    def draw_one():
+        a, b = _random_number(rng, min_digits, max_digits), _random_number(rng, min_digits, max_digits)
+        return (a, b), lambda: Example(f"{a}+{b}", str(a + b), addition_rationale(a, b))
+
+    return distinct_sets(draw_one, n_train, n_test, f"questions with {min_digits}-{max_digits} digits")
+
+
+def distinct_sets(draw_one, n_train, n_test, what):
+    """
+    (train, test) of distinct questions, the test set drawn first and no train question
+    repeating a test one. draw_one() -> (key, make): the question's identity, and a function
+    that builds its Example (called only for a new key).
+    """
+    seen = set()
+
+    def draw(n):
+        out = []
         for _ in range(100 * n + 1000):
             if len(out) == n:
                 break
-            a, b = _random_number(rng, min_digits, max_digits), _random_number(rng, min_digits, max_digits)
-            if (a, b) not in seen:
-                seen.add((a, b))
-                out.append(Example(f"{a}+{b}", str(a + b), addition_rationale(a, b)))
+            key, make = draw_one()
+            if key not in seen:
+                seen.add(key)
+                out.append(make())
         if len(out) < n:
-            raise InputError(f"only {len(out)} distinct questions with {min_digits}-{max_digits} digits, asked for {n}")
-        return out, seen
+            raise InputError(f"only {len(out)} distinct {what}, asked for {n}")
+        return out
 
-    test, seen = draw(n_test, ())
-    train, _ = draw(n_train, seen)
-    return train, test
+    test = draw(n_test)
+    return draw(n_train), test
 
 
 # -----------------------------------------------------------------------------
@@ -517,23 +531,16 @@ def word_problem_task(n_train=4000, n_test=500, seed=0):
     """
     rng = random.Random(f"word-{seed}")
 
-    def draw(n, exclude):
-        out, seen = [], set(exclude)
-        for _ in range(100 * n + 1000):
-            if len(out) == n:
-                break
-            question, terms = rng.choice(WORD_TEMPLATES)(rng)
-            if question not in seen:
-                seen.add(question)
-                rationale, answer = word_solution(terms, rng)
-                out.append(Example(question, answer, rationale))
-        if len(out) < n:
-            raise InputError(f"only {len(out)} distinct word problems, asked for {n}")
-        return out, seen
+    def draw_one():
+        question, terms = rng.choice(WORD_TEMPLATES)(rng)
 
-    test, seen = draw(n_test, ())
-    train, _ = draw(n_train, seen)
-    return train, test
+        def make():
+            rationale, answer = word_solution(terms, rng)
+            return Example(question, answer, rationale)
+
+        return question, make
+
+    return distinct_sets(draw_one, n_train, n_test, "word problems")
 
 
 # -----------------------------------------------------------------------------
