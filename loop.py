@@ -95,7 +95,8 @@ def add_run_args(parser, out_dir, compile_flag=True, scratch_lr=3e-3):
                        "each new batch shape compiles again, so it pays off only for long sampling at few shapes")
     g = parser.add_argument_group("run")
     g.add_argument("--out_dir", default=out_dir, help="where the run's files go")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last finished step")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last finished step "
+                   "(with the same settings; star.py's --iters may be raised to run more iterations)")
     g.add_argument("--seed", type=int, default=1337, help="seed of init, sampling and batching")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -227,7 +228,7 @@ def read_rows(path):
 
 # settings that may change when a run is resumed: where and how it runs, not what it computes
 MAY_DIFFER_ON_RESUME = {"resume", "out_dir", "device", "threads", "gen_batch", "compile", "compile_sampler", "generate", "n_generate",
-                        "hide_thoughts", "fsdp"}
+                        "hide_thoughts", "fsdp", "iters"}  # iters: a finished run may be continued for more iterations
 
 
 def open_run(out_dir, settings, resume, name):

@@ -1401,10 +1401,8 @@ def test_two_processes_keep_the_same_rationales_as_one(tmp_path):
     for key in ("acc", "maj@4", "pass@4", "kept", "solved"):
         assert one[-1][key] == two[-1][key], key
     assert two[-1]["loss"] == pytest.approx(one[-1]["loss"], rel=1e-4)  # the data-parallel fine-tune
-    # --resume under torchrun: the two-process run, as if it had been started with --iters 2 and killed after
-    # iteration 1, continues to the same iteration 2 as one process running both iterations
-    cfg = json.loads((tmp_path / "two" / "config.json").read_text())
-    (tmp_path / "two" / "config.json").write_text(json.dumps({**cfg, "iters": 2}))
+    # --resume under torchrun, with --iters raised: the finished one-iteration two-process run continues to the
+    # same iteration 2 as one process running both iterations
     p = torchrun(["star.py", *run, "--iters", "2", "--resume", "--out_dir", str(tmp_path / "two")], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     star.main(star.get_args(run + ["--iters", "2", "--threads", "1", "--out_dir", str(tmp_path / "one2")]))
