@@ -72,7 +72,7 @@ def get_args(argv=None):
     loop.add_model_args(p)
     loop.add_warm_start_args(p)
     g = p.add_argument_group("STaR")
-    g.add_argument("--iters", type=int, default=8, help="most STaR iterations (--patience usually stops a run before)")
+    g.add_argument("--iters", type=int, default=8, help="most STaR iterations (--patience may stop a run before)")
     g.add_argument("--patience", type=int, default=2, help="stop after this many iterations without a better validation accuracy")
     g.add_argument("--n_val", type=int, default=200, help="training questions held out as the validation split (never trained "
                    "on): it decides when to stop, and settings are chosen on it, never on the test set")
