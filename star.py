@@ -32,7 +32,7 @@ Run it:
     python star.py --answer_only                            # baseline: gold answers, no rationale
     python star.py --dataset gsm8k                          # Qwen2.5-0.5B from the hub, one GPU
     python star.py --dataset gsm8k --init DIR --data_dir ../shared/data/gsm8k   # offline
-    python star.py --out_dir out/star --resume              # continue a killed run
+    python star.py --out_dir out/star --resume              # continue a killed run (add --iters N to go further)
     torchrun --standalone --nproc_per_node 8 star.py --dataset gsm8k   # 8 GPUs (add --fsdp to shard the model)
 
 How this departs from the papers:
