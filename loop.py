@@ -624,6 +624,8 @@ def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device,
     if exists(path):
         print(f"resumed: warm-start model from {path}")
         return model.load_checkpoint(path, device)[0]
+    if init and holdout:
+        print(f"--warm_holdout {holdout} has nothing to do: the base comes from --init {init}, not a warm start")
     if is_pretrained(init):  # the pretrained weights are the base; the few-shot prompt replaces the warm start
         base = model.load_pretrained(init, device, config.block_size)
         print(f"pretrained {init}: {base.num_params():,} parameters, context {config.block_size}")
