@@ -404,9 +404,10 @@ def fine_tune(base_state, config, pairs, steps, lr, batch_size, seed, device, co
               fsdp=False, on_step=None):
     """
     A fresh copy of the base weights fine-tuned on (prompt_ids, completion_ids) pairs, in
-    random batches. Returns (model, last loss). Under torchrun every micro-batch of batch_size
-    is split across the processes (rows rank, rank + N, ...), so the global batch is the same
-    for any N; fsdp: the model is sharded over them (FSDP2) while it trains.
+    random batches, packed (data.pack). Returns (model, last loss). Under torchrun every
+    micro-batch of batch_size is split across the processes (examples rank, rank + N, ...,
+    each process packing its own), so the global batch is the same for any N; fsdp: the
+    model is sharded over them (FSDP2) while it trains.
     on_step(step, model): called after every update.
     """
     torch.manual_seed(seed)
