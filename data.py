@@ -516,8 +516,9 @@ def word_solution(terms, r):
         if total is None:
             total = c[1]
             continue
-        z = total + c[0] * c[1]
-        lines.append(f"{total}{'+' if c[0] > 0 else '-'}{c[1]}={z}")
+        op = "+" if c[0] > 0 else "-"
+        z = _apply(total, op, c[1])
+        lines.append(f"{total}{op}{c[1]}={z}")
         total = z
     return "\n".join(lines), str(total)
 
