@@ -12,7 +12,7 @@ stepdpo.py, thoughts in quietstar.py.
 - `sample`: k completions per prompt, KV-cached and batched (star.py's generation and
   rationalization, stepdpo.py's solutions and Monte-Carlo rollouts, evaluation)
 - `fine_tune` (SFT from the base weights) and `dpo_train` (DPO against the frozen base)
-- `evaluate`: greedy accuracy, maj@N, pass@N and a scorer's best-of-N
+- `evaluate`: greedy accuracy, maj@N and pass@N (`tally` also scores best-of-N)
 - `prepare_task` and `warm_start`: the task cut to the context, and the base model
 """
 
@@ -549,13 +549,12 @@ def tally(golds, greedy, samples=None, scores=None):
     return res
 
 
-def evaluate(m, tok, test, seed, max_new_tokens, batch_size, n_samples=0, temperature=0.7, scorer=None, prefix="", keep=None,
-             compile=False):
+def evaluate(m, tok, test, seed, max_new_tokens, batch_size, n_samples=0, temperature=0.7, prefix="", keep=None, compile=False):
     """
     Greedy test accuracy; with n_samples > 1 also maj@N and pass@N over N samples at
-    `temperature`; with a scorer (question, [texts]) -> [scores] also its best-of-N.
+    `temperature`.
     prefix: a few-shot prompt put before every question (completions then stop at a blank line).
-    keep: a dict that receives what was tallied (golds, greedy, samples, scores), to re-tally.
+    keep: a dict that receives what was tallied (golds, greedy, samples), to score and re-tally.
     """
     prompts = [prefix + data.prompt(e.question) for e in test]
     golds = [e.answer for e in test]
@@ -565,10 +564,9 @@ def evaluate(m, tok, test, seed, max_new_tokens, batch_size, n_samples=0, temper
         return tally(golds, [o[0] for o in greedy])
     outs = sample(m, tok, prompts, n_samples, temperature, max_new_tokens, batch_size, seed + 1,
                   desc=f"eval {n_samples} samples", stop_text=stop, compile=compile)
-    scores = [scorer(e.question, [t for t, _ in o]) for e, o in zip(test, outs)] if scorer else None
     if keep is not None:
-        keep.update(golds=golds, greedy=[o[0] for o in greedy], samples=outs, scores=scores)
-    return tally(golds, [o[0] for o in greedy], outs, scores)
+        keep.update(golds=golds, greedy=[o[0] for o in greedy], samples=outs)
+    return tally(golds, [o[0] for o in greedy], outs)
 
 
 # -----------------------------------------------------------------------------

@@ -92,6 +92,8 @@ def get_args(argv=None):
     g.add_argument("--verifier_steps", type=int, default=300, help="DPO steps of the verifier")
     g.add_argument("--verifier_pairs", type=int, default=4, help="most (correct, incorrect) pairs per question")
     g.add_argument("--beta", type=float, default=0.1, help="DPO beta of the verifier")
+    g.add_argument("--verifier_score", choices=list(SCORES), default="reward", help="how the verifier ranks the N samples "
+                   "(best-of-N is reported under every score, on validation and test; this one is printed first)")
     loop.add_run_args(p, "out/star", scratch_lr=1e-3)
     args = p.parse_args(argv)
     if args.samples > 1 and args.temperature == 0:
@@ -180,14 +182,48 @@ def hint_gain(m, tok, found, prefix, hint_prefix, batch_size):
 # V-STaR: a verifier trained with DPO on correct vs incorrect samples
 
 
-@torch.no_grad()
-def verifier_scores(verifier, ref, tok, question, completions, beta, device):
-    """V-STaR's score of each completion: the DPO implicit reward beta * (log p_verifier - log p_ref)."""
+# How a sample is ranked among the N, from v = log p_verifier(y|x), g = log p_generator(y|x)
+# (summed over the completion's n tokens). "reward" is the paper's; the others are there to
+# find out why it loses to majority voting here: "verifier" is the verifier's own likelihood,
+# "generator" ranks by the generator's confidence and uses no verifier at all (a control).
+SCORES = {
+    "reward": lambda v, g, n, beta: beta * (v - g),  # the DPO implicit reward (V-STaR)
+    "reward_per_token": lambda v, g, n, beta: beta * (v - g) / n,
+    "verifier": lambda v, g, n, beta: v,
+    "verifier_per_token": lambda v, g, n, beta: v / n,
+    "generator_per_token": lambda v, g, n, beta: g / n,
+}
+
+
+def verifier_logprobs(verifier, ref, tok, question, completions, batch_size):
+    """(v, g, n) for each completion: its summed log-prob under the verifier and the reference (generator), and its tokens."""
     pairs = [data.encode_example(tok, question, c) for c in completions]
-    x, y = data.collate(pairs, verifier.config.block_size, device)
-    with model.autocast(device):
-        s = beta * (model.sequence_logprobs(verifier, x, y) - model.sequence_logprobs(ref, x, y))
-    return s.float().tolist()
+    v, g = loop.completion_logprobs(verifier, pairs, batch_size), loop.completion_logprobs(ref, pairs, batch_size)
+    return [(a, b, n) for (a, n), (b, _) in zip(v, g)]
+
+
+def verifier_scores(verifier, ref, tok, question, completions, beta, batch_size=64, kind="reward"):
+    """The score of each completion under one of SCORES (higher = ranked first); "reward" is V-STaR's."""
+    return [SCORES[kind](v, g, n, beta) for v, g, n in verifier_logprobs(verifier, ref, tok, question, completions, batch_size)]
+
+
+def best_of_n_curve(kept, terms, beta, n_max):
+    """
+    The paper's figure, accuracy against N, from the first n of the N samples: maj@n, pass@n and
+    best-of-n under every score in SCORES. kept: what loop.evaluate tallied (golds, greedy,
+    samples); terms: (v, g, n) per sample, as samples.
+    """
+    golds, greedy, samples = kept["golds"], kept["greedy"], kept["samples"]
+    curve, n = [], 1
+    while n <= n_max:
+        row = {"n": n}
+        for kind, f in SCORES.items():
+            r = loop.tally(golds, greedy, [o[:n] for o in samples], [[f(*t, beta) for t in q[:n]] for q in terms])
+            row[kind] = r[f"best@{n}"]
+        row["maj"], row["pass"] = r[f"maj@{n}"], r[f"pass@{n}"]
+        curve.append(row)
+        n *= 2
+    return curve
 
 
 def preference_pairs(questions, sample_rows, per_question, seed):
@@ -233,11 +269,11 @@ def main(args):
     if not 0 < args.n_val < len(questions):
         raise data.InputError(f"--n_val {args.n_val}: need between 1 and {len(questions) - 1} of the {len(questions)} training questions")
     val, questions = questions[-args.n_val :], questions[: -args.n_val]
-    grade = lambda m, split, n_samples=0, scorer=None, keep=None: loop.evaluate(
-        m, tok, split, args.seed, args.max_new_tokens, args.gen_batch, n_samples, args.eval_temperature, scorer,
+    grade = lambda m, split, n_samples=0, keep=None: loop.evaluate(
+        m, tok, split, args.seed, args.max_new_tokens, args.gen_batch, n_samples, args.eval_temperature,
         data.few_shot_prefix(shots), keep, args.compile_sampler)
     validate = lambda m: grade(m, val)["acc"]  # greedy only: it decides when to stop
-    evaluate = lambda m, scorer=None, keep=None: grade(m, test, args.eval_samples, scorer, keep)
+    evaluate = lambda m: grade(m, test, args.eval_samples)
 
     # --- 0. warm start (the base model every iteration fine-tunes from)
     metrics = loop.read_rows(path("metrics.jsonl")) if loop.exists(path("metrics.jsonl")) else []
@@ -318,20 +354,26 @@ def main(args):
         else:
             verifier, loss = train_verifier(current, tok, prefs, args)
             loop.save_checkpoint(path("verifier.pt"), verifier, tokenizer_dir=tok.source)
-            scorer = lambda q, texts: verifier_scores(verifier, current, tok, q, texts, args.beta, args.device)
-            kept_eval = {}
-            res = evaluate(current, scorer, kept_eval)
-            golds, greedy, samples, scores = (kept_eval[k] for k in ("golds", "greedy", "samples", "scores"))
-            curve = []  # the paper's figure: accuracy against N, from the first n of the N samples
-            n = 1
-            while n <= args.eval_samples:
-                r = loop.tally(golds, greedy, [o[:n] for o in samples], [s[:n] for s in scores])
-                curve.append({"n": n, "maj": r[f"maj@{n}"], "verifier": r[f"best@{n}"], "pass": r[f"pass@{n}"]})
-                n *= 2
-            loop.write_rows(path("verifier.jsonl"), [{"acc": res["acc"], "curve": curve, "pairs": len(prefs), "loss": loss}])
-            print(f"V-STaR ({len(prefs)} pairs, DPO loss {loss:.4f}): greedy {res['acc']:.3f}")
-            for c in curve:
-                print(f"  N = {c['n']:3d}: maj@N {c['maj']:.3f} | verifier best-of-N {c['verifier']:.3f} | pass@N {c['pass']:.3f}")
+            logprobs = lambda q, texts: verifier_logprobs(verifier, current, tok, q, texts, args.gen_batch)
+            result = {"pairs": len(prefs), "loss": loss, "score": args.verifier_score}
+            # every score on both splits: a score is chosen on validation, then read on test
+            for name, split in (("val", val), ("test", test)):
+                kept_eval = {}
+                res = grade(current, split, args.eval_samples, kept_eval)
+                terms = [logprobs(e.question, [t for t, _ in outs]) for e, outs in zip(split, kept_eval["samples"])]
+                result[name] = {"acc": res["acc"], "curve": best_of_n_curve(kept_eval, terms, args.beta, args.eval_samples)}
+                loop.write_rows(path(f"verifier_{name}_samples.jsonl"), [
+                    {"question": e.question, "answer": e.answer, "samples": [t for t, _ in outs], "finished": [f for _, f in outs],
+                     "logprob_verifier": [t[0] for t in tq], "logprob_generator": [t[1] for t in tq], "tokens": [t[2] for t in tq]}
+                    for e, outs, tq in zip(split, kept_eval["samples"], terms)])
+            loop.write_rows(path("verifier.jsonl"), [result])
+            print(f"V-STaR ({len(prefs)} pairs, DPO loss {loss:.4f}); best-of-N by --verifier_score {args.verifier_score}, "
+                  f"then every score (maj@N and pass@N for comparison):")
+            for name in ("val", "test"):
+                print(f"  {name}: greedy {result[name]['acc']:.3f}")
+                for c in result[name]["curve"]:
+                    others = " ".join(f"{k} {c[k]:.3f}" for k in SCORES if k != args.verifier_score)
+                    print(f"    N = {c['n']:3d}: maj@N {c['maj']:.3f} | best-of-N {c[args.verifier_score]:.3f} | pass@N {c['pass']:.3f} | {others}")
     return metrics
 
 

@@ -668,35 +668,45 @@ def test_resume_after_a_crash_gives_the_same_kept_set(monkeypatch, tmp_path):
     assert strip(loop.read_rows(str(crashed / "metrics.jsonl"))) == strip(loop.read_rows(str(full / "metrics.jsonl")))
 
 
-def test_v_star_mode_scores_test_samples_with_the_saved_verifier(monkeypatch, tmp_path):
+def test_v_star_mode_scores_validation_and_test_samples_with_the_saved_verifier(monkeypatch, tmp_path):
     monkeypatch.setattr(loop, "sample", lucky(loop.sample))
-    seen = []
-    real_tally = loop.tally
-    monkeypatch.setattr(loop, "tally", lambda *a: seen.append(a) or real_tally(*a))
     args = TINY_STAR + ["--iters", "1", "--verifier", "--eval_samples", "4", "--verifier_steps", "5",
                         "--temperature", "1.0", "--samples", "2", "--out_dir", str(tmp_path / "v")]
     star.main(star.get_args(args))
     (res,) = loop.read_rows(str(tmp_path / "v" / "verifier.jsonl"))
-    assert res["pairs"] > 0 and [c["n"] for c in res["curve"]] == [1, 2, 4]
+    assert res["pairs"] > 0 and res["score"] == "reward"
     rows = loop.read_rows(str(tmp_path / "v" / "iter1_samples.jsonl"))
     assert {r["correct"] for r in rows} == {True, False}
-    # the curve re-tallies the first n of the same N samples and scores the evaluation ranked
-    golds, greedy, samples, scores = next(a for a in seen if len(a) == 4 and a[3] is not None and len(a[2][0]) == 4)
-    for c in res["curve"]:
-        n = c["n"]
-        assert c["verifier"] == real_tally(golds, greedy, [o[:n] for o in samples], [s[:n] for s in scores])[f"best@{n}"]
-    assert res["curve"][0]["verifier"] == res["curve"][0]["pass"]  # one sample: nothing to choose
-    # the scores are the saved verifier's implicit reward against the generator it started from
     verifier, _ = model.load_checkpoint(str(tmp_path / "v" / "verifier.pt"))
     generator, _ = model.load_checkpoint(str(tmp_path / "v" / "model.pt"))
-    _, test = data.arithmetic_task(120, 20, 1, 2, 0)
     tok = Tokenizer()
-    for e, outs, sc in list(zip(test, samples, scores))[:4]:
-        for (text, _), got in zip(outs, sc):
-            x, y = data.collate([data.encode_example(tok, e.question, text)], verifier.config.block_size)
-            want = 0.1 * (model.sequence_logprobs(verifier, x, y) - model.sequence_logprobs(generator, x, y))
-            assert got == pytest.approx(want.item(), abs=1e-4)
-    assert len({round(v, 6) for sc in scores for v in sc}) > 1, "the verifier should tell samples apart"
+    for split, n_questions in (("val", 10), ("test", 20)):
+        saved = loop.read_rows(str(tmp_path / "v" / f"verifier_{split}_samples.jsonl"))
+        assert len(saved) == n_questions and all(len(r["samples"]) == 4 for r in saved)
+        # the saved log-probs are the saved verifier's and generator's, by a separate forward
+        for r in saved[:3]:
+            for text, v, g, n in zip(r["samples"], r["logprob_verifier"], r["logprob_generator"], r["tokens"]):
+                x, y = data.collate([data.encode_example(tok, r["question"], text)], verifier.config.block_size)
+                assert v == pytest.approx(model.sequence_logprobs(verifier, x, y).item(), abs=1e-4)
+                assert g == pytest.approx(model.sequence_logprobs(generator, x, y).item(), abs=1e-4)
+                assert n == (y != -1).sum().item()
+        golds = [r["answer"] for r in saved]
+        samples = [list(zip(r["samples"], r["finished"])) for r in saved]
+        curve = res[split]["curve"]
+        assert [c["n"] for c in curve] == [1, 2, 4]
+        # every score's best-of-n, re-tallied by hand from the first n saved samples; the
+        # paper's reward is beta * (v - g) summed, the control ignores the verifier
+        by_hand = {"reward": lambda v, g, n: 0.1 * (v - g), "verifier": lambda v, g, n: v, "generator_per_token": lambda v, g, n: g / n}
+        for c in curve:
+            k = c["n"]
+            for kind, f in by_hand.items():
+                scores = [[f(*t) for t in zip(r["logprob_verifier"], r["logprob_generator"], r["tokens"])][:k] for r in saved]
+                best = [o[max(range(k), key=lambda i: (sc[i], -i))] for o, sc in zip(samples, scores)]
+                assert c[kind] == sum(data.sample_correct(t, f_, g_) for (t, f_), g_ in zip(best, golds)) / len(golds)
+            assert c["pass"] == sum(any(data.sample_correct(t, f_, g_) for t, f_ in o[:k]) for o, g_ in zip(samples, golds)) / len(golds)
+        assert all(curve[0][kind] == curve[0]["pass"] for kind in star.SCORES)  # one sample: nothing to choose
+        rewards = [0.1 * (v - g) for r in saved for v, g in zip(r["logprob_verifier"], r["logprob_generator"])]
+        assert len({round(x, 6) for x in rewards}) > 1, "the verifier should tell samples apart"
 
 
 def test_verifier_preference_pairs_put_a_correct_sample_over_an_incorrect_one():
@@ -734,7 +744,7 @@ def test_a_dpo_trained_verifier_scores_the_chosen_side_above_the_rejected_one():
     verifier, loss = loop.dpo_train(base_state, m.config, pairs, 60, 3e-3, 0.5, 12, 0, "cpu")
     assert loss < 0.3
     for q, s in qs:
-        right, wrong = star.verifier_scores(verifier, m, tok, q, [f"#### {s}", f"#### {s + 1}"], 0.5, "cpu")
+        right, wrong = star.verifier_scores(verifier, m, tok, q, [f"#### {s}", f"#### {s + 1}"], 0.5)
         assert right > wrong
 
 
