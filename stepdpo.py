@@ -14,7 +14,8 @@ used right, teach as much as many more right ones:
        its critical step)
     5. DPO (summed token log-probs of the response, --beta, reference log-probs computed once),
        optionally plus SFT on the chosen side (--sft_weight)
-    6. greedy test accuracy, as star.py reports it
+    6. greedy accuracy on the test set, as star.py reports it, and on a validation split of the
+       training questions (--n_val, never sampled): settings are chosen on it
 
     python stepdpo.py                                   # per-step DPO from a fresh warm start
     python stepdpo.py --init out/star/base.pt           # ... from star.py's warm start
@@ -54,6 +55,8 @@ def get_args(argv=None):
     g.add_argument("--variant", default="perstep", choices=["perstep", "plain", "rft"],
                    help="perstep: rejected cut at the critical step; plain: whole wrong solution; rft: SFT on correct samples only")
     g.add_argument("--n_questions", type=int, default=1000, help="training questions to sample solutions for")
+    g.add_argument("--n_val", type=int, default=200, help="the last training questions, held out as a validation split (never "
+                   "sampled for training): choose --dpo_lr, --beta, epochs on its accuracy, never on the test set's")
     g.add_argument("--samples", type=int, default=4, help="N: solutions sampled per question (the synthetic data)")
     g.add_argument("--temperature", type=float, default=0.7, help="temperature of solutions and rollouts")
     g.add_argument("--rollouts", type=int, default=4, help="K: Monte-Carlo rollouts per step prefix")
@@ -159,8 +162,11 @@ def main(args):
     block_size = loop.base_block_size(init, args.block_size, args.dataset)
     seed_set, questions, test, args.max_new_tokens = loop.prepare_task(
         *loop.task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset)
-    questions = questions[: args.n_questions]
-    accuracy = lambda m: loop.evaluate(m, tok, test, args.seed, args.max_new_tokens, args.gen_batch, compile=args.compile_sampler)["acc"]
+    if not 0 < args.n_val < len(questions):
+        raise data.InputError(f"--n_val {args.n_val}: need between 1 and {len(questions) - 1} of the {len(questions)} training questions")
+    val, questions = questions[-args.n_val :], questions[: -args.n_val][: args.n_questions]
+    accuracy = lambda m, split: loop.evaluate(m, tok, split, args.seed, args.max_new_tokens, args.gen_batch,
+                                             compile=args.compile_sampler)["acc"]
 
     # --- 1. the SFT model, also the reference
     config = model.GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
@@ -242,12 +248,14 @@ def main(args):
                                  args.fsdp)
         n_train = len(pairs)
     loop.save_checkpoint(path("model.pt"), m, tokenizer_dir=tok.source)
-    base_acc, acc = accuracy(base), accuracy(m)
+    base_acc, acc = accuracy(base, test), accuracy(m, test)
     res = {"variant": args.variant, "samples_per_question": args.samples, "synthetic_samples": len(samples), "steps": args.train_steps,
-           "train_examples": n_train, "sft_acc": base_acc, "acc": acc, "loss": loss, "train_time": time.time() - t0}
+           "train_examples": n_train, "sft_acc": base_acc, "acc": acc, "sft_val_acc": accuracy(base, val), "val_acc": accuracy(m, val),
+           "loss": loss, "train_time": time.time() - t0}
     loop.write_atomic(path("metrics.json"), json.dumps(res))
-    print(f"{args.variant}: test acc {base_acc:.3f} (SFT model) -> {acc:.3f} after {args.train_steps} steps on "
-          f"{n_train} {'solutions' if args.variant == 'rft' else 'pairs'} from {len(samples)} samples")
+    print(f"{args.variant}: test acc {base_acc:.3f} (SFT model) -> {acc:.3f}, validation {res['sft_val_acc']:.3f} -> "
+          f"{res['val_acc']:.3f}, after {args.train_steps} steps on {n_train} {'solutions' if args.variant == 'rft' else 'pairs'} "
+          f"from {len(samples)} samples")
     return res
 
 

@@ -792,7 +792,7 @@ def test_bad_input_ends_a_script_with_one_line_and_status_1_and_no_traceback(tmp
 import stepdpo  # noqa: E402
 
 TINY_DPO = ["--n_train", "120", "--n_test", "20", "--max_digits", "2", "--n_seed", "40", "--warm_steps", "30",
-            "--n_questions", "24", "--samples", "3", "--rollouts", "3", "--temperature", "1.0", "--train_steps", "6",
+            "--n_questions", "24", "--n_val", "10", "--samples", "3", "--rollouts", "3", "--temperature", "1.0", "--train_steps", "6",
             "--n_layer", "1", "--n_embd", "32", "--batch_size", "8", "--threads", "2", "--show", "1"]
 
 
@@ -896,14 +896,17 @@ def test_a_tiny_stepdpo_run_reports_the_accuracy_of_the_models_it_saved(monkeypa
     res = stepdpo.main(stepdpo.get_args(TINY_DPO + ["--variant", variant, "--out_dir", str(out)]))
     # the reported accuracies are those of the saved SFT and trained models, re-evaluated from disk
     args = stepdpo.get_args(TINY_DPO)
-    _, test = data.arithmetic_task(120, 20, 1, 2, 0)
+    train, test = data.arithmetic_task(120, 20, 1, 2, 0)
+    val = train[-10:]  # the last 10 training questions (the 40 seeds come first)
     tok = Tokenizer()
     max_new = json.load(open(out / "config.json"))["max_new_tokens"] or 41
-    for key, ckpt in (("sft_acc", "base.pt"), ("acc", "model.pt")):
+    for key, ckpt, split in (("sft_acc", "base.pt", test), ("acc", "model.pt", test), ("sft_val_acc", "base.pt", val),
+                             ("val_acc", "model.pt", val)):
         m, _ = model.load_checkpoint(str(out / ckpt))
-        assert res[key] == loop.evaluate(m, tok, test, args.seed, max_new, args.gen_batch)["acc"], key
+        assert res[key] == loop.evaluate(m, tok, split, args.seed, max_new, args.gen_batch)["acc"], key
     assert res["train_examples"] == len(loop.read_rows(str(out / "pairs.jsonl"))) > 0
     samples = loop.read_rows(str(out / "samples.jsonl"))
+    assert not {s["question"] for s in samples} & {e.question for e in val}  # validation questions are never sampled
     if variant == "perstep":
         rows = loop.read_rows(str(out / "q_values.jsonl"))
         assert rows
