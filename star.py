@@ -90,6 +90,7 @@ def get_args(argv=None):
     g.add_argument("--eval_temperature", type=float, default=0.7, help="temperature of those N samples")
     g.add_argument("--verifier", action="store_true", help="V-STaR: train a DPO verifier on all samples, rank N test samples")
     g.add_argument("--verifier_steps", type=int, default=300, help="DPO steps of the verifier")
+    g.add_argument("--verifier_lr", type=float, default=None, help="learning rate of the verifier's DPO (default: --lr / 3)")
     g.add_argument("--verifier_pairs", type=int, default=4, help="most (correct, incorrect) pairs per question")
     g.add_argument("--beta", type=float, default=0.1, help="DPO beta of the verifier")
     g.add_argument("--verifier_score", choices=list(SCORES), default="reward", help="how the verifier ranks the N samples "
@@ -244,7 +245,8 @@ def preference_pairs(questions, sample_rows, per_question, seed):
 def train_verifier(generator, tok, pairs, args):
     """DPO from the generator after its last fine-tune (the paper starts from its SFT model), which is also the frozen reference."""
     enc = [(data.encode_example(tok, q, g), data.encode_example(tok, q, b)) for q, g, b in pairs]
-    return loop.dpo_train(generator.state_dict(), generator.config, enc, args.verifier_steps, args.lr / 3, args.beta, args.batch_size,
+    return loop.dpo_train(generator.state_dict(), generator.config, enc, args.verifier_steps,
+                          args.verifier_lr or args.lr / 3, args.beta, args.batch_size,
                           args.seed + 7, args.device, compile=args.compile, desc="verifier DPO", grad_accum=args.grad_accum,
                           fsdp=args.fsdp)
 
