@@ -48,7 +48,9 @@ How this departs from the papers:
 - V-STaR's verifier starts from the generator after its last fine-tune (the paper's SFT
   model) and is trained with DPO on the correct-over-incorrect pairs of every iteration's
   samples; its score is the DPO implicit reward beta * (log p_verifier(y|x) - log p_generator(y|x)),
-  summed over the completion's tokens.
+  summed over the completion's tokens. Best-of-N is also reported under the other SCORES
+  (the verifier's own log-prob; the generator's, which needs no verifier), on the validation
+  split and the test set, so that a score is chosen on validation.
 """
 
 import argparse
