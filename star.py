@@ -93,6 +93,8 @@ def get_args(argv=None):
     g.add_argument("--verifier", action="store_true", help="V-STaR: train a DPO verifier on all samples, rank N test samples")
     g.add_argument("--verifier_steps", type=int, default=300, help="DPO steps of the verifier")
     g.add_argument("--verifier_lr", type=float, default=None, help="learning rate of the verifier's DPO (default: --lr / 3)")
+    g.add_argument("--orm_steps", type=int, default=0, help="also train an outcome reward model for this many steps (the paper's "
+                   "ORM baseline: the generator with a linear head, binary cross-entropy on right/wrong samples; score 'orm')")
     g.add_argument("--verifier_pairs", type=int, default=4, help="most (correct, incorrect) pairs per question")
     g.add_argument("--beta", type=float, default=0.1, help="DPO beta of the verifier")
     g.add_argument("--verifier_score", choices=list(SCORES), default="reward", help="how the verifier ranks the N samples "
@@ -210,18 +212,21 @@ def verifier_scores(verifier, ref, tok, question, completions, beta, batch_size=
     return [SCORES[kind](v, g, n, beta) for v, g, n in verifier_logprobs(verifier, ref, tok, question, completions, batch_size)]
 
 
-def best_of_n_curve(kept, terms, beta, n_max):
+def best_of_n_curve(kept, terms, beta, n_max, extra=None):
     """
     The paper's figure, accuracy against N, from the first n of the N samples: maj@n, pass@n and
     best-of-n under every score in SCORES. kept: what loop.evaluate tallied (golds, greedy,
-    samples); terms: (v, g, n) per sample, as samples.
+    samples); terms: (v, g, n) per sample, as samples; extra: {name: scores per sample, as samples},
+    more scores to rank by (the ORM's).
     """
     golds, greedy, samples = kept["golds"], kept["greedy"], kept["samples"]
+    scores = {kind: [[f(*t, beta) for t in q] for q in terms] for kind, f in SCORES.items()}
+    scores.update(extra or {})
     curve, n = [], 1
     while n <= n_max:
         row = {"n": n}
-        for kind, f in SCORES.items():
-            r = loop.tally(golds, greedy, [o[:n] for o in samples], [[f(*t, beta) for t in q[:n]] for q in terms])
+        for kind, sc in scores.items():
+            r = loop.tally(golds, greedy, [o[:n] for o in samples], [q[:n] for q in sc])
             row[kind] = r[f"best@{n}"]
         row["maj"], row["pass"] = r[f"maj@{n}"], r[f"pass@{n}"]
         curve.append(row)
@@ -251,6 +256,50 @@ def train_verifier(generator, tok, pairs, args):
                           args.verifier_lr or args.lr / 3, args.beta, args.batch_size,
                           args.seed + 7, args.device, compile=args.compile, desc="verifier DPO", grad_accum=args.grad_accum,
                           fsdp=args.fsdp)
+
+
+def orm_logits(m, head, x, y):
+    """The ORM's score of each row: its head on the hidden state of the last scored position, which has read the whole completion."""
+    last = (y != -1).long().cumsum(1).argmax(1)  # the first position where the count of scored tokens peaks: the last one
+    return head(m.hidden(x)[torch.arange(x.size(0), device=x.device), last]).squeeze(-1)
+
+
+def train_orm(generator, tok, examples, args):
+    """
+    An outcome reward model (the baseline the V-STaR paper compares its verifier with): the
+    generator's weights plus a linear head (starting at zero) that reads the last hidden state of
+    a completion, trained with binary cross-entropy to tell right samples from wrong ones.
+    examples: (question, completion, correct) triples. Returns (model, head).
+    """
+    torch.manual_seed(args.seed + 8)
+    m = model.GPT(generator.config).to(args.device)
+    m.load_state_dict(generator.state_dict())
+    head = torch.nn.Linear(m.config.n_embd, 1).to(args.device)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    enc = [(data.encode_example(tok, q, c), float(ok)) for q, c, ok in examples]
+    rng = random.Random(args.seed + 8)
+
+    def get_batch(step, micro):
+        idx = rng.sample(range(len(enc)), min(args.batch_size, len(enc)))
+        x, y = data.collate([enc[i][0] for i in idx], m.config.block_size, args.device)
+        return x, y, torch.tensor([enc[i][1] for i in idx], device=args.device)
+
+    def loss_fn(m, batch):
+        x, y, label = batch
+        return torch.nn.functional.binary_cross_entropy_with_logits(orm_logits(m, head, x, y).float(), label), {}
+
+    cfg = model.TrainConfig(steps=args.orm_steps, lr=args.verifier_lr or args.lr / 3, warmup=min(20, args.orm_steps // 10),
+                            parallel=loop.parallel_mode(m, False))
+    model.train(m, get_batch, cfg, loss_fn=loss_fn, params=list(m.parameters()) + list(head.parameters()), desc="ORM")
+    return m, head
+
+
+@torch.no_grad()
+def orm_scores(m, head, tok, question, completions):
+    x, y = data.collate([data.encode_example(tok, question, c) for c in completions], m.config.block_size, m.lm_head.weight.device)
+    with model.autocast(x.device):
+        return orm_logits(m, head, x, y).float().tolist()
 
 
 # -----------------------------------------------------------------------------
@@ -358,6 +407,10 @@ def main(args):
         else:
             verifier, loss = train_verifier(current, tok, prefs, args)
             loop.save_checkpoint(path("verifier.pt"), verifier, tokenizer_dir=tok.source)
+            orm = None
+            if args.orm_steps > 0:  # the ORM baseline, on every sample (not only the paired ones)
+                orm = train_orm(current, tok, [(questions[r["index"]].question, r["completion"], r["correct"]) for r in rows], args)
+                loop.save_checkpoint(path("orm.pt"), orm[0], tokenizer_dir=tok.source, head={k: v.cpu() for k, v in orm[1].state_dict().items()})
             logprobs = lambda q, texts: verifier_logprobs(verifier, current, tok, q, texts, args.gen_batch)
             result = {"pairs": len(prefs), "loss": loss, "score": args.verifier_score}
             # every score on both splits: a score is chosen on validation, then read on test
@@ -365,18 +418,20 @@ def main(args):
                 kept_eval = {}
                 res = grade(current, split, args.eval_samples, kept_eval)
                 terms = [logprobs(e.question, [t for t, _ in outs]) for e, outs in zip(split, kept_eval["samples"])]
-                result[name] = {"acc": res["acc"], "curve": best_of_n_curve(kept_eval, terms, args.beta, args.eval_samples)}
+                extra = {"orm": [orm_scores(*orm, tok, e.question, [t for t, _ in outs]) for e, outs in zip(split, kept_eval["samples"])]} if orm else {}
+                result[name] = {"acc": res["acc"], "curve": best_of_n_curve(kept_eval, terms, args.beta, args.eval_samples, extra)}
                 loop.write_rows(path(f"verifier_{name}_samples.jsonl"), [
                     {"question": e.question, "answer": e.answer, "samples": [t for t, _ in outs], "finished": [f for _, f in outs],
-                     "logprob_verifier": [t[0] for t in tq], "logprob_generator": [t[1] for t in tq], "tokens": [t[2] for t in tq]}
-                    for e, outs, tq in zip(split, kept_eval["samples"], terms)])
+                     "logprob_verifier": [t[0] for t in tq], "logprob_generator": [t[1] for t in tq], "tokens": [t[2] for t in tq],
+                     **({"orm": extra["orm"][i]} if orm else {})}
+                    for i, (e, outs, tq) in enumerate(zip(split, kept_eval["samples"], terms))])
             loop.write_rows(path("verifier.jsonl"), [result])
             print(f"V-STaR ({len(prefs)} pairs, DPO loss {loss:.4f}); best-of-N by --verifier_score {args.verifier_score}, "
                   f"then every score (maj@N and pass@N for comparison):")
             for name in ("val", "test"):
                 print(f"  {name}: greedy {result[name]['acc']:.3f}")
                 for c in result[name]["curve"]:
-                    others = " ".join(f"{k} {c[k]:.3f}" for k in SCORES if k != args.verifier_score)
+                    others = " ".join(f"{k} {c[k]:.3f}" for k in [*SCORES, "orm"] if k in c and k != args.verifier_score)
                     print(f"    N = {c['n']:3d}: maj@N {c['maj']:.3f} | best-of-N {c[args.verifier_score]:.3f} | pass@N {c['pass']:.3f} | {others}")
     return metrics
 

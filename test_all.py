@@ -670,10 +670,13 @@ def test_resume_after_a_crash_gives_the_same_kept_set(monkeypatch, tmp_path):
 
 def test_v_star_mode_scores_validation_and_test_samples_with_the_saved_verifier(monkeypatch, tmp_path):
     monkeypatch.setattr(loop, "sample", lucky(loop.sample))
-    args = TINY_STAR + ["--iters", "1", "--verifier", "--eval_samples", "4", "--verifier_steps", "5",
+    args = TINY_STAR + ["--iters", "1", "--verifier", "--eval_samples", "4", "--verifier_steps", "5", "--orm_steps", "5",
                         "--temperature", "1.0", "--samples", "2", "--out_dir", str(tmp_path / "v")]
     star.main(star.get_args(args))
     (res,) = loop.read_rows(str(tmp_path / "v" / "verifier.jsonl"))
+    orm, extra = model.load_checkpoint(str(tmp_path / "v" / "orm.pt"))
+    head = torch.nn.Linear(orm.config.n_embd, 1)
+    head.load_state_dict(extra["head"])
     assert res["pairs"] > 0 and res["score"] == "reward"
     rows = loop.read_rows(str(tmp_path / "v" / "iter1_samples.jsonl"))
     assert {r["correct"] for r in rows} == {True, False}
@@ -690,21 +693,28 @@ def test_v_star_mode_scores_validation_and_test_samples_with_the_saved_verifier(
                 assert v == pytest.approx(model.sequence_logprobs(verifier, x, y).item(), abs=1e-4)
                 assert g == pytest.approx(model.sequence_logprobs(generator, x, y).item(), abs=1e-4)
                 assert n == (y != -1).sum().item()
+            # the ORM's score: its head on the hidden state that predicts the end token, by hand
+            for text, o in zip(r["samples"], r["orm"]):
+                prompt_ids, completion_ids = data.encode_example(tok, r["question"], text)
+                ids = torch.tensor([prompt_ids + completion_ids[:-1]])  # everything but the end token
+                want = head(orm.hidden(ids)[0, -1]).item()
+                assert o == pytest.approx(want, abs=1e-4)
         golds = [r["answer"] for r in saved]
         samples = [list(zip(r["samples"], r["finished"])) for r in saved]
         curve = res[split]["curve"]
         assert [c["n"] for c in curve] == [1, 2, 4]
         # every score's best-of-n, re-tallied by hand from the first n saved samples; the
         # paper's reward is beta * (v - g) summed, the control ignores the verifier
-        by_hand = {"reward": lambda v, g, n: 0.1 * (v - g), "verifier": lambda v, g, n: v, "generator_per_token": lambda v, g, n: g / n}
+        by_hand = {"reward": lambda v, g, n, o: 0.1 * (v - g), "verifier": lambda v, g, n, o: v,
+                   "generator_per_token": lambda v, g, n, o: g / n, "orm": lambda v, g, n, o: o}
         for c in curve:
             k = c["n"]
             for kind, f in by_hand.items():
-                scores = [[f(*t) for t in zip(r["logprob_verifier"], r["logprob_generator"], r["tokens"])][:k] for r in saved]
+                scores = [[f(*t) for t in zip(r["logprob_verifier"], r["logprob_generator"], r["tokens"], r["orm"])][:k] for r in saved]
                 best = [o[max(range(k), key=lambda i: (sc[i], -i))] for o, sc in zip(samples, scores)]
                 assert c[kind] == sum(data.sample_correct(t, f_, g_) for (t, f_), g_ in zip(best, golds)) / len(golds)
             assert c["pass"] == sum(any(data.sample_correct(t, f_, g_) for t, f_ in o[:k]) for o, g_ in zip(samples, golds)) / len(golds)
-        assert all(curve[0][kind] == curve[0]["pass"] for kind in star.SCORES)  # one sample: nothing to choose
+        assert all(curve[0][kind] == curve[0]["pass"] for kind in [*star.SCORES, "orm"])  # one sample: nothing to choose
         rewards = [0.1 * (v - g) for r in saved for v, g in zip(r["logprob_verifier"], r["logprob_generator"])]
         assert len({round(x, 6) for x in rewards}) > 1, "the verifier should tell samples apart"
 
@@ -745,6 +755,20 @@ def test_a_dpo_trained_verifier_scores_the_chosen_side_above_the_rejected_one():
     assert loss < 0.3
     for q, s in qs:
         right, wrong = star.verifier_scores(verifier, m, tok, q, [f"#### {s}", f"#### {s + 1}"], 0.5)
+        assert right > wrong
+
+
+def test_an_orm_trained_on_right_and_wrong_answers_scores_the_right_one_higher():
+    tok = Tokenizer()
+    m = tiny_model(vocab_size=260, block_size=64, std=0.02)
+    qs = [(f"{a}+{b}", a + b) for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (6, 2), (4, 3)]]
+    examples = [(q, f"#### {s + d}", d == 0) for q, s in qs for d in (0, 1)]
+    args = star.get_args(["--orm_steps", "80", "--lr", "3e-3", "--batch_size", "12", "--device", "cpu"])
+    args.device = "cpu"
+    orm, head = star.train_orm(m, tok, examples, args)
+    assert any(not torch.equal(v, m.state_dict()[k]) for k, v in orm.state_dict().items())  # a trained copy
+    for q, s in qs:
+        right, wrong = star.orm_scores(orm, head, tok, q, [f"#### {s}", f"#### {s + 1}"])
         assert right > wrong
 
 
