@@ -1323,8 +1323,8 @@ def test_star_on_gsm8k_from_a_pretrained_directory_end_to_end(monkeypatch, tmp_p
     res = stepdpo.main(stepdpo.get_args(["--dataset", "gsm8k", "--data_dir", str(gsm), "--init", str(out / "model.pt"),
                                          "--n_seed", "2", "--samples", "2", "--rollouts", "2", "--temperature", "1.0",
                                          "--train_steps", "2", "--batch_size", "4", "--max_new_tokens", "8", "--threads", "2",
-                                         "--out_dir", str(tmp_path / "dpo")]))
-    assert res["train_examples"] > 0 and res["synthetic_samples"] == 2 * (12 - 2)  # 2 per question: 12 records, 2 seeds
+                                         "--n_val", "2", "--out_dir", str(tmp_path / "dpo")]))
+    assert res["train_examples"] > 0 and res["synthetic_samples"] == 2 * (12 - 2 - 2)  # 2 per question: 12 records, 2 seeds, 2 held out
     assert lrs == [("fine_tune", loop.PRETRAINED_LR), ("dpo_train", 1e-6)]  # star's iteration, then stepdpo's per-step DPO
     # and stays with every checkpoint made from it: stepdpo's base.pt and model.pt
     for name in ("base.pt", "model.pt"):
