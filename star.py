@@ -92,17 +92,19 @@ def get_args(argv=None):
     g.add_argument("--eval_temperature", type=float, default=0.7, help="temperature of those N samples")
     g.add_argument("--verifier", action="store_true", help="V-STaR: train a DPO verifier on all samples, rank N test samples")
     g.add_argument("--verifier_steps", type=int, default=300, help="DPO steps of the verifier")
-    g.add_argument("--verifier_lr", type=float, default=None, help="learning rate of the verifier's DPO (default: --lr / 3)")
+    g.add_argument("--verifier_lr", type=float, default=None, help="learning rate of the verifier's DPO and of the ORM; None: --lr / 3")
     g.add_argument("--orm_steps", type=int, default=0, help="also train an outcome reward model for this many steps (the paper's "
                    "ORM baseline: the generator with a linear head, binary cross-entropy on right/wrong samples; score 'orm')")
     g.add_argument("--verifier_pairs", type=int, default=4, help="most (correct, incorrect) pairs per question")
     g.add_argument("--beta", type=float, default=0.1, help="DPO beta of the verifier")
-    g.add_argument("--verifier_score", choices=list(SCORES), default="reward", help="how the verifier ranks the N samples "
+    g.add_argument("--verifier_score", choices=[*SCORES, "orm"], default="reward", help="how the verifier ranks the N samples "
                    "(best-of-N is reported under every score, on validation and test; this one is printed first)")
     loop.add_run_args(p, "out/star", scratch_lr=1e-3)
     args = p.parse_args(argv)
     if args.samples > 1 and args.temperature == 0:
         p.error("--samples > 1 needs --temperature > 0 (greedy samples are all the same)")
+    if args.verifier_score == "orm" and args.orm_steps <= 0:
+        p.error("--verifier_score orm needs an ORM: pass --orm_steps N")
     if args.verifier and args.eval_samples < 2:
         args.eval_samples = 16
     return args

@@ -670,14 +670,14 @@ def test_resume_after_a_crash_gives_the_same_kept_set(monkeypatch, tmp_path):
 
 def test_v_star_mode_scores_validation_and_test_samples_with_the_saved_verifier(monkeypatch, tmp_path):
     monkeypatch.setattr(loop, "sample", lucky(loop.sample))
-    args = TINY_STAR + ["--iters", "1", "--verifier", "--eval_samples", "4", "--verifier_steps", "5", "--orm_steps", "5",
+    args = TINY_STAR + ["--iters", "1", "--verifier", "--eval_samples", "4", "--verifier_steps", "5", "--orm_steps", "5", "--verifier_score", "orm",
                         "--temperature", "1.0", "--samples", "2", "--out_dir", str(tmp_path / "v")]
     star.main(star.get_args(args))
     (res,) = loop.read_rows(str(tmp_path / "v" / "verifier.jsonl"))
     orm, extra = model.load_checkpoint(str(tmp_path / "v" / "orm.pt"))
     head = torch.nn.Linear(orm.config.n_embd, 1)
     head.load_state_dict(extra["head"])
-    assert res["pairs"] > 0 and res["score"] == "reward"
+    assert res["pairs"] > 0 and res["score"] == "orm"
     rows = loop.read_rows(str(tmp_path / "v" / "iter1_samples.jsonl"))
     assert {r["correct"] for r in rows} == {True, False}
     verifier, _ = model.load_checkpoint(str(tmp_path / "v" / "verifier.pt"))
