@@ -209,11 +209,6 @@ def verifier_logprobs(verifier, ref, tok, question, completions, batch_size):
     return [(a, b, n) for (a, n), (b, _) in zip(v, g)]
 
 
-def verifier_scores(verifier, ref, tok, question, completions, beta, batch_size=64, kind="reward"):
-    """The score of each completion under one of SCORES (higher = ranked first); "reward" is V-STaR's."""
-    return [SCORES[kind](v, g, n, beta) for v, g, n in verifier_logprobs(verifier, ref, tok, question, completions, batch_size)]
-
-
 def best_of_n_curve(kept, terms, beta, n_max, extra=None):
     """
     The paper's figure, accuracy against N, from the first n of the N samples: maj@n, pass@n and
@@ -299,6 +294,7 @@ def train_orm(generator, tok, examples, args):
 
 @torch.no_grad()
 def orm_scores(m, head, tok, question, completions):
+    """The ORM's logit for each completion of one question (higher = more likely right)."""
     x, y = data.collate([data.encode_example(tok, question, c) for c in completions], m.config.block_size, m.lm_head.weight.device)
     with model.autocast(x.device):
         return orm_logits(m, head, x, y).float().tolist()

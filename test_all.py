@@ -754,7 +754,7 @@ def test_a_dpo_trained_verifier_scores_the_chosen_side_above_the_rejected_one():
     verifier, loss = loop.dpo_train(base_state, m.config, pairs, 60, 3e-3, 0.5, 12, 0, "cpu")
     assert loss < 0.3
     for q, s in qs:
-        right, wrong = star.verifier_scores(verifier, m, tok, q, [f"#### {s}", f"#### {s + 1}"], 0.5)
+        right, wrong = [star.SCORES["reward"](*t, 0.5) for t in star.verifier_logprobs(verifier, m, tok, q, [f"#### {s}", f"#### {s + 1}"], 8)]
         assert right > wrong
 
 
