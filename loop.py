@@ -13,7 +13,8 @@ stepdpo.py, thoughts in quietstar.py.
   rationalization, stepdpo.py's solutions and Monte-Carlo rollouts, evaluation)
 - `fine_tune` (SFT from the base weights) and `dpo_train` (DPO against the frozen base)
 - `evaluate`: greedy accuracy, maj@N and pass@N (`tally` also scores best-of-N)
-- `prepare_task` and `warm_start`: the task cut to the context, and the base model
+- `prepare_task`, `split_validation` and `warm_start`: the task cut to the context, the
+  validation split, and the base model
 """
 
 import json
@@ -571,6 +572,13 @@ def evaluate(m, tok, test, seed, max_new_tokens, batch_size, n_samples=0, temper
 
 # -----------------------------------------------------------------------------
 # the task cut to the context, and the base model
+
+
+def split_validation(questions, n_val):
+    """(validation, training): the last n_val training questions are held out and never trained on; --n_val checked."""
+    if not 0 < n_val < len(questions):
+        raise data.InputError(f"--n_val {n_val}: need between 1 and {len(questions) - 1} of the {len(questions)} training questions")
+    return questions[-n_val:], questions[:-n_val]
 
 
 def prepare_task(train, test, tok, block_size, n_seed, max_new_tokens=0, dataset="", n_shots=0):

@@ -317,9 +317,7 @@ def main(args):
     seed_set, questions, test, args.max_new_tokens = loop.prepare_task(
         *loop.task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset, n_shots)
     shots = seed_set[:n_shots]
-    if not 0 < args.n_val < len(questions):
-        raise data.InputError(f"--n_val {args.n_val}: need between 1 and {len(questions) - 1} of the {len(questions)} training questions")
-    val, questions = questions[-args.n_val :], questions[: -args.n_val]
+    val, questions = loop.split_validation(questions, args.n_val)
     grade = lambda m, split, n_samples=0, keep=None: loop.evaluate(
         m, tok, split, args.seed, args.max_new_tokens, args.gen_batch, n_samples, args.eval_temperature,
         data.few_shot_prefix(shots), keep, args.compile_sampler)

@@ -162,9 +162,8 @@ def main(args):
     block_size = loop.base_block_size(init, args.block_size, args.dataset)
     seed_set, questions, test, args.max_new_tokens = loop.prepare_task(
         *loop.task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset)
-    if not 0 < args.n_val < len(questions):
-        raise data.InputError(f"--n_val {args.n_val}: need between 1 and {len(questions) - 1} of the {len(questions)} training questions")
-    val, questions = questions[-args.n_val :], questions[: -args.n_val][: args.n_questions]
+    val, questions = loop.split_validation(questions, args.n_val)
+    questions = questions[: args.n_questions]
     accuracy = lambda m, split: loop.evaluate(m, tok, split, args.seed, args.max_new_tokens, args.gen_batch,
                                              compile=args.compile_sampler)["acc"]
 
