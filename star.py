@@ -202,11 +202,21 @@ SCORES = {
 }
 
 
-def verifier_logprobs(verifier, ref, tok, question, completions, batch_size):
-    """(v, g, n) for each completion: its summed log-prob under the verifier and the reference (generator), and its tokens."""
-    pairs = [data.encode_example(tok, question, c) for c in completions]
+def per_question(flat, items):
+    """A flat list, one entry per completion of every (question, completions) item, cut back into one list per question."""
+    it = iter(flat)
+    return [[next(it) for _ in completions] for _, completions in items]
+
+
+def verifier_logprobs(verifier, ref, tok, items, batch_size):
+    """
+    (v, g, n) for every completion of every (question, completions) item, one list per question:
+    its summed log-prob under the verifier and the reference (generator), and its tokens. All
+    completions go through each model in batches of batch_size, not question by question.
+    """
+    pairs = [data.encode_example(tok, q, c) for q, completions in items for c in completions]
     v, g = loop.completion_logprobs(verifier, pairs, batch_size), loop.completion_logprobs(ref, pairs, batch_size)
-    return [(a, b, n) for (a, n), (b, _) in zip(v, g)]
+    return per_question([(a, b, n) for (a, n), (b, _) in zip(v, g)], items)
 
 
 def best_of_n_curve(kept, terms, beta, n_max, extra=None):
@@ -250,7 +260,7 @@ def train_verifier(generator, tok, pairs, args):
     """DPO from the generator after its last fine-tune (the paper starts from its SFT model), which is also the frozen reference."""
     enc = [(data.encode_example(tok, q, g), data.encode_example(tok, q, b)) for q, g, b in pairs]
     return loop.dpo_train(generator.state_dict(), generator.config, enc, args.verifier_steps,
-                          args.verifier_lr or args.lr / 3, args.beta, args.batch_size,
+                          args.verifier_lr, args.beta, args.batch_size,
                           args.seed + 7, args.device, compile=args.compile, desc="verifier DPO", grad_accum=args.grad_accum,
                           fsdp=args.fsdp)
 
@@ -286,18 +296,22 @@ def train_orm(generator, tok, examples, args):
         x, y, label = batch
         return torch.nn.functional.binary_cross_entropy_with_logits(orm_logits(m, head, x, y).float(), label), {}
 
-    cfg = model.TrainConfig(steps=args.orm_steps, lr=args.verifier_lr or args.lr / 3, warmup=min(20, args.orm_steps // 10),
+    cfg = model.TrainConfig(steps=args.orm_steps, lr=args.verifier_lr, warmup=min(20, args.orm_steps // 10),
                             parallel=loop.parallel_mode(m, False))
     model.train(m, get_batch, cfg, loss_fn=loss_fn, params=list(m.parameters()) + list(head.parameters()), desc="ORM")
     return m, head
 
 
 @torch.no_grad()
-def orm_scores(m, head, tok, question, completions):
-    """The ORM's logit for each completion of one question (higher = more likely right)."""
-    x, y = data.collate([data.encode_example(tok, question, c) for c in completions], m.config.block_size, m.lm_head.weight.device)
-    with model.autocast(x.device):
-        return orm_logits(m, head, x, y).float().tolist()
+def orm_scores(m, head, tok, items, batch_size):
+    """The ORM's logit (higher = more likely right) for every completion of every (question, completions) item, one list per question."""
+    pairs = [data.encode_example(tok, q, c) for q, completions in items for c in completions]
+    device, out = m.lm_head.weight.device, []
+    for i in range(0, len(pairs), batch_size):
+        x, y = data.collate(pairs[i : i + batch_size], m.config.block_size, device)
+        with model.autocast(device):
+            out += orm_logits(m, head, x, y).float().tolist()
+    return per_question(out, items)
 
 
 # -----------------------------------------------------------------------------
@@ -310,6 +324,7 @@ def main(args):
     init = loop.resolve_init(args.init, args.dataset)
     tok = loop.tokenizer_for(init)
     args.lr = loop.learning_rate(args.lr, tok, args.scratch_lr)
+    args.verifier_lr = args.verifier_lr or args.lr / 3  # the verifier's DPO and the ORM
     block_size = loop.base_block_size(init, args.block_size, args.dataset)
     # a pretrained model is prompted with worked examples (STaR's few-shot prompt); a model
     # trained here from scratch is fine-tuned on them instead (the warm start)
@@ -407,14 +422,14 @@ def main(args):
             if args.orm_steps > 0:  # the ORM baseline, on every sample (not only the paired ones)
                 orm = train_orm(current, tok, [(questions[r["index"]].question, r["completion"], r["correct"]) for r in rows], args)
                 loop.save_checkpoint(path("orm.pt"), orm[0], tokenizer_dir=tok.source, head={k: v.cpu() for k, v in orm[1].state_dict().items()})
-            logprobs = lambda q, texts: verifier_logprobs(verifier, current, tok, q, texts, args.gen_batch)
             result = {"pairs": len(prefs), "loss": loss, "score": args.verifier_score}
             # every score on both splits: a score is chosen on validation, then read on test
             for name, split in (("val", val), ("test", test)):
                 kept_eval = {}
                 res = grade(current, split, args.eval_samples, kept_eval)
-                terms = [logprobs(e.question, [t for t, _ in outs]) for e, outs in zip(split, kept_eval["samples"])]
-                extra = {"orm": [orm_scores(*orm, tok, e.question, [t for t, _ in outs]) for e, outs in zip(split, kept_eval["samples"])]} if orm else {}
+                items = [(e.question, [t for t, _ in outs]) for e, outs in zip(split, kept_eval["samples"])]
+                terms = verifier_logprobs(verifier, current, tok, items, args.gen_batch)
+                extra = {"orm": orm_scores(*orm, tok, items, args.gen_batch)} if orm else {}
                 result[name] = {"acc": res["acc"], "curve": best_of_n_curve(kept_eval, terms, args.beta, args.eval_samples, extra)}
                 loop.write_rows(path(f"verifier_{name}_samples.jsonl"), [
                     {"question": e.question, "answer": e.answer, "samples": [t for t, _ in outs], "finished": [f for _, f in outs],

@@ -754,7 +754,8 @@ def test_a_dpo_trained_verifier_scores_the_chosen_side_above_the_rejected_one():
     verifier, loss = loop.dpo_train(base_state, m.config, pairs, 60, 3e-3, 0.5, 12, 0, "cpu")
     assert loss < 0.3
     for q, s in qs:
-        right, wrong = [star.SCORES["reward"](*t, 0.5) for t in star.verifier_logprobs(verifier, m, tok, q, [f"#### {s}", f"#### {s + 1}"], 8)]
+        (terms,) = star.verifier_logprobs(verifier, m, tok, [(q, [f"#### {s}", f"#### {s + 1}"])], 8)
+        right, wrong = [star.SCORES["reward"](*t, 0.5) for t in terms]
         assert right > wrong
 
 
@@ -764,11 +765,11 @@ def test_an_orm_trained_on_right_and_wrong_answers_scores_the_right_one_higher()
     qs = [(f"{a}+{b}", a + b) for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (6, 2), (4, 3)]]
     examples = [(q, f"#### {s + d}", d == 0) for q, s in qs for d in (0, 1)]
     args = star.get_args(["--orm_steps", "80", "--lr", "3e-3", "--batch_size", "12", "--device", "cpu"])
-    args.device = "cpu"
+    args.device, args.verifier_lr = "cpu", 1e-3  # what main resolves: --lr / 3
     orm, head = star.train_orm(m, tok, examples, args)
     assert any(not torch.equal(v, m.state_dict()[k]) for k, v in orm.state_dict().items())  # a trained copy
     for q, s in qs:
-        right, wrong = star.orm_scores(orm, head, tok, q, [f"#### {s}", f"#### {s + 1}"])
+        ((right, wrong),) = star.orm_scores(orm, head, tok, [(q, [f"#### {s}", f"#### {s + 1}"])], 8)
         assert right > wrong
 
 
