@@ -669,3 +669,177 @@ def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device,
     print(f"warm start: {base.num_params():,} parameters, {steps} steps, loss {loss:.4f}, {time.time() - t0:.0f}s{stopped}")
     return base
 
+
+
+# -----------------------------------------------------------------------------
+# the one table: every method on the same task and base model, `python loop.py`
+#
+# Each method runs as its own script, exactly as a user would run it (the commands are printed
+# and written to table.md), one seed after another; a finished run is read back, an unfinished
+# one resumed, so the command can be re-run after a crash. STaR's run of each seed makes the
+# base model (its warm start) that every other star.py run starts from (--init), and the STaR
+# model that stepdpo.py's runs start from, as the per-step DPO paper starts from an SFT model.
+
+TABLE_STEPDPO = ["--n_questions", "500", "--samples", "4", "--train_epochs", "3"]  # the regime and settings the
+TABLE_DPO = ["--dpo_lr", "3e-6", "--sft_weight", "1"]                             # README's per-step DPO section
+TABLE_RFT = ["--lr", "3e-5"]                                                      # chose on its validation split
+TABLE_QUIETSTAR = []
+
+
+def table_runs(out_dir, seed, iters):
+    """[(name, script, argv)] of one seed, in the order they must run."""
+    d = lambda name: os.path.join(out_dir, f"{name}_{seed}")
+    base, star_model = os.path.join(d("star"), "base.pt"), os.path.join(d("star"), "model.pt")
+    fixed = ["--iters", str(iters), "--patience", str(iters)]  # the same number of rounds for every star.py run
+    runs = [
+        ("star", "star.py", fixed),
+        ("star_no_rationalize", "star.py", fixed + ["--no_rationalize", "--init", base]),
+        ("answer_only", "star.py", fixed + ["--answer_only", "--init", base]),
+        ("rft_vstar", "star.py", fixed + ["--samples", "4", "--temperature", "0.7", "--verifier", "--eval_samples", "16", "--init", base]),
+        ("stepdpo_rft", "stepdpo.py", TABLE_STEPDPO + ["--variant", "rft", "--init", star_model] + TABLE_RFT),
+        ("stepdpo_plain", "stepdpo.py", TABLE_STEPDPO + ["--variant", "plain", "--init", star_model] + TABLE_DPO),
+        ("stepdpo_perstep", "stepdpo.py", TABLE_STEPDPO + ["--variant", "perstep", "--init", star_model] + TABLE_DPO),
+        ("quietstar", "quietstar.py", TABLE_QUIETSTAR),
+    ]
+    return [(name, script, argv + ["--seed", str(seed), "--out_dir", d(name)]) for name, script, argv in runs]
+
+
+def star_samples(rows, samples, rationalize):
+    """Completions a star.py run sampled: every question `samples` times a round, plus one hinted try per unsolved question."""
+    n = 0
+    for r in rows[1:]:
+        if "solved_frac" in r:
+            questions = round(r["solved"] / r["solved_frac"]) if r["solved_frac"] else None
+            n += questions * samples + (questions - r["solved"] if rationalize else 0) if questions is not None else 0
+    return n
+
+
+def table_rows(out_dir, seed, iters):
+    """One seed's results, read from its runs' files: {row name: {"acc" or "nll": ..., "samples": ..., "from": ...}}."""
+    p = lambda name, f: os.path.join(out_dir, f"{name}_{seed}", f)
+    out = {}
+    for name, samples, rat in (("star", 1, True), ("star_no_rationalize", 1, False), ("answer_only", 0, False), ("rft_vstar", 4, True)):
+        rows = read_rows(p(name, "metrics.jsonl"))
+        out[name] = {"acc": rows[-1]["acc"], "samples": star_samples(rows, samples, rat), "rounds": len(rows) - 1}
+    out["base"] = {"acc": read_rows(p("star", "metrics.jsonl"))[0]["acc"], "samples": 0}
+    curve = {c["n"]: c for c in read_rows(p("rft_vstar", "verifier.jsonl"))[0]["test"]["curve"]}
+    n = max(curve)
+    for key in ("maj", "reward", "pass"):
+        out[f"vstar_{key}"] = {"acc": curve[n][key], "samples": out["rft_vstar"]["samples"], "n": n}
+    for v in ("rft", "plain", "perstep"):
+        with open(p(f"stepdpo_{v}", "metrics.json")) as f:
+            m = json.load(f)
+        out[f"stepdpo_{v}"] = {"acc": m["acc"], "from": m["sft_acc"], "samples": m["synthetic_samples"]}
+    with open(p("quietstar", "results.json")) as f:
+        q = json.load(f)
+    for arm in ("pretrained", "no_thoughts", "thoughts"):
+        out[f"quietstar_{arm}"] = {"nll": q[arm]["nll_computed"]}
+    return out
+
+
+TABLE_LABELS = [  # (row, what it is)
+    ("base", "base model: the warm start (STaR's seed examples), greedy"),
+    ("star", "STaR, with rationalization"),
+    ("star_no_rationalize", "STaR without rationalization"),
+    ("answer_only", "answer-only: fine-tuned on every gold answer, no rationale"),
+    ("rft_vstar", "RFT: 4 samples a question at T 0.7, right ones de-duplicated"),
+    ("vstar_maj", "RFT's model, majority vote of {n} samples at T 0.7"),
+    ("vstar_reward", "V-STaR: the best of the same {n} by the DPO verifier's reward"),
+    ("vstar_pass", "RFT's model, pass@{n} (any of the {n} right)"),
+    ("stepdpo_rft", "from STaR's model: RFT on its right samples"),
+    ("stepdpo_plain", "from STaR's model: plain DPO (right vs wrong solution)"),
+    ("stepdpo_perstep", "from STaR's model: per-step DPO (rejected cut at the first pit)"),
+    ("quietstar_pretrained", "Quiet-STaR's base LM (its own corpus), NLL of computed digits"),
+    ("quietstar_no_thoughts", "  + the same steps without thoughts"),
+    ("quietstar_thoughts", "  + the same steps with thoughts"),
+]
+
+
+def spread(values, fmt, unit=""):
+    """'mean (min-max)' of a row's per-seed values; just the value for one seed."""
+    if len(values) == 1:
+        return fmt(values[0]) + unit
+    return f"{fmt(sum(values) / len(values))} ({fmt(min(values))}-{fmt(max(values))}){unit}"
+
+
+def table_markdown(per_seed, seeds, times):
+    """The table over seeds: mean (min-max) of each row, the samples it drew, and each method's wall time."""
+    pct = lambda v: f"{100 * v:.1f}"
+    nat = lambda v: f"{v:.4f}"
+    lines = [f"| method | test accuracy, mean (min-max) over seeds {', '.join(map(str, seeds))} | samples drawn (per seed) | wall time (per seed) |",
+             "| --- | --- | --- | --- |"]
+    run_of = {"vstar_maj": "rft_vstar", "vstar_reward": "rft_vstar", "vstar_pass": "rft_vstar", "base": "star",
+              "quietstar_pretrained": "quietstar", "quietstar_no_thoughts": "quietstar", "quietstar_thoughts": "quietstar"}
+    for row, label in TABLE_LABELS:
+        vals = [per_seed[s][row] for s in seeds]
+        if "nll" in vals[0]:
+            result = spread([v["nll"] for v in vals], nat, " nats")
+        else:
+            result = spread([v["acc"] for v in vals], pct, "%")
+            if "from" in vals[0]:
+                result += f", from {spread([v['from'] for v in vals], pct, '%')}"
+        label = label.format(n=vals[0].get("n"))
+        samples = spread([v["samples"] for v in vals], lambda x: f"{x:,.0f}") if "samples" in vals[0] else ""
+        run = run_of.get(row, row)
+        t = spread([times[s][run] for s in seeds], lambda x: f"{x:.0f}", " s") if row == run or row == "quietstar_thoughts" else ""
+        lines.append(f"| {label} | {result} | {samples} | {t} |")
+    total = spread([sum(times[s].values()) for s in seeds], lambda x: f"{x:.0f}", " s")
+    lines.append(f"| every run of a seed | | | {total} |")
+    return "\n".join(lines)
+
+
+def table(out_dir, seeds, iters, threads=0, extra=None):
+    """Run (or resume) every method for every seed, then write table.md and table.json in out_dir."""
+    import shlex
+    import subprocess
+
+    extra = extra or {}
+    os.makedirs(out_dir, exist_ok=True)
+    times_path = os.path.join(out_dir, "times.json")
+    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    commands = []
+    for seed in seeds:
+        times.setdefault(str(seed), {})
+        for name, script, argv in table_runs(out_dir, seed, iters):
+            argv = argv + extra.get(script, []) + (["--threads", str(threads)] if threads else [])
+            star_model = os.path.join(out_dir, f"star_{seed}", "model.pt")
+            if star_model in argv and not os.path.exists(star_model):  # no STaR round kept anything: its warm start
+                argv[argv.index(star_model)] = os.path.join(out_dir, f"star_{seed}", "base.pt")
+            cmd = [sys.executable, script, *argv, "--resume"]
+            commands.append(" ".join(shlex.quote(c) for c in ["python", script, *argv]))
+            if name in times[str(seed)]:
+                print(f"seed {seed} {name}: done ({times[str(seed)][name]:.0f} s)")
+                continue
+            print(f"seed {seed} {name}: {commands[-1]}", flush=True)
+            t0 = time.time()
+            with open(os.path.join(out_dir, f"{name}_{seed}.log"), "a") as log:
+                done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__)))
+            if done.returncode:
+                raise data.InputError(f"seed {seed} {name} failed (exit status {done.returncode}): see {log.name}")
+            times[str(seed)][name] = time.time() - t0  # of the last attempt, if it was resumed
+            write_atomic(times_path, json.dumps(times, indent=1))
+    per_seed = {s: table_rows(out_dir, s, iters) for s in seeds}
+    md = table_markdown(per_seed, seeds, {s: times[str(s)] for s in seeds})
+    write_atomic(os.path.join(out_dir, "table.json"), json.dumps({"seeds": seeds, "iters": iters, "rows": per_seed, "times": times}, indent=1))
+    write_atomic(os.path.join(out_dir, "table.md"), md + "\n\nmade by:\n\n" + "\n".join(commands) + "\n")
+    print(md)
+    return per_seed
+
+
+if __name__ == "__main__":
+    import argparse
+    import shlex
+
+    ap = argparse.ArgumentParser(description="The one table: every method (STaR with and without rationalization, answer-only, "
+                                 "RFT, V-STaR best-of-N, plain and per-step DPO, Quiet-STaR) on the arithmetic task from the same "
+                                 "base model, over seeds, with each run's wall time. Re-run the same command to resume.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out_dir", default="out/table", help="where the runs, table.md and table.json go")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2], help="one full set of runs per seed")
+    ap.add_argument("--iters", type=int, default=4, help="STaR rounds of every star.py run (the sample budget; no early stop)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads of every run (0 = torch's default)")
+    for s in ("star", "stepdpo", "quietstar"):
+        ap.add_argument(f"--{s}_args", default="", help=f"more flags for every {s}.py run, in one quoted string")
+    a = ap.parse_args()
+    run_cli(lambda a: table(a.out_dir, a.seeds, a.iters, a.threads, {f"{s}.py": shlex.split(getattr(a, f"{s}_args"))
+                                                                       for s in ("star", "stepdpo", "quietstar")}), a)

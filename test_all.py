@@ -8,6 +8,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -1132,6 +1134,62 @@ def test_computed_mask_marks_digits_after_equals():
     text = "12+34=46\nx=1,200.5 and 7"
     mask = quietstar.computed_mask(text)
     assert "".join(c for c, m in zip(text, mask) if m) == "4612005"
+
+
+# -----------------------------------------------------------------------------
+# the one table: python loop.py
+
+TABLE_FLAGS = [
+    "--seeds", "1", "--iters", "2", "--threads", "1",
+    "--star_args", "--n_train 60 --n_test 16 --max_digits 1 --n_seed 20 --warm_steps 300 --lr 3e-3 --steps 20 --n_layer 1 "
+                   "--n_embd 32 --batch_size 16 --n_val 10 --verifier_steps 5",
+    "--stepdpo_args", "--n_train 60 --n_test 16 --max_digits 1 --n_seed 20 --n_questions 24 --n_val 10 --train_steps 6 "
+                      "--train_epochs 0 --batch_size 8 --rollouts 2 --show 0",
+    "--quietstar_args", "--n_train 60 --n_test 20 --max_digits 2 --n_layer 1 --n_embd 32 --seq_len 16 --thought_len 2 --n_talk 2 "
+                        "--batch_size 4 --pretrain_steps 3 --steps 2 --eval_chunks 4",
+]
+
+
+def test_the_one_table_runs_every_method_from_one_base_and_reports_what_its_runs_saved(tmp_path):
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = tmp_path / "table"
+    cmd = [sys.executable, os.path.join(here, "loop.py"), "--out_dir", str(out), *TABLE_FLAGS]
+    first = subprocess.run(cmd, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout + first.stderr
+    rows = json.load(open(out / "table.json"))["rows"]["1"]
+    cfg = lambda run: json.load(open(out / run / "config.json"))
+    # one base model: every other star.py run starts from STaR's warm start, stepdpo.py from STaR's last model
+    star_model = out / "star_1" / "model.pt"  # (a STaR run that keeps nothing has none: stepdpo.py would start from base.pt)
+    for run in ("star_no_rationalize_1", "answer_only_1", "rft_vstar_1"):
+        assert cfg(run)["init"] == str(out / "star_1" / "base.pt") and cfg(run)["iters"] == cfg("star_1")["iters"] == 2
+    for v in ("rft", "plain", "perstep"):
+        assert cfg(f"stepdpo_{v}_1")["init"] == str(star_model) and cfg(f"stepdpo_{v}_1")["variant"] == v
+    # the STaR and base rows are the accuracies of the saved checkpoints, evaluated again here
+    _, test = data.arithmetic_task(60, 16, 1, 1, 0)
+    max_new = cfg("star_1")["max_new_tokens"]
+    for row, ckpt in (("base", "base.pt"), ("star", "model.pt")):
+        m, _ = model.load_checkpoint(str(out / "star_1" / ckpt))
+        assert rows[row]["acc"] == loop.evaluate(m, Tokenizer(), test, 1, max_new, 512)["acc"], row
+    # V-STaR's rows re-tallied from the saved test samples; RFT's samples counted from its sample files
+    saved = loop.read_rows(str(out / "rft_vstar_1" / "verifier_test_samples.jsonl"))
+    outs = [list(zip(r["samples"], r["finished"])) for r in saved]
+    again = loop.tally([r["answer"] for r in saved], [("", False)] * len(saved), outs)
+    assert rows["vstar_maj"]["acc"] == again["maj@16"] and rows["vstar_pass"]["acc"] == again["pass@16"]
+    drawn = 0
+    for it in (1, 2):
+        f = out / "rft_vstar_1" / f"iter{it}_samples.jsonl"
+        if f.exists():
+            every = loop.read_rows(str(f))
+            n_q = len({r["index"] for r in every})
+            drawn += len(every) + n_q - len({r["index"] for r in every if r["correct"]})  # + one hinted try per failure
+    assert len(saved) == 16 and rows["rft_vstar"]["samples"] == drawn > 0
+    assert all(math.isfinite(rows[f"quietstar_{arm}"]["nll"]) for arm in ("pretrained", "no_thoughts", "thoughts"))
+    table_md = open(out / "table.md").read()
+    assert table_md.count("\n| ") == len(loop.TABLE_LABELS) + 2 and "python stepdpo.py" in table_md
+    # the same command again resumes: every run is done, nothing is run again, the same table
+    second = subprocess.run(cmd, capture_output=True, text=True)
+    assert second.returncode == 0 and second.stdout.count(": done (") == 8
+    assert open(out / "table.md").read() == table_md
 
 
 # -----------------------------------------------------------------------------
