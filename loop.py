@@ -816,8 +816,12 @@ def table(out_dir, seeds, iters, threads=0, extra=None):
                 done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__)))
             if done.returncode:
                 raise data.InputError(f"seed {seed} {name} failed (exit status {done.returncode}): see {log.name}")
-            times[str(seed)][name] = time.time() - t0  # of the last attempt, if it was resumed
+            took = time.time() - t0  # of the last attempt, if it was resumed
+            if os.path.exists(times_path):  # other seeds may be run at the same time by another `python loop.py --seeds ...`
+                times = {**json.load(open(times_path)), **{k: v for k, v in times.items() if k == str(seed)}}
+            times.setdefault(str(seed), {})[name] = took
             write_atomic(times_path, json.dumps(times, indent=1))
+    times = json.load(open(times_path))
     per_seed = {s: table_rows(out_dir, s, iters) for s in seeds}
     md = table_markdown(per_seed, seeds, {s: times[str(s)] for s in seeds})
     write_atomic(os.path.join(out_dir, "table.json"), json.dumps({"seeds": seeds, "iters": iters, "rows": per_seed, "times": times}, indent=1))
@@ -835,8 +839,9 @@ if __name__ == "__main__":
                                  "base model, over seeds, with each run's wall time. Re-run the same command to resume.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out_dir", default="out/table", help="where the runs, table.md and table.json go")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2], help="one full set of runs per seed")
-    ap.add_argument("--iters", type=int, default=4, help="STaR rounds of every star.py run (the sample budget; no early stop)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2], help="one full set of runs per seed, one seed after "
+                    "another (to use more cores, run one `--seeds S` per seed in the same --out_dir, then the command with all seeds)")
+    ap.add_argument("--iters", type=int, default=3, help="STaR rounds of every star.py run (the sample budget; no early stop)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads of every run (0 = torch's default)")
     for s in ("star", "stepdpo", "quietstar"):
         ap.add_argument(f"--{s}_args", default="", help=f"more flags for every {s}.py run, in one quoted string")
