@@ -12,6 +12,11 @@ and is rewarded (REINFORCE) for thoughts that made the true next tokens more lik
 What the script does: pretrain a small LM on the corpus (--pretrain_steps), then continue
 training two copies for the same number of steps, one with thoughts and one without, and
 compare held-out NLL on all tokens and on the tokens that need computing (digits after '=').
+The arithmetic corpus gives the base model a skill a thought can draw on: half its lines
+(--scratchpad) write a short scratchpad between '=' and the sum, the sum's digits from the
+right, exactly a thought long ('47+85=-2310-132'); the thought tokens start as the embedding
+of '-', so a thought after '=' begins as a scratchpad would. The held-out text is plain
+'a+b=c' lines, where the sum must come without a written scratchpad.
 
 How it is done, as in the paper and its code:
 - parallel thoughts: for a sequence of T tokens, thoughts for all T positions are generated
@@ -62,21 +67,26 @@ def get_args(argv=None):
     loop.add_task_args(p)
     loop.add_model_args(p)  # --block_size 0: just enough for a chunk, a thought and its lookahead
     g = p.add_argument_group("Quiet-STaR")
+    g.add_argument("--scratchpad", type=float, default=0.5, help="arithmetic, byte-level tokenizer: fraction of training lines "
+                   "written with a scratchpad the length of a thought (scratchpad_line), so the base model has a skill a thought can draw on")
     g.add_argument("--seq_len", type=int, default=48, help="T: tokens per training chunk")
     g.add_argument("--n_thoughts", type=int, default=2, help="thoughts sampled per position")
     g.add_argument("--thought_len", type=int, default=4, help="L: sampled tokens per thought (plus start and end)")
     g.add_argument("--n_talk", type=int, default=4, help="true tokens after a thought that it is scored on")
     g.add_argument("--thought_temperature", type=float, default=1.0, help="temperature of thought tokens")
+    g.add_argument("--mix", default="hidden", choices=["hidden", "probs"], help="how the mixing head combines the predictions "
+                   "with and without the thought: hidden states (the paper) or probabilities (see MixingHead)")
     g.add_argument("--reinforce_weight", type=float, default=1.0, help="weight of the REINFORCE term")
     g.add_argument("--embed_grad_scale", type=float, default=10.0, help="gradient multiplier of the start/end thought embeddings")
-    g.add_argument("--pretrain_steps", type=int, default=1500, help="plain LM steps before the two arms split (none with --init)")
-    g.add_argument("--steps", type=int, default=150, help="training steps of each arm")
+    g.add_argument("--pretrain_steps", type=int, default=4000, help="plain LM steps before the two arms split (none with --init)")
+    g.add_argument("--pretrain_batch_size", type=int, default=32, help="chunks per pretraining step")
+    g.add_argument("--steps", type=int, default=300, help="training steps of each arm")
     g.add_argument("--eval_chunks", type=int, default=64, help="held-out chunks for the NLL comparison")
     g.add_argument("--generate", default=None, help="after training, continue this text, thinking before each token")
     g.add_argument("--n_generate", type=int, default=12, help="tokens to write for --generate")
     g.add_argument("--hide_thoughts", action="store_true", help="print --generate's text without its thoughts")
     loop.add_run_args(p, "out/quietstar", compile_flag=False)
-    p.set_defaults(batch_size=8)
+    p.set_defaults(batch_size=8, max_digits=3)  # 3-digit sums fit a 4-token thought
     return p.parse_args(argv)
 
 
@@ -84,10 +94,22 @@ def get_args(argv=None):
 # the corpus: text where thinking helps predict the next token
 
 
-def corpus_text(examples, dataset):
-    """arithmetic: 'a+b=c' lines; gsm8k: question and solution texts."""
+def scratchpad_line(e, width):
+    """
+    'a+b=-s-c': the sum's digits from the right (the order the column-by-column scratchpad finds
+    them), zero-padded to `width`, between dashes, then the sum. 47+85=-2310-132 for width 4.
+    """
+    return f"{e.question}=-{e.answer[::-1].ljust(width, '0')}-{e.answer}\n"
+
+
+def corpus_text(examples, dataset, scratchpad=0.0, width=0, seed=0):
+    """
+    arithmetic: 'a+b=c' lines, of which a `scratchpad` fraction (drawn with `seed`) are written
+    as scratchpad_line(e, width) instead; other datasets: question and solution texts.
+    """
     if dataset == "arithmetic":
-        return "".join(f"{e.question}={e.answer}\n" for e in examples)
+        rng = random.Random(seed)
+        return "".join(scratchpad_line(e, width) if rng.random() < scratchpad else f"{e.question}={e.answer}\n" for e in examples)
     return "".join(f"{e.question}\n{data.completion(e.rationale, e.answer)}\n\n" for e in examples)
 
 
@@ -103,9 +125,10 @@ def computed_mask(text):
     return out
 
 
-def encode_corpus(tok, text):
-    """Token ids and the 'computed' mask, one entry per token: a token is computed if its first byte is."""
-    byte_mask = [m for ch, m in zip(text, computed_mask(text)) for _ in ch.encode("utf-8")]
+def encode_corpus(tok, text, char_mask=None):
+    """Token ids and the 'computed' mask (or char_mask), one entry per token: a token is marked if its first byte is."""
+    char_mask = computed_mask(text) if char_mask is None else char_mask
+    byte_mask = [m for ch, m in zip(text, char_mask) for _ in ch.encode("utf-8")]
     ids, mask, at = tok.encode(text), [], 0
     for t in ids:
         mask.append(byte_mask[at])
@@ -119,15 +142,44 @@ def random_chunks(ids, mask, T, B, rng):
     return torch.stack([ids[s : s + T] for s in starts]), torch.stack([mask[s : s + T] for s in starts])
 
 
+@torch.no_grad()
+def scratchpad_skill(gpt, tok, examples, width, device):
+    """
+    What a thought could draw on, held-out NLL per token (nats), each line after a newline:
+    the sum on a plain line, the scratchpad's digits, and the sum after a correct scratchpad.
+    """
+    tot = {"sum_plain": [0.0, 0], "scratchpad": [0.0, 0], "sum_after_scratchpad": [0.0, 0]}
+    for e in examples:
+        eq = len(e.question) + 2  # '\n' + question + '='
+        plain, pad = f"\n{e.question}={e.answer}", "\n" + scratchpad_line(e, width).rstrip("\n")
+        for text, key, lo, hi in ((plain, "sum_plain", eq, len(plain)), (pad, "scratchpad", eq + 1, eq + 1 + width),
+                                  (pad, "sum_after_scratchpad", eq + 2 + width, len(pad))):
+            ids, m = encode_corpus(tok, text, [lo <= i < hi for i in range(len(text))])
+            lp = F.log_softmax(gpt(ids[None].to(device))[0][0, :-1].float(), -1)
+            nll = -lp.gather(-1, ids[1:, None].to(device)).squeeze(-1)
+            tot[key][0] += float((nll * m[1:].to(device)).sum())
+            tot[key][1] += int(m[1:].sum())
+    return {k: s / max(1, n) for k, (s, n) in tot.items()}
+
+
 # -----------------------------------------------------------------------------
 # the mixing head and thought embeddings
 
 
 class MixingHead(nn.Module):
-    """w = tanh(MLP([h_base, h_thought])); the last layer starts at zero, so w starts at exactly 0."""
+    """
+    The weight w of the thought, from an MLP on [h_base, h_thought] whose last layer starts at zero.
+    mode "hidden" (the paper): w = tanh(z), starting at exactly 0, and the prediction is
+    lm_head((1 - w) h_base + w h_thought), a mix of logits. mode "probs": w = sigmoid(z),
+    starting at 1/2, and the prediction is (1 - w) p_base + w p_thought, a mix of probabilities,
+    in which a wrong thought costs at most -log(1 - w) nats.
+    """
 
-    def __init__(self, n_embd):
+    def __init__(self, n_embd, mode="hidden"):
         super().__init__()
+        if mode not in ("hidden", "probs"):
+            raise ValueError(f"mixing mode {mode!r}: hidden or probs")
+        self.mode = mode
         self.fc = nn.Linear(2 * n_embd, n_embd)
         self.out = nn.Linear(n_embd, 1)
         nn.init.zeros_(self.out.weight)
@@ -135,7 +187,15 @@ class MixingHead(nn.Module):
 
     def forward(self, h_base, h_thought):
         z = self.out(F.gelu(self.fc(torch.cat([h_base, h_thought], dim=-1))))
-        return torch.tanh(z)  # (..., 1)
+        return torch.tanh(z) if self.mode == "hidden" else torch.sigmoid(z)  # (..., 1)
+
+    def mix(self, lm_head, h_base, h_thought):
+        """(logits of the mixed prediction, w); for "probs" the logits are the mixture's log-probabilities."""
+        w = self(h_base, h_thought)
+        if self.mode == "hidden":
+            return lm_head((1 - w) * h_base + w * h_thought), w
+        lp_base, lp_thought = F.log_softmax(lm_head(h_base).float(), -1), F.log_softmax(lm_head(h_thought).float(), -1)
+        return torch.logaddexp(torch.log1p(-w.float()) + lp_base, torch.log(w.float()) + lp_thought), w
 
 
 def add_thought_tokens(gpt, tok):
@@ -239,13 +299,12 @@ def think(gpt, head, x, args, tok, noise):
     h_thought = torch.stack(talk_h, dim=2)  # (R, T, K, C): after thought, predicting x[t+1..t+K]
     # the base hidden that predicts x[t+k] is the text hidden at t+k-1
     h_base = torch.stack([torch.cat([h_text[:, k:], h_text[:, -1:].expand(R, k, -1)], dim=1) for k in range(K)], dim=2)
-    w = head(h_base, h_thought)  # (R, T, K, 1)
-    mixed = (1 - w) * h_base + w * h_thought
+    talk_logits, w = head.mix(gpt.lm_head, h_base, h_thought)  # (R, T, K, V), (R, T, K, 1)
     valid = (t_pos[:, None] + torch.arange(1, K + 1, device=dev)[None, :]) < T  # (T, K): x[t+k] inside the chunk
     return {
         "thoughts": torch.stack(thoughts, dim=2) if thoughts else xr.new_zeros(R, T, 0),
         "thought_logp": thought_logp, "base_logits": base_logits,
-        "talk_logits": gpt.lm_head(mixed), "thought_logits": gpt.lm_head(h_thought),
+        "talk_logits": talk_logits, "thought_logits": gpt.lm_head(h_thought),
         "w": w.squeeze(-1), "valid": valid,
     }
 
@@ -319,8 +378,7 @@ def think_reference(gpt, head, x, args, tok, noise):
                 pos = torch.tensor([list(range(len(seq)))])
                 h_th = gpt.hidden(torch.tensor([seq]), pos=pos)[0, -1]
                 h_b = base_h[r, min(t + k - 1, T - 1)]
-                w = head(h_b, h_th)
-                talk[r, t, k - 1] = gpt.lm_head((1 - w) * h_b + w * h_th)
+                talk[r, t, k - 1] = head.mix(gpt.lm_head, h_b, h_th)[0]
                 seq.append(int(xr[r, t + k]) if t + k < T else tok.eot)
     return thoughts, talk
 
@@ -358,8 +416,7 @@ def generate_thinking(gpt, head, tok, text, n_new, args, generator, show_thought
                 thought.append(tok_in)
             elif j == L:
                 tok_in = tok.end_thought
-        w = head(h, hj)  # hj: the hidden after <|endthought|>
-        nxt = int(gpt.lm_head((1 - w) * h + w * hj).argmax(-1))
+        nxt = int(head.mix(gpt.lm_head, h, hj)[0].argmax(-1))  # hj: the hidden after <|endthought|>
         cache.length = n_text  # drop the thought: the next text token overwrites its slots
         h = gpt.hidden(torch.tensor([[nxt]], device=dev), pos=torch.tensor([[n_text]], device=dev), cache=cache)[:, -1]
         if show_thoughts:
@@ -374,19 +431,20 @@ def generate_thinking(gpt, head, tok, text, n_new, args, generator, show_thought
 # training and evaluation
 
 
-def train_arm(gpt, head, ids, mask, steps, args, tok, thoughts, seed, desc, log=None):
-    """`steps` of training: with thoughts (Quiet-STaR loss) or without (plain LM loss)."""
+def train_arm(gpt, head, ids, mask, steps, args, tok, thoughts, seed, desc, log=None, batch_size=None):
+    """`steps` of training: with thoughts (Quiet-STaR loss) or without (plain LM loss), batch_size chunks a step (--batch_size)."""
+    batch_size = batch_size or args.batch_size
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     V = gpt.config.vocab_size
     params = list(gpt.parameters()) + (list(head.parameters()) if thoughts else [])
 
     rank, world = loop.rank_world()
-    if args.batch_size < world:
-        raise data.InputError(f"--batch_size {args.batch_size} is smaller than the {world} processes it is split across")
+    if batch_size < world:
+        raise data.InputError(f"a batch of {batch_size} is smaller than the {world} processes it is split across")
 
     def get_batch(step, micro):
-        B, N = args.batch_size, args.n_thoughts
+        B, N = batch_size, args.n_thoughts
         x, _ = random_chunks(ids, mask, args.seq_len, B, rng)
         noise = gumbel((B * N, args.thought_len, args.seq_len, V), g, args.device) if thoughts else None
         if world == 1:
@@ -412,26 +470,39 @@ def train_arm(gpt, head, ids, mask, steps, args, tok, thoughts, seed, desc, log=
 
 @torch.no_grad()
 def evaluate(gpt, head, chunks, hard, args, tok, thoughts, seed):
-    """Held-out next-token NLL on all predicted tokens and on the computed ones (digits after '=')."""
+    """
+    Held-out next-token NLL on all predicted tokens and on the computed ones (digits after '=').
+    With thoughts also: the same model's prediction without its thoughts on the computed tokens
+    (nll_computed_base), and the mean mixing weight where the next token is computed (w_computed).
+    """
     g = torch.Generator().manual_seed(seed)
-    tot = tot_hard = n = n_hard = 0.0
+    tot = {"nll": 0.0, "nll_computed": 0.0, "nll_computed_base": 0.0, "w_computed": 0.0}
+    n = n_hard = 0.0
     for i in range(0, len(chunks), args.batch_size):
         x, hm = chunks[i : i + args.batch_size].to(args.device), hard[i : i + args.batch_size].to(args.device)
         tgt, tmask = x[:, 1:], hm[:, 1:].float()
         if thoughts:
-            noise = gumbel((x.size(0) * args.n_thoughts, args.thought_len, args.seq_len, gpt.config.vocab_size), g, args.device)
+            N = args.n_thoughts
+            noise = gumbel((x.size(0) * N, args.thought_len, args.seq_len, gpt.config.vocab_size), g, args.device)
             out = think(gpt, head, x, args, tok, noise)
             # the next-token (k = 1) mixed prediction, averaged in probability over the thoughts
             lp = F.log_softmax(out["talk_logits"][:, :-1, 0].float(), -1)  # (R, T-1, V)
-            lp = lp.view(x.size(0), args.n_thoughts, *lp.shape[1:]).logsumexp(1) - torch.log(torch.tensor(float(args.n_thoughts)))
+            lp = lp.view(x.size(0), N, *lp.shape[1:]).logsumexp(1) - torch.log(torch.tensor(float(N)))
+            lp_base = F.log_softmax(out["base_logits"][::N, :-1].float(), -1)  # rows b*N .. b*N+N-1 share a text
+            nll_base = -lp_base.gather(-1, tgt[..., None]).squeeze(-1)
+            tot["nll_computed_base"] += (nll_base * tmask).sum().item()
+            tot["w_computed"] += (out["w"][:, :-1, 0].view(x.size(0), N, -1).mean(1) * tmask).sum().item()
         else:
             lp = F.log_softmax(gpt(x)[0][:, :-1].float(), -1)
         nll = -lp.gather(-1, tgt[..., None]).squeeze(-1)
-        tot += nll.sum().item()
+        tot["nll"] += nll.sum().item()
         n += nll.numel()
-        tot_hard += (nll * tmask).sum().item()
+        tot["nll_computed"] += (nll * tmask).sum().item()
         n_hard += tmask.sum().item()
-    return {"nll": tot / n, "nll_computed": tot_hard / max(1, n_hard)}
+    res = {"nll": tot["nll"] / n, "nll_computed": tot["nll_computed"] / max(1, n_hard)}
+    if thoughts:
+        res.update({k: tot[k] / max(1, n_hard) for k in ("nll_computed_base", "w_computed")})
+    return res
 
 
 def main(args):
@@ -441,7 +512,12 @@ def main(args):
     tok = loop.tokenizer_for(init)
     args.lr = loop.learning_rate(args.lr, tok, args.scratch_lr)
     train_set, test = loop.task_from_args(args)
-    ids, mask = encode_corpus(tok, corpus_text(train_set, args.dataset))
+    # the scratchpad is one digit a token: a pretrained tokenizer's digit groups would not fill a thought's length
+    scratchpad = args.scratchpad if args.dataset == "arithmetic" and isinstance(tok, data.Tokenizer) else 0.0
+    if scratchpad and max(len(e.answer) for e in train_set + test) > args.thought_len:
+        raise data.InputError(f"--scratchpad writes the sum's digits in a thought of --thought_len {args.thought_len} tokens: "
+                              f"sums of --max_digits {args.max_digits} numbers need up to {args.max_digits + 1}")
+    ids, mask = encode_corpus(tok, corpus_text(train_set, args.dataset, scratchpad, args.thought_len, args.seed))
     tids, tmask = encode_corpus(tok, corpus_text(test, args.dataset))
     erng = random.Random(args.seed + 99)
     eval_x, eval_m = random_chunks(tids, tmask, args.seq_len, args.eval_chunks, erng)
@@ -463,7 +539,7 @@ def main(args):
         torch.manual_seed(args.seed)
         base = GPT(cfg).to(args.device)
         t0 = time.time()
-        train_arm(base, None, ids, mask, args.pretrain_steps, args, tok, False, args.seed, "pretrain")
+        train_arm(base, None, ids, mask, args.pretrain_steps, args, tok, False, args.seed, "pretrain", batch_size=args.pretrain_batch_size)
         loop.save_checkpoint(path("pretrained.pt"), base)
         print(f"pretrained {base.num_params():,} parameters for {args.pretrain_steps} steps in {time.time() - t0:.0f}s")
     add_thought_tokens(base, tok)  # a pretrained tokenizer has none: two new rows
@@ -471,6 +547,9 @@ def main(args):
     check_context(base, args.seq_len, args)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     results = {"pretrained": evaluate(base, None, eval_x, eval_m, args, tok, False, args.seed)}
+    if scratchpad:
+        results["skill"] = scratchpad_skill(base, tok, test, args.thought_len, args.device)
+        print("held-out NLL per token of the pretrained model: " + ", ".join(f"{k} {v:.4f}" for k, v in results["skill"].items()))
 
     # --- the two arms, same steps, same data order
     for arm, thoughts in (("no_thoughts", False), ("thoughts", True)):
@@ -481,7 +560,7 @@ def main(args):
         torch.manual_seed(args.seed + 1)
         gpt = GPT(cfg).to(args.device)
         gpt.load_state_dict(state)
-        head = MixingHead(cfg.n_embd).to(args.device) if thoughts else None
+        head = MixingHead(cfg.n_embd, args.mix).to(args.device) if thoughts else None
         if thoughts:
             init_thought_embeddings(gpt, tok, args.embed_grad_scale)
         log = []
@@ -500,12 +579,13 @@ def main(args):
             print(f"thinking sample: {res['sample']!r}")
         loop.write_atomic(path(f"{arm}.json"), json.dumps(res))
         results[arm] = res
-        print(f"{arm}: held-out NLL {res['nll']:.4f}, on computed tokens {res['nll_computed']:.4f} ({res['time']:.0f}s)")
+        own = f" (the same model without its thoughts {res['nll_computed_base']:.4f}, mean w there {res['w_computed']:.4f})" if thoughts else ""
+        print(f"{arm}: held-out NLL {res['nll']:.4f}, on computed tokens {res['nll_computed']:.4f}{own} ({res['time']:.0f}s)")
     loop.write_atomic(path("results.json"), json.dumps(results, indent=1))
     if args.generate:  # think while writing, with the trained thought model
         gpt, extra = model.load_checkpoint(path("thoughts.pt"), args.device)
         tok.start_thought, tok.end_thought = extra["thought_tokens"]
-        head = MixingHead(gpt.config.n_embd).to(args.device)
+        head = MixingHead(gpt.config.n_embd, args.mix).to(args.device)
         head.load_state_dict(extra["head"])
         text = generate_thinking(gpt, head, tok, args.generate, args.n_generate, args,
                                  torch.Generator().manual_seed(args.seed), show_thoughts=not args.hide_thoughts)

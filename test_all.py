@@ -965,14 +965,16 @@ import quietstar  # noqa: E402
 def tiny_quiet(std=0.3, **kw):
     argv = ["--n_thoughts", "2", "--thought_len", "3", "--n_talk", "2", "--seq_len", "8", "--batch_size", "2", "--device", "cpu"]
     args = quietstar.get_args(argv)
+    mode = kw.pop("mode", "hidden")
     m = tiny_model(vocab_size=260, **{"block_size": 8 + 3 + 2 + 2, "std": std, **kw})
     torch.manual_seed(1)
-    head = quietstar.MixingHead(m.config.n_embd)
+    head = quietstar.MixingHead(m.config.n_embd, mode)
     return m, head, args
 
 
-def test_parallel_thoughts_equal_a_slow_per_position_reference():
-    m, head, args = tiny_quiet()
+@pytest.mark.parametrize("mode", ["hidden", "probs"])
+def test_parallel_thoughts_equal_a_slow_per_position_reference(mode):
+    m, head, args = tiny_quiet(mode=mode)
     with torch.no_grad():  # a mixing head away from its zero start, so the mix is exercised
         head.out.weight.normal_(0, 0.5)
         head.out.bias.fill_(0.3)
@@ -986,6 +988,12 @@ def test_parallel_thoughts_equal_a_slow_per_position_reference():
     assert len(set(ref_thoughts.flatten().tolist())) > 3, "thoughts should vary"
     torch.testing.assert_close(out["talk_logits"], ref_talk, atol=1e-4, rtol=1e-4)
     assert 0 < out["w"].mean() < 1
+    if mode == "probs":  # the mix by hand: (1 - w) p_base(x[t+k] | text to t+k-1) + w p_thought
+        K, T = args.n_talk, x.size(1)
+        base = torch.stack([out["base_logits"][:, [min(t + k - 1, T - 1) for t in range(T)]] for k in range(1, K + 1)], dim=2)
+        w = out["w"][..., None]
+        want = ((1 - w) * F.softmax(base.float(), -1) + w * F.softmax(out["thought_logits"].float(), -1)).log()
+        torch.testing.assert_close(out["talk_logits"], want, atol=1e-5, rtol=1e-5)
 
 
 def test_the_diagonal_mask_hides_later_text_and_other_positions_thoughts():
@@ -1061,7 +1069,7 @@ def test_reinforce_gradient_reaches_thought_logprobs_and_not_the_reward():
 
 def test_one_quietstar_training_step_runs_and_its_sample_comes_from_the_saved_thought_model(tmp_path, capsys):
     argv = ["--n_train", "60", "--n_test", "20", "--max_digits", "2", "--n_layer", "1", "--n_embd", "32", "--seq_len", "16",
-            "--thought_len", "2", "--n_talk", "2", "--batch_size", "4", "--pretrain_steps", "3", "--steps", "2",
+            "--thought_len", "2", "--n_talk", "2", "--scratchpad", "0", "--batch_size", "4", "--pretrain_steps", "3", "--steps", "2",
             "--eval_chunks", "4", "--threads", "2", "--out_dir", str(tmp_path / "q")]
     res = quietstar.main(quietstar.get_args(argv))
     assert set(res) == {"pretrained", "no_thoughts", "thoughts"}
@@ -1085,8 +1093,50 @@ def test_one_quietstar_training_step_runs_and_its_sample_comes_from_the_saved_th
     assert len(hidden) == 1 and hidden[0].startswith("generated: '12+3=") and len(hidden[0]) < len(shown[0])
 
 
-def test_thinking_generation_equals_a_no_cache_path():
-    m, head, args = tiny_quiet(block_size=64)
+def test_scratchpad_corpus_and_its_skill_measure_against_completion_logprobs(tmp_path):
+    train, test = data.arithmetic_task(200, 12, 1, 3, 0)
+    e = data.Example("47+85", "132", "")
+    assert quietstar.scratchpad_line(e, 4) == "47+85=-2310-132\n"  # the sum's digits from the right, padded to a thought
+    lines = quietstar.corpus_text(train, "arithmetic", 0.5, 4, seed=3).splitlines()
+    padded = [l for l in lines if "=-" in l]
+    assert len(lines) == 200 and 60 < len(padded) < 140
+    for l in padded:
+        q, rest = l.split("=-")
+        a, b = map(int, q.split("+"))
+        assert rest == f"{str(a + b)[::-1].ljust(4, '0')}-{a + b}"
+    assert quietstar.corpus_text(train, "arithmetic") == "".join(f"{x.question}={x.answer}\n" for x in train)
+    # the skill: each NLL against (prompt, completion) log-probs through loop.completion_logprobs
+    m = tiny_model(vocab_size=260, block_size=32, std=0.3)
+    tok = Tokenizer()
+    got = quietstar.scratchpad_skill(m, tok, test, 4, "cpu")
+    parts = {"sum_plain": [(f"\n{x.question}=", x.answer) for x in test],
+             "scratchpad": [(f"\n{x.question}=-", x.answer[::-1].ljust(4, "0")) for x in test],
+             "sum_after_scratchpad": [(f"\n{x.question}=-{x.answer[::-1].ljust(4, '0')}-", x.answer) for x in test]}
+    for key, pairs in parts.items():
+        lp = loop.completion_logprobs(m, [(tok.encode(a), tok.encode(b)) for a, b in pairs], batch_size=5)
+        assert got[key] == pytest.approx(-sum(v for v, _ in lp) / sum(n for _, n in lp), rel=1e-4), key
+    with pytest.raises(SystemExit, match="--thought_len 3"):  # 3-digit operands can sum to 4 digits
+        loop.run_cli(quietstar.main, quietstar.get_args(["--max_digits", "3", "--thought_len", "3", "--scratchpad", "0.5",
+                                                          "--out_dir", str(tmp_path / "q")]))
+
+
+def test_thought_evaluation_reports_the_same_models_plain_nll_and_its_mixing_weight():
+    m, head, args = tiny_quiet()
+    with torch.no_grad():
+        head.out.bias.fill_(0.4)  # w = tanh(0.4) everywhere
+    tok = Tokenizer()
+    ids, mask = quietstar.encode_corpus(tok, "12+34=46\n5+7=12\n33+9=42\n")
+    x, hm = quietstar.random_chunks(ids, mask, 8, 6, random.Random(0))
+    with_thoughts = quietstar.evaluate(m, head, x, hm, args, tok, True, seed=0)
+    plain = quietstar.evaluate(m, None, x, hm, args, tok, False, seed=0)  # a plain forward, no thought machinery
+    assert with_thoughts["nll_computed_base"] == pytest.approx(plain["nll_computed"], rel=1e-5)
+    assert with_thoughts["w_computed"] == pytest.approx(math.tanh(0.4), rel=1e-5)
+    assert with_thoughts["nll_computed"] != pytest.approx(plain["nll_computed"], rel=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["hidden", "probs"])
+def test_thinking_generation_equals_a_no_cache_path(mode):
+    m, head, args = tiny_quiet(block_size=64, mode=mode)
     with torch.no_grad():
         head.out.weight.normal_(0, 0.5)
         head.out.bias.fill_(0.3)
@@ -1108,7 +1158,10 @@ def test_thinking_generation_equals_a_no_cache_path():
             h_thought = m.hidden(torch.tensor([seq + [tok.end_thought]]))[0, -1]
             h_text = m.hidden(torch.tensor([ids]))[0, -1]
             w = head(h_text, h_thought)
-            nxt = int(m.lm_head((1 - w) * h_text + w * h_thought).argmax(-1))
+            if mode == "hidden":
+                nxt = int(m.lm_head((1 - w) * h_text + w * h_thought).argmax(-1))
+            else:
+                nxt = int(((1 - w) * F.softmax(m.lm_head(h_text), -1) + w * F.softmax(m.lm_head(h_thought), -1)).argmax(-1))
             out.append("[" + tok.decode([t for t in thought if t < 256]) + "]")
             if nxt == tok.eot:
                 break
@@ -1145,7 +1198,7 @@ TABLE_FLAGS = [
                    "--n_embd 32 --batch_size 16 --n_val 10 --verifier_steps 5",
     "--stepdpo_args", "--n_train 60 --n_test 16 --max_digits 1 --n_seed 20 --n_questions 24 --n_val 10 --train_steps 6 "
                       "--train_epochs 0 --batch_size 8 --rollouts 2 --show 0",
-    "--quietstar_args", "--n_train 60 --n_test 20 --max_digits 2 --n_layer 1 --n_embd 32 --seq_len 16 --thought_len 2 --n_talk 2 "
+    "--quietstar_args", "--n_train 60 --n_test 20 --max_digits 2 --n_layer 1 --n_embd 32 --seq_len 16 --thought_len 3 --n_talk 2 "
                         "--batch_size 4 --pretrain_steps 3 --steps 2 --eval_chunks 4",
 ]
 
