@@ -734,6 +734,7 @@ def table_rows(out_dir, seed, iters):
         q = json.load(f)
     for arm in ("pretrained", "no_thoughts", "thoughts"):
         out[f"quietstar_{arm}"] = {"nll": q[arm]["nll_computed"]}
+    out["quietstar_own_base"] = {"nll": q["thoughts"]["nll_computed_base"]}
     return out
 
 
@@ -752,7 +753,16 @@ TABLE_LABELS = [  # (row, what it is)
     ("quietstar_pretrained", "Quiet-STaR's base LM (its own corpus), NLL of computed digits"),
     ("quietstar_no_thoughts", "  + the same steps without thoughts"),
     ("quietstar_thoughts", "  + the same steps with thoughts"),
+    ("quietstar_own_base", "  the model trained with thoughts, predicting without them"),
 ]
+
+
+TABLE_PAIRED = {  # row: (the row it is compared with seed by seed, same base and seed; its short name)
+    "star_no_rationalize": ("star", "STaR"), "answer_only": ("star", "STaR"), "rft_vstar": ("star", "STaR"),
+    "vstar_reward": ("vstar_maj", "majority vote"), "stepdpo_rft": ("star", "STaR"), "stepdpo_plain": ("star", "STaR"),
+    "stepdpo_perstep": ("star", "STaR"), "quietstar_thoughts": ("quietstar_no_thoughts", "without thoughts"),
+    "quietstar_own_base": ("quietstar_no_thoughts", "without thoughts"),
+}
 
 
 def spread(values, fmt, unit=""):
@@ -766,25 +776,32 @@ def table_markdown(per_seed, seeds, times):
     """The table over seeds: mean (min-max) of each row, the samples it drew, and each method's wall time."""
     pct = lambda v: f"{100 * v:.1f}"
     nat = lambda v: f"{v:.4f}"
-    lines = [f"| method | test accuracy, mean (min-max) over seeds {', '.join(map(str, seeds))} | samples drawn (per seed) | wall time (per seed) |",
-             "| --- | --- | --- | --- |"]
+    lines = [f"| method | test accuracy, mean (min-max) over seeds {', '.join(map(str, seeds))} | paired difference, seed by seed "
+             "| samples drawn (per seed) | wall time (per seed) |", "| --- | --- | --- | --- | --- |"]
+    signed = lambda v: f"{100 * v:+.1f}"
     run_of = {"vstar_maj": "rft_vstar", "vstar_reward": "rft_vstar", "vstar_pass": "rft_vstar", "base": "star",
-              "quietstar_pretrained": "quietstar", "quietstar_no_thoughts": "quietstar", "quietstar_thoughts": "quietstar"}
+              "quietstar_pretrained": "quietstar", "quietstar_no_thoughts": "quietstar", "quietstar_thoughts": "quietstar",
+              "quietstar_own_base": "quietstar"}
     for row, label in TABLE_LABELS:
         vals = [per_seed[s][row] for s in seeds]
         if "nll" in vals[0]:
             result = spread([v["nll"] for v in vals], nat, " nats")
         else:
             result = spread([v["acc"] for v in vals], pct, "%")
-            if "from" in vals[0]:
-                result += f", from {spread([v['from'] for v in vals], pct, '%')}"
         label = label.format(n=vals[0].get("n"))
+        if row in TABLE_PAIRED:
+            ref, name = TABLE_PAIRED[row]
+            key = "nll" if "nll" in vals[0] else "acc"
+            diffs = [per_seed[s][row][key] - per_seed[s][ref][key] for s in seeds]
+            paired = (" / ".join(f"{d:+.4f}" for d in diffs) + " nats" if key == "nll" else " / ".join(signed(d) for d in diffs)) + f" vs {name}"
+        else:
+            paired = ""
         samples = spread([v["samples"] for v in vals], lambda x: f"{x:,.0f}") if "samples" in vals[0] else ""
         run = run_of.get(row, row)
         t = spread([times[s][run] for s in seeds], lambda x: f"{x:.0f}", " s") if row == run or row == "quietstar_thoughts" else ""
-        lines.append(f"| {label} | {result} | {samples} | {t} |")
+        lines.append(f"| {label} | {result} | {paired} | {samples} | {t} |")
     total = spread([sum(times[s].values()) for s in seeds], lambda x: f"{x:.0f}", " s")
-    lines.append(f"| every run of a seed | | | {total} |")
+    lines.append(f"| every run of a seed | | | | {total} |")
     return "\n".join(lines)
 
 

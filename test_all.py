@@ -1239,6 +1239,8 @@ def test_the_one_table_runs_every_method_from_one_base_and_reports_what_its_runs
     assert all(math.isfinite(rows[f"quietstar_{arm}"]["nll"]) for arm in ("pretrained", "no_thoughts", "thoughts"))
     table_md = open(out / "table.md").read()
     assert table_md.count("\n| ") == len(loop.TABLE_LABELS) + 2 and "python stepdpo.py" in table_md
+    line = [l for l in table_md.splitlines() if l.startswith("| STaR without rationalization |")][0]
+    assert f"| {100 * (rows['star_no_rationalize']['acc'] - rows['star']['acc']):+.1f} vs STaR |" in line  # the paired difference
     # the same command again resumes: every run is done, nothing is run again, the same table
     second = subprocess.run(cmd, capture_output=True, text=True)
     assert second.returncode == 0 and second.stdout.count(": done (") == 8
