@@ -15,6 +15,9 @@ stepdpo.py, thoughts in quietstar.py.
 - `evaluate`: greedy accuracy, maj@N and pass@N (`tally` also scores best-of-N)
 - `prepare_task`, `split_validation` and `warm_start`: the task cut to the context, the
   validation split, and the base model
+
+Run as a script, `python loop.py` makes the one table: every method's script run from one
+base model per seed, read back into table.md (see the end of this file).
 """
 
 import json
