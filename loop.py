@@ -673,7 +673,6 @@ def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device,
     return base
 
 
-
 # -----------------------------------------------------------------------------
 # the one table: every method on the same task and base model, `python loop.py`
 #
@@ -686,7 +685,6 @@ def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device,
 TABLE_STEPDPO = ["--n_questions", "500", "--samples", "4", "--train_epochs", "3"]  # the regime and settings the
 TABLE_DPO = ["--dpo_lr", "3e-6", "--sft_weight", "1"]                             # README's per-step DPO section
 TABLE_RFT = ["--lr", "3e-5"]                                                      # chose on its validation split
-TABLE_QUIETSTAR = []
 
 
 def table_runs(out_dir, seed, iters):
@@ -702,7 +700,7 @@ def table_runs(out_dir, seed, iters):
         ("stepdpo_rft", "stepdpo.py", TABLE_STEPDPO + ["--variant", "rft", "--init", star_model] + TABLE_RFT),
         ("stepdpo_plain", "stepdpo.py", TABLE_STEPDPO + ["--variant", "plain", "--init", star_model] + TABLE_DPO),
         ("stepdpo_perstep", "stepdpo.py", TABLE_STEPDPO + ["--variant", "perstep", "--init", star_model] + TABLE_DPO),
-        ("quietstar", "quietstar.py", TABLE_QUIETSTAR),
+        ("quietstar", "quietstar.py", []),  # its defaults: a base with a skill to think with, its own corpus
     ]
     return [(name, script, argv + ["--seed", str(seed), "--out_dir", d(name)]) for name, script, argv in runs]
 
@@ -711,13 +709,13 @@ def star_samples(rows, samples, rationalize):
     """Completions a star.py run sampled: every question `samples` times a round, plus one hinted try per unsolved question."""
     n = 0
     for r in rows[1:]:
-        if "solved_frac" in r:
-            questions = round(r["solved"] / r["solved_frac"]) if r["solved_frac"] else None
-            n += questions * samples + (questions - r["solved"] if rationalize else 0) if questions is not None else 0
+        if r.get("solved_frac"):  # (answer-only rounds sample nothing; a round that solved nothing is not counted)
+            questions = round(r["solved"] / r["solved_frac"])
+            n += questions * samples + (questions - r["solved"] if rationalize else 0)
     return n
 
 
-def table_rows(out_dir, seed, iters):
+def table_rows(out_dir, seed):
     """One seed's results, read from its runs' files: {row name: {"acc" or "nll": ..., "samples": ..., "from": ...}}."""
     p = lambda name, f: os.path.join(out_dir, f"{name}_{seed}", f)
     out = {}
@@ -842,7 +840,7 @@ def table(out_dir, seeds, iters, threads=0, extra=None):
             times.setdefault(str(seed), {})[name] = took
             write_atomic(times_path, json.dumps(times, indent=1))
     times = json.load(open(times_path))
-    per_seed = {s: table_rows(out_dir, s, iters) for s in seeds}
+    per_seed = {s: table_rows(out_dir, s) for s in seeds}
     md = table_markdown(per_seed, seeds, {s: times[str(s)] for s in seeds})
     write_atomic(os.path.join(out_dir, "table.json"), json.dumps({"seeds": seeds, "iters": iters, "rows": per_seed, "times": times}, indent=1))
     write_atomic(os.path.join(out_dir, "table.md"), md + "\n\nmade by:\n\n" + "\n".join(commands) + "\n")
