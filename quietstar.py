@@ -30,6 +30,9 @@ How it is done, as in the paper and its code:
   zero, so training starts exactly at the base model and the gradient on w is never cut off
   (a first version clamped w to [0, 1]: it was pushed below 0 in the first steps and stayed
   there with no gradient). w may go negative: the mix then leans away from the thought.
+  Not the paper: --mix probs mixes probabilities instead, (1 - w) p_base + w p_thought with
+  w = sigmoid, starting at 1/2 (tried because a sure but wrong thought costs many nats in a
+  mix of logits; at this scale its head switched thoughts off within 60 steps, see README).
 - thought embeddings: <|startthought|>/<|endthought|> are rows of the embedding matrix,
   initialised from the embedding of "-" (the paper starts from "---"); their gradient is
   multiplied by --embed_grad_scale (the paper also trains them faster).
