@@ -508,6 +508,30 @@ def evaluate(gpt, head, chunks, hard, args, tok, thoughts, seed):
     return res
 
 
+@torch.no_grad()
+def gated_nll(gpt, chunks, hard, args, tok, seed, lam=0.5):
+    """
+    What the thoughts hold, read by a hand-set head instead of a learned one: the token after
+    each '=' is predicted by (1 - lam) p_base + lam p_thought (p_thought averaged over the
+    thoughts, as in evaluate), every other token by p_base alone. Held-out NLL per computed token.
+    """
+    g = torch.Generator().manual_seed(seed)
+    head = MixingHead(gpt.config.n_embd).to(args.device)  # w = 0; only think's unmixed predictions are used
+    eq, N = tok.encode("=")[0], args.n_thoughts
+    tot = n = 0.0
+    for i in range(0, len(chunks), args.batch_size):
+        x, hm = chunks[i : i + args.batch_size].to(args.device), hard[i : i + args.batch_size].to(args.device)
+        B, T = x.shape
+        out = think(gpt, head, x, args, tok, gumbel((B * N, args.thought_len, T, gpt.config.vocab_size), g, args.device))
+        p_base = F.softmax(out["base_logits"][::N, :-1].float(), -1)  # (B, T-1, V): x[t+1] from the text to t
+        p_thought = F.softmax(out["thought_logits"][:, :-1, 0].float(), -1).view(B, N, T - 1, -1).mean(1)  # after t's thoughts
+        gate = lam * (x[:, :-1] == eq).float()[..., None]
+        p = ((1 - gate) * p_base + gate * p_thought).gather(-1, x[:, 1:, None]).squeeze(-1)
+        tot += float((-p.log() * hm[:, 1:]).sum())
+        n += float(hm[:, 1:].sum())
+    return tot / max(1, n)
+
+
 def main(args):
     args.device = loop.setup_device(args.device, args.threads)
     path = loop.open_run(args.out_dir, vars(args), args.resume, "Quiet-STaR")
@@ -552,6 +576,13 @@ def main(args):
     results = {"pretrained": evaluate(base, None, eval_x, eval_m, args, tok, False, args.seed)}
     if scratchpad:
         results["skill"] = scratchpad_skill(base, tok, test, args.thought_len, args.device)
+        # the pretrained model's own thoughts (start/end as the arms start them), read by a hand-set head,
+        # on the arms' held-out chunks
+        thinker = GPT(cfg).to(args.device)
+        thinker.load_state_dict(state)
+        init_thought_embeddings(thinker, tok, 1.0)
+        results["skill"]["computed_gated_thoughts"] = gated_nll(thinker, eval_x, eval_m, args, tok, args.seed + 2)
+        del thinker
         print("held-out NLL per token of the pretrained model: " + ", ".join(f"{k} {v:.4f}" for k, v in results["skill"].items()))
 
     # --- the two arms, same steps, same data order

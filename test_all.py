@@ -1134,6 +1134,23 @@ def test_thought_evaluation_reports_the_same_models_plain_nll_and_its_mixing_wei
     assert with_thoughts["nll_computed"] != pytest.approx(plain["nll_computed"], rel=1e-3)
 
 
+def test_the_hand_gated_thought_nll_is_the_plain_nll_at_0_and_the_thoughts_alone_at_1_after_every_equals_sign():
+    m, _, args = tiny_quiet()
+    tok = Tokenizer()
+    # one-digit sums: every computed token comes right after '='
+    ids, mask = quietstar.encode_corpus(tok, "1+2=3\n4+4=8\n2+5=7\n0+6=6\n3+3=6\n")
+    x, hm = quietstar.random_chunks(ids, mask, 8, 6, random.Random(0))
+    assert all(int(x[i, j - 1]) == tok.encode("=")[0] for i, j in hm.nonzero().tolist() if j > 0)
+    plain = quietstar.evaluate(m, None, x, hm, args, tok, False, seed=0)["nll_computed"]
+    assert quietstar.gated_nll(m, x, hm, args, tok, seed=0, lam=0.0) == pytest.approx(plain, rel=1e-5)
+    always = quietstar.MixingHead(m.config.n_embd, "probs")
+    with torch.no_grad():
+        always.out.bias.fill_(50.0)  # w = 1: the thought's prediction alone, averaged over the thoughts
+    thoughts_only = quietstar.evaluate(m, always, x, hm, args, tok, True, seed=0)["nll_computed"]
+    assert quietstar.gated_nll(m, x, hm, args, tok, seed=0, lam=1.0) == pytest.approx(thoughts_only, rel=1e-5)
+    assert thoughts_only != pytest.approx(plain, rel=1e-3)
+
+
 @pytest.mark.parametrize("mode", ["hidden", "probs"])
 def test_thinking_generation_equals_a_no_cache_path(mode):
     m, head, args = tiny_quiet(block_size=64, mode=mode)
