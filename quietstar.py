@@ -128,10 +128,9 @@ def computed_mask(text):
     return out
 
 
-def encode_corpus(tok, text, char_mask=None):
-    """Token ids and the 'computed' mask (or char_mask), one entry per token: a token is marked if its first byte is."""
-    char_mask = computed_mask(text) if char_mask is None else char_mask
-    byte_mask = [m for ch, m in zip(text, char_mask) for _ in ch.encode("utf-8")]
+def encode_corpus(tok, text):
+    """Token ids and the 'computed' mask, one entry per token: a token is computed if its first byte is."""
+    byte_mask = [m for ch, m in zip(text, computed_mask(text)) for _ in ch.encode("utf-8")]
     ids, mask, at = tok.encode(text), [], 0
     for t in ids:
         mask.append(byte_mask[at])
@@ -145,24 +144,21 @@ def random_chunks(ids, mask, T, B, rng):
     return torch.stack([ids[s : s + T] for s in starts]), torch.stack([mask[s : s + T] for s in starts])
 
 
-@torch.no_grad()
-def scratchpad_skill(gpt, tok, examples, width, device):
+def scratchpad_skill(gpt, tok, examples, width, batch_size=64):
     """
     What a thought could draw on, held-out NLL per token (nats), each line after a newline:
     the sum on a plain line, the scratchpad's digits, and the sum after a correct scratchpad.
     """
-    tot = {"sum_plain": [0.0, 0], "scratchpad": [0.0, 0], "sum_after_scratchpad": [0.0, 0]}
-    for e in examples:
-        eq = len(e.question) + 2  # '\n' + question + '='
-        plain, pad = f"\n{e.question}={e.answer}", "\n" + scratchpad_line(e, width).rstrip("\n")
-        for text, key, lo, hi in ((plain, "sum_plain", eq, len(plain)), (pad, "scratchpad", eq + 1, eq + 1 + width),
-                                  (pad, "sum_after_scratchpad", eq + 2 + width, len(pad))):
-            ids, m = encode_corpus(tok, text, [lo <= i < hi for i in range(len(text))])
-            lp = F.log_softmax(gpt(ids[None].to(device))[0][0, :-1].float(), -1)
-            nll = -lp.gather(-1, ids[1:, None].to(device)).squeeze(-1)
-            tot[key][0] += float((nll * m[1:].to(device)).sum())
-            tot[key][1] += int(m[1:].sum())
-    return {k: s / max(1, n) for k, (s, n) in tot.items()}
+    parts = {
+        "sum_plain": [(f"\n{e.question}=", e.answer) for e in examples],
+        "scratchpad": [(f"\n{e.question}=-", e.answer[::-1].ljust(width, "0")) for e in examples],
+        "sum_after_scratchpad": [(f"\n{e.question}=-{e.answer[::-1].ljust(width, '0')}-", e.answer) for e in examples],
+    }
+    out = {}
+    for key, texts in parts.items():
+        lp = loop.completion_logprobs(gpt, [(tok.encode(a), tok.encode(b)) for a, b in texts], batch_size)
+        out[key] = -sum(v for v, _ in lp) / max(1, sum(n for _, n in lp))
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -575,7 +571,7 @@ def main(args):
     state = {k: v.clone() for k, v in base.state_dict().items()}
     results = {"pretrained": evaluate(base, None, eval_x, eval_m, args, tok, False, args.seed)}
     if scratchpad:
-        results["skill"] = scratchpad_skill(base, tok, test, args.thought_len, args.device)
+        results["skill"] = scratchpad_skill(base, tok, test, args.thought_len)
         # the pretrained model's own thoughts (start/end as the arms start them), read by a hand-set head,
         # on the arms' held-out chunks
         thinker = GPT(cfg).to(args.device)

@@ -1105,16 +1105,24 @@ def test_scratchpad_corpus_and_its_skill_measure_against_completion_logprobs(tmp
         a, b = map(int, q.split("+"))
         assert rest == f"{str(a + b)[::-1].ljust(4, '0')}-{a + b}"
     assert quietstar.corpus_text(train, "arithmetic") == "".join(f"{x.question}={x.answer}\n" for x in train)
-    # the skill: each NLL against (prompt, completion) log-probs through loop.completion_logprobs
+    # the skill (batched through loop.completion_logprobs) against one full forward per line, spans cut by hand
     m = tiny_model(vocab_size=260, block_size=32, std=0.3)
     tok = Tokenizer()
-    got = quietstar.scratchpad_skill(m, tok, test, 4, "cpu")
-    parts = {"sum_plain": [(f"\n{x.question}=", x.answer) for x in test],
-             "scratchpad": [(f"\n{x.question}=-", x.answer[::-1].ljust(4, "0")) for x in test],
-             "sum_after_scratchpad": [(f"\n{x.question}=-{x.answer[::-1].ljust(4, '0')}-", x.answer) for x in test]}
-    for key, pairs in parts.items():
-        lp = loop.completion_logprobs(m, [(tok.encode(a), tok.encode(b)) for a, b in pairs], batch_size=5)
-        assert got[key] == pytest.approx(-sum(v for v, _ in lp) / sum(n for _, n in lp), rel=1e-4), key
+    got = quietstar.scratchpad_skill(m, tok, test, 4, batch_size=5)
+    want = {"sum_plain": [0.0, 0], "scratchpad": [0.0, 0], "sum_after_scratchpad": [0.0, 0]}
+    with torch.no_grad():
+        for x in test:
+            line = "\n" + quietstar.scratchpad_line(x, 4).rstrip("\n")  # '\n47+85=-2310-132'
+            eq = line.index("=")
+            for text, key, lo, hi in ((f"\n{x.question}={x.answer}", "sum_plain", eq + 1, None),
+                                      (line, "scratchpad", eq + 2, eq + 6), (line, "sum_after_scratchpad", eq + 7, None)):
+                ids = torch.tensor([tok.encode(text)])  # one byte a token: character i is token i
+                nll = -F.log_softmax(m(ids)[0][0, :-1].float(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+                span = nll[lo - 1 : (hi or len(text)) - 1]  # nll[i - 1] is token i's
+                want[key][0] += span.sum().item()
+                want[key][1] += span.numel()
+    for key, (tot, n) in want.items():
+        assert got[key] == pytest.approx(tot / n, rel=1e-4), key
     with pytest.raises(SystemExit, match="--thought_len 3"):  # 3-digit operands can sum to 4 digits
         loop.run_cli(quietstar.main, quietstar.get_args(["--max_digits", "3", "--thought_len", "3", "--scratchpad", "0.5",
                                                           "--out_dir", str(tmp_path / "q")]))
