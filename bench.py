@@ -62,6 +62,15 @@ def hf_llama(cfg):
     return LlamaForCausalLM(hf_cfg).eval()
 
 
+def hf_compile_config():
+    """transformers compiles generate()'s forward with a static cache only on accelerators unless told to on every device."""
+    from transformers import CompileConfig
+
+    cc = CompileConfig(fullgraph=True)
+    cc._compile_all_devices = True  # a private switch (transformers 5.x): without it the CPU runs the static cache eagerly
+    return cc
+
+
 def bench_sampler(args):
     shapes = [
         ("4L x 256 wide, 4 heads, vocab 512", dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=4, vocab_size=512)),
@@ -70,7 +79,8 @@ def bench_sampler(args):
     P, N = args.prompt_len, args.new_tokens
     print(f"sampler: {P} prompt + {N} new tokens, greedy, tokens/s = batch * {N} / best of {args.repeat} runs")
     print(f"{'shape':42s} {'batch':>5s} {'nanostar':>10s}" + (f" {'compiled':>10s}" if args.compiled else "")
-          + f" {'no-cache':>10s} {'HF generate':>12s} {'vs no-cache':>12s} {'vs HF':>7s}")
+          + f" {'no-cache':>10s} {'HF generate':>12s}" + (f" {'HF static+compile':>18s}" if args.compiled else "")
+          + f" {'vs no-cache':>12s} {'vs HF':>7s}" + (f" {'compiled vs HF':>15s} {'compiled vs HF compiled':>24s}" if args.compiled else ""))
     for si, (name, kw) in enumerate(shapes):
         cfg = GPTConfig(block_size=P + N, **kw)
         torch.manual_seed(0)
@@ -91,18 +101,24 @@ def bench_sampler(args):
             else:
                 ref = None
                 row += f" {'-':>10s}"
+            hft = hfc = None
             if hf is not None:
-                def run_hf():
+                def run_hf(**kw):
                     with torch.no_grad():
                         hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=N, min_new_tokens=N,
-                                    do_sample=False, use_cache=True, pad_token_id=0)
+                                    do_sample=False, use_cache=True, pad_token_id=0, **kw)
                 hft = timeit(run_hf, args.repeat)
                 row += f" {tps(hft):12.0f}"
+                if args.compiled:  # transformers' strongest setting: a static cache and a compiled forward
+                    hfc = timeit(lambda: run_hf(cache_implementation="static", compile_config=hf_compile_config()), args.repeat)
+                    row += f" {tps(hfc):18.0f}"
             else:
-                hft = None
-                row += f" {'(absent)':>12s}"
+                row += f" {'(absent)':>12s}" + (f" {'(absent)':>18s}" if args.compiled else "")
             row += f" {ref / ours:11.1f}x" if ref else f" {'-':>12s}"
             row += f" {hft / ours:6.1f}x" if hft else f" {'-':>7s}"
+            if args.compiled:
+                row += f" {hft / comp:14.1f}x" if hft else f" {'-':>15s}"
+                row += f" {hfc / comp:23.1f}x" if hfc else f" {'-':>24s}"
             print(row, flush=True)
             if si == 0:
                 roofline(m, B, P, N, ours / N, args.repeat)
@@ -321,7 +337,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["sampler"], choices=["sampler", "rollouts", "thoughts", "pretrained", "training"], help="what to time")
     parser.add_argument("--train_steps", type=int, default=3, help="pretrained: timed training steps")
-    parser.add_argument("--compiled", action="store_true", help="sampler, pretrained: also time generate(compile=True)")
+    parser.add_argument("--compiled", action="store_true", help="sampler, pretrained: also time generate(compile=True), and transformers' generate() with a static cache and compile")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="sampler batch sizes")
     parser.add_argument("--prompt_len", type=int, default=32, help="sampler prompt length")
     parser.add_argument("--new_tokens", type=int, default=128, help="sampler tokens generated per row")

@@ -156,9 +156,13 @@ class StaticKVCache:
     sampling: one token per call, written at `slot` (a 1-element tensor the caller advances in
     place), attention over all max_len slots through a mask (unwritten slots hidden). No Python
     number changes from step to step, so torch.compile captures the step once and CUDA graphs
-    can replay it. The buffers are kept for the next call of the same shape and, on a GPU,
-    marked as static addresses (as gpt-fast's module buffers are), without which torch skips
-    CUDA graphs for a step that writes into its inputs.
+    can replay it. Each layer's keys and values are a tensor of their own, written by index
+    (`k[:, :, slot] = ...`), which inductor does in place: a write into a view of one tensor
+    for all layers (`k[layer].index_copy_`) is not, and the compiled step then copied every
+    layer's whole cache twice per token (10x slower than eager at batch 64 on a CPU). The
+    buffers are kept for the next call of the same shape and, on a GPU, marked as static
+    addresses (as gpt-fast's module buffers are), without which torch skips CUDA graphs for a
+    step that writes into its inputs.
     """
 
     _buffers = None  # (k, v, valid, slot, slots) of the last shape: the tensors every compiled step writes into
@@ -166,23 +170,24 @@ class StaticKVCache:
     def __init__(self, cache):
         shape, dev = cache.k.shape, cache.k.device
         bufs = StaticKVCache._buffers
-        if bufs is None or bufs[0].shape != shape or bufs[0].dtype != cache.k.dtype or bufs[0].device != dev:
-            bufs = (torch.empty_like(cache.k), torch.empty_like(cache.v), torch.empty_like(cache.valid),
-                    torch.zeros(1, dtype=torch.long, device=dev), torch.arange(shape[3], device=dev))
+        if bufs is None or bufs[0][0].shape != shape[1:] or bufs[0][0].dtype != cache.k.dtype or bufs[0][0].device != dev:
+            bufs = ([torch.empty_like(cache.k[0]) for _ in range(shape[0])], [torch.empty_like(cache.v[0]) for _ in range(shape[0])],
+                    torch.empty_like(cache.valid), torch.zeros(1, dtype=torch.long, device=dev), torch.arange(shape[3], device=dev))
             if dev.type == "cuda":  # the same addresses on every call: CUDA graphs may replay writes into them
-                for t in bufs:
+                for t in [*bufs[0], *bufs[1], *bufs[2:]]:
                     torch._dynamo.mark_static_address(t)
             StaticKVCache._buffers = bufs
         self.k, self.v, self.valid, self.slot, self.slots = bufs
-        self.k.copy_(cache.k)  # the prefilled cache, copied once per generate call
-        self.v.copy_(cache.v)
+        for layer in range(shape[0]):  # the prefilled cache, copied once per generate call
+            self.k[layer].copy_(cache.k[layer])
+            self.v[layer].copy_(cache.v[layer])
         self.valid.copy_(cache.valid)
         self.slot.fill_(cache.length)
         self.max_len = shape[3]
 
     def update(self, layer, k, v):
-        self.k[layer].index_copy_(2, self.slot, k)  # k: (B, Hkv, 1, D) into (B, Hkv, max_len, D)
-        self.v[layer].index_copy_(2, self.slot, v)
+        self.k[layer][:, :, self.slot] = k  # k: (B, Hkv, 1, D) into (B, Hkv, max_len, D)
+        self.v[layer][:, :, self.slot] = v
         return self.k[layer], self.v[layer]
 
     def check(self, T):
@@ -594,10 +599,15 @@ _COMPILED = {}
 
 
 def compiled_decode_step(device):
-    """decode_step through torch.compile, once per device type: inductor on CPU, CUDA graphs on a GPU."""
+    """
+    decode_step through torch.compile, once per device type: CUDA graphs on a GPU; on a CPU
+    inductor with its C++ wrapper (the step's kernels called from C++, not one Python call
+    each: a decode step is dozens of small kernels, and at batch 1 their launch is the cost).
+    """
     kind = torch.device(device).type
     if kind not in _COMPILED:
-        _COMPILED[kind] = torch.compile(decode_step, mode="reduce-overhead" if kind == "cuda" else None, fullgraph=True)
+        mode, options = ("reduce-overhead", None) if kind == "cuda" else (None, {"cpp_wrapper": True})
+        _COMPILED[kind] = torch.compile(decode_step, mode=mode, options=options, fullgraph=True)
     return _COMPILED[kind]
 
 
