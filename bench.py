@@ -121,10 +121,10 @@ def bench_sampler(args):
                 row += f" {hfc / comp:23.1f}x" if hfc else f" {'-':>24s}"
             print(row, flush=True)
             if si == 0:
-                roofline(m, B, P, N, ours / N, args.repeat)
+                roofline(m, B, P, N, ours / N, args.repeat, comp / N if args.compiled else None)
 
 
-def roofline(m, B, P, N, step_time, repeat):
+def roofline(m, B, P, N, step_time, repeat, compiled_step=None):
     """
     Where a decode step's time goes, from measurements at its own shapes: every matmul of the
     step timed alone at B rows (its GFLOP/s is the rate this CPU gives for these shapes), and
@@ -149,7 +149,8 @@ def roofline(m, B, P, N, step_time, repeat):
     print(f"{'':42s}   decode step at batch {B}: {step_time * 1e3:.2f} ms = {flops / step_time / 1e9:.0f} GFLOP/s achieved; "
           f"its matmuls alone {mm * 1e3:.2f} ms ({flops / mm / 1e9:.0f} GFLOP/s at these shapes); attention {att * 1e3:.2f} ms "
           f"for {kv_bytes / 2**20:.1f} MiB of K/V ({kv_bytes / att / 1e9:.0f} GB/s, this CPU reads {bw / 1e9:.0f} GB/s); "
-          f"step / (matmuls + attention) = {step_time / (mm + att):.2f}x", flush=True)
+          f"step / (matmuls + attention) = {step_time / (mm + att):.2f}x"
+          + (f"; compiled step {compiled_step * 1e3:.2f} ms = {compiled_step / (mm + att):.2f}x" if compiled_step else ""), flush=True)
 
 
 def bench_training(args):
