@@ -72,6 +72,7 @@ def add_warm_start_args(parser):
     g = parser.add_argument_group("warm start and sampling")
     g.add_argument("--n_seed", type=int, default=256, help="worked examples for the warm start (taken from the train set)")
     g.add_argument("--warm_steps", type=int, default=1000, help="fine-tuning steps of the warm start")
+    g.add_argument("--warm_lr", type=float, default=None, help="peak learning rate of the warm start (default: --lr)")
     g.add_argument("--warm_holdout", type=int, default=0, help="seed examples held out of the warm start: it keeps the weights "
                    "where their NLL was lowest (early stopping; 0 = train on all, keep the last weights)")
     g.add_argument("--max_new_tokens", type=int, default=0, help="cut generations at this length (0 = from the task)")

@@ -344,7 +344,7 @@ def main(args):
     t0 = time.time()
     config = model.GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
                              n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
-    base = loop.warm_start(path("base.pt"), tok, seed_set, config, args.warm_steps, args.lr, args.batch_size, args.seed,
+    base = loop.warm_start(path("base.pt"), tok, seed_set, config, args.warm_steps, args.warm_lr or args.lr, args.batch_size, args.seed,
                            args.device, init, args.compile, args.answer_only, args.warm_holdout)
     config, base_state = base.config, {k: v.to("cpu", copy=True) for k, v in base.state_dict().items()}  # kept off the GPU
     if not metrics:
