@@ -25,6 +25,7 @@ import os
 import random
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -815,7 +816,8 @@ def table(out_dir, seeds, iters, threads=0, extra=None):
     extra = extra or {}
     os.makedirs(out_dir, exist_ok=True)
     times_path = os.path.join(out_dir, "times.json")
-    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    read_times = lambda: json.loads(Path(times_path).read_text()) if os.path.exists(times_path) else {}
+    times = read_times()
     commands = []
     for seed in seeds:
         times.setdefault(str(seed), {})
@@ -836,11 +838,11 @@ def table(out_dir, seeds, iters, threads=0, extra=None):
             if done.returncode:
                 raise data.InputError(f"seed {seed} {name} failed (exit status {done.returncode}): see {log.name}")
             took = time.time() - t0  # of the last attempt, if it was resumed
-            if os.path.exists(times_path):  # other seeds may be run at the same time by another `python loop.py --seeds ...`
-                times = {**json.load(open(times_path)), **{k: v for k, v in times.items() if k == str(seed)}}
+            # other seeds may be run at the same time by another `python loop.py --seeds ...`: keep what they wrote
+            times = {**read_times(), **{k: v for k, v in times.items() if k == str(seed)}}
             times.setdefault(str(seed), {})[name] = took
             write_atomic(times_path, json.dumps(times, indent=1))
-    times = json.load(open(times_path))
+    times = read_times()
     per_seed = {s: table_rows(out_dir, s) for s in seeds}
     md = table_markdown(per_seed, seeds, {s: times[str(s)] for s in seeds})
     write_atomic(os.path.join(out_dir, "table.json"), json.dumps({"seeds": seeds, "iters": iters, "rows": per_seed, "times": times}, indent=1))

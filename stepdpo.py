@@ -226,8 +226,10 @@ def main(args):
 
     # --- 5. train, 6. evaluate
     if loop.exists(path("metrics.json")):
-        print(f"already finished: {open(path('metrics.json')).read()}")
-        return json.load(open(path("metrics.json")))
+        with open(path("metrics.json")) as f:
+            text = f.read()
+        print(f"already finished: {text}")
+        return json.loads(text)
     t0 = time.time()
     n_items = len(train_rows) if args.variant == "rft" else len(pairs)
     per_step = args.batch_size if args.variant == "rft" else max(1, args.batch_size // 2)  # DPO: a pair is two sequences
