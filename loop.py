@@ -381,25 +381,34 @@ def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, to
 
 
 @torch.no_grad()
-def completion_logprobs(m, pairs, batch_size):
+def score_pairs(m, pairs, batch_size, score):
     """
-    (summed log-prob, number of tokens) of each completion given its prompt, for
-    (prompt_ids, completion_ids) pairs; split across processes like `sample` and gathered back
-    in order, so every rank gets the same numbers.
+    score(m, x, y) -> one value per row of a collated batch (x, y as from data.collate), for
+    every (prompt_ids, completion_ids) pair, in order. Pairs of similar lengths share a batch
+    (less padding); split across processes like `sample` and gathered back in order, so
+    every rank gets the same numbers.
     """
     device = m.lm_head.weight.device
     rank, world = rank_world()
     mine = pairs[rank::world]
-    order = sorted(range(len(mine)), key=lambda i: len(mine[i][0]) + len(mine[i][1]))  # similar lengths share a batch: less padding
+    order = sorted(range(len(mine)), key=lambda i: len(mine[i][0]) + len(mine[i][1]))
     out = [None] * len(mine)
     for i in range(0, len(order), batch_size):
         at = order[i : i + batch_size]
         x, y = data.collate([mine[j] for j in at], m.config.block_size, device)
         with model.autocast(device):
-            lp = model.sequence_logprobs(m, x, y).float()
-        for j, v, n in zip(at, lp.tolist(), (y != -1).sum(1).tolist()):
-            out[j] = (v, n)
+            values = score(m, x, y)
+        for j, v in zip(at, values):
+            out[j] = v
     return gather_in_order(out, len(pairs))
+
+
+def completion_logprobs(m, pairs, batch_size):
+    """(summed log-prob, number of tokens) of each completion given its prompt, for (prompt_ids, completion_ids) pairs."""
+    def score(m, x, y):
+        return zip(model.sequence_logprobs(m, x, y).float().tolist(), (y != -1).sum(1).tolist())
+
+    return score_pairs(m, pairs, batch_size, score)
 
 
 # -----------------------------------------------------------------------------

@@ -306,11 +306,7 @@ def train_orm(generator, tok, examples, args):
 def orm_scores(m, head, tok, items, batch_size):
     """The ORM's logit (higher = more likely right) for every completion of every (question, completions) item, one list per question."""
     pairs = [data.encode_example(tok, q, c) for q, completions in items for c in completions]
-    device, out = m.lm_head.weight.device, []
-    for i in range(0, len(pairs), batch_size):
-        x, y = data.collate(pairs[i : i + batch_size], m.config.block_size, device)
-        with model.autocast(device):
-            out += orm_logits(m, head, x, y).float().tolist()
+    out = loop.score_pairs(m, pairs, batch_size, lambda m, x, y: orm_logits(m, head, x, y).float().tolist())
     return per_question(out, items)
 
 
