@@ -170,7 +170,8 @@ class StaticKVCache:
     def __init__(self, cache):
         shape, dev = cache.k.shape, cache.k.device
         bufs = StaticKVCache._buffers
-        if bufs is None or bufs[0][0].shape != shape[1:] or bufs[0][0].dtype != cache.k.dtype or bufs[0][0].device != dev:
+        if (bufs is None or len(bufs[0]) != shape[0] or bufs[0][0].shape != shape[1:] or bufs[0][0].dtype != cache.k.dtype
+                or bufs[0][0].device != dev):
             bufs = ([torch.empty_like(cache.k[0]) for _ in range(shape[0])], [torch.empty_like(cache.v[0]) for _ in range(shape[0])],
                     torch.empty_like(cache.valid), torch.zeros(1, dtype=torch.long, device=dev), torch.arange(shape[3], device=dev))
             if dev.type == "cuda":  # the same addresses on every call: CUDA graphs may replay writes into them

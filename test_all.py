@@ -1509,6 +1509,10 @@ def test_the_compiled_static_decode_step_gives_exactly_the_eager_tokens():
     eager = model.generate(m, RAGGED, 20, temperature=0.0, stop_token=3).completions()
     compiled = model.generate(m, RAGGED, 20, temperature=0.0, stop_token=3, compile=True).completions()
     assert compiled == eager and len({tuple(c) for c in eager}) > 1
+    deeper = tiny_model(seed=1, n_layer=3)  # each layer's cache of the same shape, one layer more: the kept buffers must not be reused
+    eager = model.generate(deeper, RAGGED, 20, temperature=0.0, stop_token=3).completions()
+    assert model.generate(deeper, RAGGED, 20, temperature=0.0, stop_token=3, compile=True).completions() == eager
+    assert len(model.StaticKVCache._buffers[0]) == 3
     g = lambda: torch.Generator().manual_seed(7)
     sampled = model.generate(m, RAGGED, 15, temperature=1.0, generator=g(), num_samples=2, compile=True).completions()
     assert sampled == model.generate(m, RAGGED, 15, temperature=1.0, generator=g(), num_samples=2).completions()
