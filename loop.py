@@ -69,9 +69,15 @@ def add_model_args(parser):
     return g
 
 
+SCRATCH_N_SEED = 1024  # worked examples for a model from scratch: chosen on the validation split over three seeds (256 before)
+PRETRAINED_N_SEED = 256  # a pretrained model's few-shot pool (it takes 4); the rest of the train set stays STaR's questions
+
+
 def add_warm_start_args(parser):
     g = parser.add_argument_group("warm start and sampling")
-    g.add_argument("--n_seed", type=int, default=256, help="worked examples for the warm start (taken from the train set)")
+    g.add_argument("--n_seed", type=int, default=None, help="worked examples, taken from the train set: the warm start's data "
+                   f"and in every fine-tune (a model from scratch, default {SCRATCH_N_SEED}), or the few-shot prompt's pool "
+                   f"(pretrained, default {PRETRAINED_N_SEED})")
     g.add_argument("--warm_steps", type=int, default=1000, help="fine-tuning steps of the warm start")
     g.add_argument("--warm_lr", type=float, default=None, help="peak learning rate of the warm start (default: --lr)")
     g.add_argument("--warm_holdout", type=int, default=0, help="seed examples held out of the warm start: it keeps the weights "
@@ -316,6 +322,14 @@ def tokenizer_for(init):
     if init and not source:
         source = model.checkpoint_config(init)[1].get("tokenizer_dir")
     return data.HFTokenizer(source) if source else data.Tokenizer()
+
+
+def seed_count(n_seed, init):
+    """--n_seed if given, else by where the base comes from: a model from scratch (its warm start), or a pretrained one (its shots)."""
+    if n_seed is None:
+        n_seed = PRETRAINED_N_SEED if is_pretrained(init) else SCRATCH_N_SEED
+        print(f"--n_seed {n_seed} ({'pretrained model' if is_pretrained(init) else 'from scratch'}; pass --n_seed to change it)")
+    return n_seed
 
 
 def learning_rate(lr, tok, scratch_lr, pretrained_lr=PRETRAINED_LR, flag="--lr"):

@@ -321,6 +321,7 @@ def main(args):
     tok = loop.tokenizer_for(init)
     args.lr = loop.learning_rate(args.lr, tok, args.scratch_lr)
     args.verifier_lr = args.verifier_lr or args.lr / 3  # the verifier's DPO and the ORM
+    args.n_seed = loop.seed_count(args.n_seed, init)
     block_size = loop.base_block_size(init, args.block_size, args.dataset)
     # a pretrained model is prompted with worked examples (STaR's few-shot prompt); a model
     # trained here from scratch is fine-tuned on them instead (the warm start)
