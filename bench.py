@@ -143,9 +143,10 @@ def roofline(m, B, P, N, step_time, repeat, compiled_step=None):
     big = torch.randn(64 * 2**20 // 4)
     bw = big.numel() * 4 / timeit(lambda: big.sum(), repeat * 5)
     q = torch.randn(B, cfg.n_head, 1, cfg.head_dim)
-    kc = torch.randn(B, cfg.n_kv_head, P + N, cfg.head_dim)[:, :, :S]
+    # every layer's keys and values, separate tensors, read as generate reads them (views of a preallocated cache)
+    k, v = (torch.randn(cfg.n_layer, B, cfg.n_kv_head, P + N, cfg.head_dim)[:, :, :, :S] for _ in range(2))
     mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
-    att = timeit(lambda: F.scaled_dot_product_attention(q, kc, kc, attn_mask=mask), repeat * 10) * cfg.n_layer
+    att = timeit(lambda: [F.scaled_dot_product_attention(q, k[i], v[i], attn_mask=mask) for i in range(cfg.n_layer)], repeat * 10)
     print(f"{'':42s}   decode step at batch {B}: {step_time * 1e3:.2f} ms = {flops / step_time / 1e9:.0f} GFLOP/s achieved; "
           f"its matmuls alone {mm * 1e3:.2f} ms ({flops / mm / 1e9:.0f} GFLOP/s at these shapes); attention {att * 1e3:.2f} ms "
           f"for {kv_bytes / 2**20:.1f} MiB of K/V ({kv_bytes / att / 1e9:.0f} GB/s, this CPU reads {bw / 1e9:.0f} GB/s); "
