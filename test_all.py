@@ -600,12 +600,13 @@ def test_each_iteration_fine_tunes_from_the_base_weights(monkeypatch, tmp_path):
 
     monkeypatch.setattr(loop, "fine_tune", spy)
     monkeypatch.setattr(loop, "sample", lucky(loop.sample))
-    star.main(star.get_args(TINY_STAR + ["--out_dir", str(tmp_path / "run")]))
+    star.main(star.get_args(TINY_STAR + ["--warm_lr", "0.002", "--out_dir", str(tmp_path / "run")]))
     base, _ = model.load_checkpoint(str(tmp_path / "run" / "base.pt"))
     last, extra = model.load_checkpoint(str(tmp_path / "run" / "model.pt"))
     iters = [s for d, s, _ in seen if d.startswith("iter")]
     assert len(iters) == 2 and extra["iter"] == 2
-    assert {lr for _, _, lr in seen} == {star.get_args([]).scratch_lr}  # from scratch, no --lr: the from-scratch rate
+    assert [lr for d, _, lr in seen if d == "warm start"] == [0.002]  # --warm_lr reaches the warm start and nothing else
+    assert {lr for d, _, lr in seen if d != "warm start"} == {star.get_args([]).scratch_lr}  # no --lr: the from-scratch rate
     for state in iters:
         for k, v in base.state_dict().items():
             assert torch.equal(state[k], v), k
@@ -613,6 +614,13 @@ def test_each_iteration_fine_tunes_from_the_base_weights(monkeypatch, tmp_path):
     metrics = loop.read_rows(str(tmp_path / "run" / "metrics.jsonl"))
     assert [r["iter"] for r in metrics] == [0, 1, 2]
     assert metrics[2]["steps"] == round(20 * 1.2) and metrics[1]["kept"] > 0
+
+
+def test_seed_count_defaults_by_where_the_base_comes_from(tmp_path):
+    assert loop.seed_count(None, None) == loop.seed_count(None, str(tmp_path / "base.pt")) == loop.SCRATCH_N_SEED  # a warm start
+    assert loop.seed_count(None, str(tmp_path)) == loop.PRETRAINED_N_SEED  # a Hugging Face directory: its few-shot pool
+    assert loop.seed_count(40, str(tmp_path)) == loop.seed_count(40, None) == 40
+    assert loop.SCRATCH_N_SEED != loop.PRETRAINED_N_SEED
 
 
 def test_validation_questions_are_never_sampled_for_training_and_decide_when_to_stop(monkeypatch, tmp_path):
