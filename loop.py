@@ -324,20 +324,28 @@ def tokenizer_for(init):
     return data.HFTokenizer(source) if source else data.Tokenizer()
 
 
-def seed_count(n_seed, init):
-    """--n_seed if given, else by where the base comes from: a model from scratch (its warm start), or a pretrained one (its shots)."""
-    if n_seed is None:
-        n_seed = PRETRAINED_N_SEED if is_pretrained(init) else SCRATCH_N_SEED
-        print(f"--n_seed {n_seed} ({'pretrained model' if is_pretrained(init) else 'from scratch'}; pass --n_seed to change it)")
-    return n_seed
+def by_origin(value, pretrained, scratch_value, pretrained_value, flag):
+    """The flag's value if given, else its default for where the weights come from: pretrained, or trained here from scratch."""
+    if value is None:
+        value = pretrained_value if pretrained else scratch_value
+        print(f"{flag} {value:g} ({'pretrained model' if pretrained else 'from scratch'}; pass {flag} to change it)")
+    return value
 
 
 def learning_rate(lr, tok, scratch_lr, pretrained_lr=PRETRAINED_LR, flag="--lr"):
-    """The flag's value if given, else by where the weights come from: a model with a pretrained tokenizer (tok.source) is a pretrained one."""
-    if lr is None:
-        lr = pretrained_lr if tok.source else scratch_lr
-        print(f"{flag} {lr:g} ({'pretrained model' if tok.source else 'from scratch'}; pass {flag} to change it)")
-    return lr
+    """By where the weights come from: a model with a pretrained tokenizer (tok.source) is a pretrained one."""
+    return by_origin(lr, bool(tok.source), scratch_lr, pretrained_lr, flag)
+
+
+def seed_count(n_seed, init):
+    """By where the base comes from: a model from scratch (its warm start's examples), or a pretrained one (its shots' pool)."""
+    return by_origin(n_seed, is_pretrained(init), SCRATCH_N_SEED, PRETRAINED_N_SEED, "--n_seed")
+
+
+def warm_start_defaults(args, init):
+    """--n_seed by where the base comes from, and --warm_lr (default: --lr, resolved before); for star.py and stepdpo.py."""
+    args.n_seed = seed_count(args.n_seed, init)
+    args.warm_lr = args.warm_lr or args.lr
 
 
 def base_block_size(init, block_size, dataset):

@@ -321,7 +321,7 @@ def main(args):
     tok = loop.tokenizer_for(init)
     args.lr = loop.learning_rate(args.lr, tok, args.scratch_lr)
     args.verifier_lr = args.verifier_lr or args.lr / 3  # the verifier's DPO and the ORM
-    args.n_seed = loop.seed_count(args.n_seed, init)
+    loop.warm_start_defaults(args, init)
     block_size = loop.base_block_size(init, args.block_size, args.dataset)
     # a pretrained model is prompted with worked examples (STaR's few-shot prompt); a model
     # trained here from scratch is fine-tuned on them instead (the warm start)
@@ -341,7 +341,7 @@ def main(args):
     t0 = time.time()
     config = model.GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
                              n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
-    base = loop.warm_start(path("base.pt"), tok, seed_set, config, args.warm_steps, args.warm_lr or args.lr, args.batch_size, args.seed,
+    base = loop.warm_start(path("base.pt"), tok, seed_set, config, args.warm_steps, args.warm_lr, args.batch_size, args.seed,
                            args.device, init, args.compile, args.answer_only, args.warm_holdout)
     config, base_state = base.config, {k: v.to("cpu", copy=True) for k, v in base.state_dict().items()}  # kept off the GPU
     if not metrics:

@@ -159,7 +159,7 @@ def main(args):
     tok = loop.tokenizer_for(init)
     args.lr = loop.learning_rate(args.lr, tok, args.scratch_lr)
     args.dpo_lr = loop.learning_rate(args.dpo_lr, tok, DPO_LR, PRETRAINED_DPO_LR, "--dpo_lr")
-    args.n_seed = loop.seed_count(args.n_seed, init)
+    loop.warm_start_defaults(args, init)
     block_size = loop.base_block_size(init, args.block_size, args.dataset)
     seed_set, questions, test, args.max_new_tokens = loop.prepare_task(
         *loop.task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset)
@@ -171,7 +171,7 @@ def main(args):
     # --- 1. the SFT model, also the reference
     config = model.GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
                              n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
-    base = loop.warm_start(path("base.pt"), tok, seed_set, config, args.warm_steps, args.warm_lr or args.lr, args.batch_size, args.seed,
+    base = loop.warm_start(path("base.pt"), tok, seed_set, config, args.warm_steps, args.warm_lr, args.batch_size, args.seed,
                            args.device, init, args.compile, holdout=args.warm_holdout)
     config, base_state = base.config, {k: v.to("cpu", copy=True) for k, v in base.state_dict().items()}  # kept off the GPU
 
