@@ -97,12 +97,14 @@ def get_args(argv=None):
 # the corpus: text where thinking helps predict the next token
 
 
+def scratchpad_digits(answer, width):
+    """The sum's digits from the right (the order the column-by-column scratchpad finds them), zero-padded to `width`."""
+    return answer[::-1].ljust(width, "0")
+
+
 def scratchpad_line(e, width):
-    """
-    'a+b=-s-c': the sum's digits from the right (the order the column-by-column scratchpad finds
-    them), zero-padded to `width`, between dashes, then the sum. 47+85=-2310-132 for width 4.
-    """
-    return f"{e.question}=-{e.answer[::-1].ljust(width, '0')}-{e.answer}\n"
+    """'a+b=-s-c': the scratchpad between dashes, then the sum. 47+85=-2310-132 for width 4."""
+    return f"{e.question}=-{scratchpad_digits(e.answer, width)}-{e.answer}\n"
 
 
 def corpus_text(examples, dataset, scratchpad=0.0, width=0, seed=0):
@@ -151,8 +153,8 @@ def scratchpad_skill(gpt, tok, examples, width, batch_size=64):
     """
     parts = {
         "sum_plain": [(f"\n{e.question}=", e.answer) for e in examples],
-        "scratchpad": [(f"\n{e.question}=-", e.answer[::-1].ljust(width, "0")) for e in examples],
-        "sum_after_scratchpad": [(f"\n{e.question}=-{e.answer[::-1].ljust(width, '0')}-", e.answer) for e in examples],
+        "scratchpad": [(f"\n{e.question}=-", scratchpad_digits(e.answer, width)) for e in examples],
+        "sum_after_scratchpad": [(f"\n{e.question}=-{scratchpad_digits(e.answer, width)}-", e.answer) for e in examples],
     }
     out = {}
     for key, texts in parts.items():
@@ -468,14 +470,15 @@ def train_arm(gpt, head, ids, mask, steps, args, tok, thoughts, seed, desc, log=
 
 
 @torch.no_grad()
-def evaluate(gpt, head, chunks, hard, args, tok, thoughts, seed):
+def evaluate(gpt, head, chunks, hard, args, tok, thoughts, seed, gate=None):
     """
     Held-out next-token NLL on all predicted tokens and on the computed ones (digits after '=').
     With thoughts also: the same model's prediction without its thoughts on the computed tokens
-    (nll_computed_base), and the mean mixing weight where the next token is computed (w_computed).
+    (nll_computed_base), and the mean mixing weight where the next token is computed (w_computed);
+    with a gate lam (see gated_nll), the computed tokens' NLL under that hand-set mix (nll_computed_gated).
     """
     g = torch.Generator().manual_seed(seed)
-    tot = {"nll": 0.0, "nll_computed": 0.0, "nll_computed_base": 0.0, "w_computed": 0.0}
+    tot = {"nll": 0.0, "nll_computed": 0.0, "nll_computed_base": 0.0, "w_computed": 0.0, "nll_computed_gated": 0.0}
     n = n_hard = 0.0
     for i in range(0, len(chunks), args.batch_size):
         x, hm = chunks[i : i + args.batch_size].to(args.device), hard[i : i + args.batch_size].to(args.device)
@@ -491,6 +494,13 @@ def evaluate(gpt, head, chunks, hard, args, tok, thoughts, seed):
             nll_base = -lp_base.gather(-1, tgt[..., None]).squeeze(-1)
             tot["nll_computed_base"] += (nll_base * tmask).sum().item()
             tot["w_computed"] += (out["w"][:, :-1, 0].view(x.size(0), N, -1).mean(1) * tmask).sum().item()
+            if gate is not None:  # the token after each '=' from (1 - gate) p_base + gate p_thought, every other from p_base
+                B, T = x.shape
+                p_base = F.softmax(out["base_logits"][::N, :-1].float(), -1)  # (B, T-1, V): x[t+1] from the text to t
+                p_thought = F.softmax(out["thought_logits"][:, :-1, 0].float(), -1).view(B, N, T - 1, -1).mean(1)  # after t's thoughts
+                lam = gate * (x[:, :-1] == tok.encode("=")[0]).float()[..., None]
+                p = ((1 - lam) * p_base + lam * p_thought).gather(-1, tgt[..., None]).squeeze(-1)
+                tot["nll_computed_gated"] += (-p.log() * tmask).sum().item()
         else:
             lp = F.log_softmax(gpt(x)[0][:, :-1].float(), -1)
         nll = -lp.gather(-1, tgt[..., None]).squeeze(-1)
@@ -501,31 +511,19 @@ def evaluate(gpt, head, chunks, hard, args, tok, thoughts, seed):
     res = {"nll": tot["nll"] / n, "nll_computed": tot["nll_computed"] / max(1, n_hard)}
     if thoughts:
         res.update({k: tot[k] / max(1, n_hard) for k in ("nll_computed_base", "w_computed")})
+    if gate is not None:
+        res["nll_computed_gated"] = tot["nll_computed_gated"] / max(1, n_hard)
     return res
 
 
-@torch.no_grad()
 def gated_nll(gpt, chunks, hard, args, tok, seed, lam=0.5):
     """
     What the thoughts hold, read by a hand-set head instead of a learned one: the token after
     each '=' is predicted by (1 - lam) p_base + lam p_thought (p_thought averaged over the
     thoughts, as in evaluate), every other token by p_base alone. Held-out NLL per computed token.
     """
-    g = torch.Generator().manual_seed(seed)
     head = MixingHead(gpt.config.n_embd).to(args.device)  # w = 0; only think's unmixed predictions are used
-    eq, N = tok.encode("=")[0], args.n_thoughts
-    tot = n = 0.0
-    for i in range(0, len(chunks), args.batch_size):
-        x, hm = chunks[i : i + args.batch_size].to(args.device), hard[i : i + args.batch_size].to(args.device)
-        B, T = x.shape
-        out = think(gpt, head, x, args, tok, gumbel((B * N, args.thought_len, T, gpt.config.vocab_size), g, args.device))
-        p_base = F.softmax(out["base_logits"][::N, :-1].float(), -1)  # (B, T-1, V): x[t+1] from the text to t
-        p_thought = F.softmax(out["thought_logits"][:, :-1, 0].float(), -1).view(B, N, T - 1, -1).mean(1)  # after t's thoughts
-        gate = lam * (x[:, :-1] == eq).float()[..., None]
-        p = ((1 - gate) * p_base + gate * p_thought).gather(-1, x[:, 1:, None]).squeeze(-1)
-        tot += float((-p.log() * hm[:, 1:]).sum())
-        n += float(hm[:, 1:].sum())
-    return tot / max(1, n)
+    return evaluate(gpt, head, chunks, hard, args, tok, True, seed, gate=lam)["nll_computed_gated"]
 
 
 def main(args):
