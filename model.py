@@ -154,15 +154,20 @@ class StaticKVCache:
     """
     A prefilled KVCache's buffers seen the way gpt-fast's decode step sees them, for compiled
     sampling: one token per call, written at `slot` (a 1-element tensor the caller advances in
-    place), attention over all max_len slots through a mask (unwritten slots hidden). No Python
-    number changes from step to step, so torch.compile captures the step once and CUDA graphs
-    can replay it. Each layer's keys and values are a tensor of their own, written by index
+    place). Each layer's keys and values are a tensor of their own, written by index
     (`k[:, :, slot] = ...`), which inductor does in place: a write into a view of one tensor
     for all layers (`k[layer].index_copy_`) is not, and the compiled step then copied every
-    layer's whole cache twice per token (10x slower than eager at batch 64 on a CPU). The
-    buffers are kept for the next call of the same shape and, on a GPU, marked as static
-    addresses (as gpt-fast's module buffers are), without which torch skips CUDA graphs for a
-    step that writes into its inputs.
+    layer's whole cache twice per token (10x slower than eager at batch 64 on a CPU).
+
+    What the step attends over depends on the device. On a GPU, all max_len slots through a
+    mask (unwritten slots hidden): no shape changes from step to step, so CUDA graphs can
+    replay the step. The buffers are kept for the next call of the same shape and marked as
+    static addresses (as gpt-fast's module buffers are), without which torch skips CUDA graphs
+    for a step that writes into its inputs. On a CPU, only the `window` written slots (an int
+    the step takes as an argument, which dynamo compiles as a dynamic size after its first
+    change: two compiles per shape, not one per token): at batch 64 reading the cache is what
+    attention costs, and over all slots the step read 1.7x the bytes that eager sampling reads
+    (bench.py's 32 + 128 tokens).
     """
 
     _buffers = None  # (k, v, valid, slot, slots) of the last shape: the tensors every compiled step writes into
@@ -185,11 +190,14 @@ class StaticKVCache:
         self.valid.copy_(cache.valid)
         self.slot.fill_(cache.length)
         self.max_len = shape[3]
+        self.window = None  # None: attend over all max_len slots; else over slots [0, window), set by `static_decode_step`
 
     def update(self, layer, k, v):
         self.k[layer][:, :, self.slot] = k  # k: (B, Hkv, 1, D) into (B, Hkv, max_len, D)
         self.v[layer][:, :, self.slot] = v
-        return self.k[layer], self.v[layer]
+        if self.window is None:
+            return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, : self.window], self.v[layer][:, :, : self.window]
 
     def check(self, T):
         assert T == 1, "the static cache takes one token per call"
@@ -198,7 +206,9 @@ class StaticKVCache:
         pass  # the caller moves `slot` outside the compiled step
 
     def default_mask(self, T):
-        return self.valid[:, None, None, :] & (self.slots <= self.slot)  # (B, 1, 1, max_len)
+        if self.window is None:
+            return self.valid[:, None, None, :] & (self.slots <= self.slot)  # (B, 1, 1, max_len)
+        return self.valid[:, None, None, : self.window]  # every slot below the window is written
 
 
 class GrowingKVCache:
@@ -541,7 +551,8 @@ def generate(
         if compile:
             if n == 0:
                 cache = StaticKVCache(cache)
-            logits = compiled_decode_step(device)(model, tok[:, None], next_pos, cache).clone()
+            window = None if device.type == "cuda" or not CPU_WINDOW else P + n + 1  # slots written once this token is
+            logits = compiled_decode_step(device)(model, tok[:, None], next_pos, cache, window).clone()
             cache.slot += 1  # in place: a CUDA graph replays on the same tensor
         else:
             logits = decode_step(model, tok[:, None], next_pos, cache)
@@ -596,19 +607,26 @@ def decode_step(model, tok, pos, cache):
         return model.lm_head(model.hidden(tok, pos=pos, cache=cache)[:, -1])
 
 
+def static_decode_step(model, tok, pos, cache, window):
+    """decode_step over a StaticKVCache attending over slots [0, window) (None: all of them)."""
+    cache.window = window  # set inside the compiled function from its argument, so that dynamo sees an int that changes
+    return decode_step(model, tok, pos, cache)
+
+
 _COMPILED = {}
+CPU_WINDOW = True  # False: a CPU runs the GPU's fixed-shape step (all slots, masked); the tests run both
 
 
 def compiled_decode_step(device):
     """
-    decode_step through torch.compile, once per device type: CUDA graphs on a GPU; on a CPU
-    inductor with its C++ wrapper (the step's kernels called from C++, not one Python call
-    each: a decode step is dozens of small kernels, and at batch 1 their launch is the cost).
+    static_decode_step through torch.compile, once per device type: CUDA graphs on a GPU; on
+    a CPU inductor with its C++ wrapper (the step's kernels called from C++, not one Python
+    call each: a decode step is dozens of small kernels, and at batch 1 their launch is the cost).
     """
     kind = torch.device(device).type
     if kind not in _COMPILED:
         mode, options = ("reduce-overhead", None) if kind == "cuda" else (None, {"cpp_wrapper": True})
-        _COMPILED[kind] = torch.compile(decode_step, mode=mode, options=options, fullgraph=True)
+        _COMPILED[kind] = torch.compile(static_decode_step, mode=mode, options=options, fullgraph=True)
     return _COMPILED[kind]
 
 

@@ -1512,7 +1512,9 @@ def test_quietstar_from_a_pretrained_directory_adds_thought_tokens_and_thinks(tm
     assert torch.equal(grown.lm_head.weight[:n], fresh.lm_head.weight)  # untied: the output rows are kept too
 
 
-def test_the_compiled_static_decode_step_gives_exactly_the_eager_tokens():
+@pytest.mark.parametrize("window", [True, False])  # False: the GPU's step (all slots, masked), run on the CPU
+def test_the_compiled_static_decode_step_gives_exactly_the_eager_tokens(window, monkeypatch):
+    monkeypatch.setattr(model, "CPU_WINDOW", window)
     m = tiny_model()
     eager = model.generate(m, RAGGED, 20, temperature=0.0, stop_token=3).completions()
     compiled = model.generate(m, RAGGED, 20, temperature=0.0, stop_token=3, compile=True).completions()
