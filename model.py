@@ -9,7 +9,8 @@ One small, self-contained transformer for nanostar, and everything the scripts d
   (left-padded; each row has its own positions), `num_samples` rollouts per prompt that share
   the prompt's cache, counter-based noise per row (`noise_keys`: the same samples in any
   batch) or a seeded generator, per-row stop at any of the stop ids; with
-  compile=True a static-shape decode step (`StaticKVCache`) run through torch.compile.
+  compile=True a decode step over per-layer buffers (`StaticKVCache`) run through torch.compile
+  (fixed shapes and CUDA graphs on a GPU; on a CPU attending over the written slots only).
 - `generate_reference`: the plain no-cache path (full forward per token), kept for tests/bench.
 - `sequence_logprobs`, `dpo_loss`, `dpo_sft_loss`: the log-prob and preference pieces shared
   by star.py's verifier and stepdpo.py.
