@@ -742,9 +742,13 @@ def star_samples(rows, samples, rationalize):
     """Completions a star.py run sampled: every question `samples` times a round, plus one hinted try per unsolved question."""
     n = 0
     for r in rows[1:]:
-        if r.get("solved_frac"):  # (answer-only rounds sample nothing; a round that solved nothing is not counted)
+        if "questions" in r:  # (answer-only rounds sample nothing and have no count)
+            questions = r["questions"]
+        elif r.get("solved_frac"):  # runs before session 9 saved no count: recovered, and a round that solved nothing is missed
             questions = round(r["solved"] / r["solved_frac"])
-            n += questions * samples + (questions - r["solved"] if rationalize else 0)
+        else:
+            continue
+        n += questions * samples + (questions - r["solved"] if rationalize else 0)
     return n
 
 

@@ -159,7 +159,7 @@ def collect(m, tok, questions, args, it, shots=()):
         n_dropped = len(found) - n_rationalized
     solved = len({r["index"] for r in kept if not r["rationalized"]})
     stats = {
-        "solved": solved, "solved_frac": solved / max(1, len(questions)), "rationalized": n_rationalized,
+        "questions": len(questions), "solved": solved, "solved_frac": solved / max(1, len(questions)), "rationalized": n_rationalized,
         "rationalized_dropped": n_dropped,
         "kept": len(kept), "correct_samples": n_correct_samples,
         "correct_per_question": n_correct_samples / max(1, len(questions)),

@@ -1236,6 +1236,13 @@ TABLE_FLAGS = [
 ]
 
 
+def test_star_samples_counts_a_round_that_solved_nothing():
+    rows = [{"iter": 0}, {"questions": 50, "solved": 0, "solved_frac": 0.0}, {"questions": 50, "solved": 20, "solved_frac": 0.4}]
+    assert loop.star_samples(rows, 1, True) == (50 + 50) + (50 + 30)  # one sample a question, one hinted try per failure
+    assert loop.star_samples(rows, 4, False) == 4 * 50 * 2
+    assert loop.star_samples([{"iter": 0}, {"kept": 50}], 1, False) == 0  # answer-only: nothing sampled
+
+
 def test_the_one_table_runs_every_method_from_one_base_and_reports_what_its_runs_saved(tmp_path):
     here = os.path.dirname(os.path.abspath(__file__))
     out = tmp_path / "table"
