@@ -1533,6 +1533,9 @@ def test_the_compiled_static_decode_step_gives_exactly_the_eager_tokens(window, 
     g = lambda: torch.Generator().manual_seed(7)
     sampled = model.generate(m, RAGGED, 15, temperature=1.0, generator=g(), num_samples=2, compile=True).completions()
     assert sampled == model.generate(m, RAGGED, 15, temperature=1.0, generator=g(), num_samples=2).completions()
+    keys = model.noise_keys(7, range(len(RAGGED)), 2)  # counter noise and a vocabulary limit, as loop.sample calls it
+    kw = dict(temperature=1.0, stop_token=3, num_samples=2, vocab_limit=30, keys=keys)
+    assert model.generate(m, RAGGED, 15, compile=True, **kw).completions() == model.generate(m, RAGGED, 15, **kw).completions()
 
 
 # -----------------------------------------------------------------------------
