@@ -246,10 +246,12 @@ MAY_DIFFER_ON_RESUME = {"resume", "out_dir", "device", "threads", "gen_batch", "
 def open_run(out_dir, settings, resume, name):
     """
     Create out_dir and write settings to its config.json, or, on resume, check that the run
-    there was made with the same settings. Prints the settings; returns path(filename).
+    there was made with the same settings. A directory holding nothing but config.json is a run
+    that stopped before its first result (a bad --init, data not found): it starts afresh, so
+    the corrected command runs as typed. Prints the settings; returns path(filename).
     """
     cfg_path = os.path.join(out_dir, "config.json")
-    if exists(cfg_path):
+    if exists(cfg_path) and os.listdir(out_dir) != ["config.json"]:
         if not resume:
             raise data.InputError(f"{out_dir} already holds a run: pass --resume to continue it, or another --out_dir")
         with open(cfg_path) as f:
