@@ -20,6 +20,7 @@ Run as a script, `python loop.py` makes the one table: every method's script run
 base model per seed, read back into table.md (see the end of this file).
 """
 
+import argparse
 import json
 import os
 import random
@@ -36,15 +37,45 @@ import model
 # the command line
 
 
+def at_least(lo, kind=int, at_most=None):
+    """
+    An argparse type: a number of this kind in [lo, at_most]. A flag out of range is a usage
+    error before anything runs (--gen_batch 0 or --samples 0 used to fail after the warm start,
+    and a negative temperature sampled from the reversed distribution).
+    """
+
+    def parse(text):
+        x = kind(text)  # a ValueError here is argparse's "invalid int value"
+        if not (lo <= x and (at_most is None or x <= at_most)):  # written so that nan fails too
+            raise argparse.ArgumentTypeError(f"must be {f'at least {lo}' if at_most is None else f'between {lo} and {at_most}'}, got {text}")
+        return x
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def more_than(lo, kind=float):
+    """An argparse type: a number of this kind above lo (a learning rate, a beta, a temperature that divides)."""
+
+    def parse(text):
+        x = kind(text)
+        if not x > lo:
+            raise argparse.ArgumentTypeError(f"must be above {lo}, got {text}")
+        return x
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add_task_args(parser):
     g = parser.add_argument_group("task")
     g.add_argument("--dataset", default="arithmetic", choices=["arithmetic", "word_problems", "gsm8k"],
                    help="which task to learn: n-digit addition, templated multi-step word problems (both generated here), or GSM8K")
     g.add_argument("--data_dir", default=None, help="gsm8k: local directory with train.jsonl and test.jsonl (skips the hub)")
-    g.add_argument("--n_train", type=int, default=4000, help="training questions used (gsm8k: at most this many)")
-    g.add_argument("--n_test", type=int, default=0, help="test questions (0 = 500 generated, all 1,319 for gsm8k)")
-    g.add_argument("--min_digits", type=int, default=1, help="arithmetic: fewest digits per operand")
-    g.add_argument("--max_digits", type=int, default=5, help="arithmetic: most digits per operand")
+    g.add_argument("--n_train", type=at_least(1), default=4000, help="training questions used (gsm8k: at most this many)")
+    g.add_argument("--n_test", type=at_least(0), default=0, help="test questions (0 = 500 generated, all 1,319 for gsm8k)")
+    g.add_argument("--min_digits", type=at_least(1), default=1, help="arithmetic: fewest digits per operand")
+    g.add_argument("--max_digits", type=at_least(1), default=5, help="arithmetic: most digits per operand")
     g.add_argument("--data_seed", type=int, default=0, help="arithmetic, word_problems: seed of the generated train/test sets")
     return g
 
@@ -61,10 +92,10 @@ def add_model_args(parser):
     g = parser.add_argument_group("model")
     g.add_argument("--init", default="auto", help="where the model starts: 'scratch' (train a small model here), a nanostar "
                    f"checkpoint, a Hugging Face model directory, or a hub repo id; auto = scratch for arithmetic, {DEFAULT_PRETRAINED} for gsm8k")
-    g.add_argument("--n_layer", type=int, default=3, help="transformer blocks (from scratch)")
-    g.add_argument("--n_embd", type=int, default=96, help="model width (from scratch)")
-    g.add_argument("--n_head", type=int, default=4, help="attention heads (from scratch)")
-    g.add_argument("--block_size", type=int, default=0, help="context length: from scratch its size (0 = the script's default); "
+    g.add_argument("--n_layer", type=at_least(1), default=3, help="transformer blocks (from scratch)")
+    g.add_argument("--n_embd", type=at_least(1), default=96, help="model width (from scratch)")
+    g.add_argument("--n_head", type=at_least(1), default=4, help="attention heads (from scratch)")
+    g.add_argument("--block_size", type=at_least(0), default=0, help="context length: from scratch its size (0 = the script's default); "
                    "pretrained a cap on it, which keeps the rotary table and caches small (0 = 2048)")
     return g
 
@@ -75,16 +106,16 @@ PRETRAINED_N_SEED = 256  # a pretrained model's few-shot pool (it takes 4); the 
 
 def add_warm_start_args(parser):
     g = parser.add_argument_group("warm start and sampling")
-    g.add_argument("--n_seed", type=int, default=None, help="worked examples, taken from the train set: the warm start's data "
+    g.add_argument("--n_seed", type=at_least(0), default=None, help="worked examples, taken from the train set: the warm start's data "
                    f"and in every fine-tune (a model from scratch, default {SCRATCH_N_SEED}), or the few-shot prompt's pool "
                    f"(pretrained, default {PRETRAINED_N_SEED})")
-    g.add_argument("--warm_steps", type=int, default=1000, help="fine-tuning steps of the warm start")
-    g.add_argument("--warm_lr", type=float, default=None, help="peak learning rate of the warm start (default: --lr)")
-    g.add_argument("--warm_holdout", type=int, default=0, help="seed examples held out of the warm start: it keeps the weights "
+    g.add_argument("--warm_steps", type=at_least(0), default=1000, help="fine-tuning steps of the warm start")
+    g.add_argument("--warm_lr", type=more_than(0), default=None, help="peak learning rate of the warm start (default: --lr)")
+    g.add_argument("--warm_holdout", type=at_least(0), default=0, help="seed examples held out of the warm start: it keeps the weights "
                    "where their NLL was lowest (early stopping; 0 = train on all, keep the last weights)")
-    g.add_argument("--max_new_tokens", type=int, default=0, help="cut generations at this length (0 = from the task)")
-    g.add_argument("--gen_batch", type=int, default=512, help="sequences per sampling batch")
-    g.add_argument("--few_shot", type=int, default=-1, help="worked examples from the seed set in every sampling prompt "
+    g.add_argument("--max_new_tokens", type=at_least(0), default=0, help="cut generations at this length (0 = from the task)")
+    g.add_argument("--gen_batch", type=at_least(1), default=512, help="sequences per sampling batch")
+    g.add_argument("--few_shot", type=at_least(-1), default=-1, help="worked examples from the seed set in every sampling prompt "
                    "(STaR's few-shot prompt; -1 = 4 for a pretrained Hugging Face model, 0 otherwise, which fine-tunes on them instead)")
     return g
 
@@ -94,11 +125,11 @@ PRETRAINED_LR = 1e-5  # full fine-tuning of a pretrained model; the from-scratch
 
 def add_run_args(parser, out_dir, compile_flag=True, scratch_lr=3e-3):
     g = parser.add_argument_group("optimization")
-    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {scratch_lr:g} for a model trained "
+    g.add_argument("--lr", type=more_than(0), default=None, help=f"peak learning rate (default: {scratch_lr:g} for a model trained "
                    f"here from scratch, {PRETRAINED_LR:g} for a pretrained model or a checkpoint tuned from one)")
     parser.set_defaults(scratch_lr=scratch_lr)
-    g.add_argument("--batch_size", type=int, default=32, help="sequences per training step (under torchrun: split across the processes)")
-    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches of --batch_size per optimizer step")
+    g.add_argument("--batch_size", type=at_least(1), default=32, help="sequences per training step (under torchrun: split across the processes)")
+    g.add_argument("--grad_accum", type=at_least(1), default=1, help="micro-batches of --batch_size per optimizer step")
     if compile_flag:
         g.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model being fine-tuned across the GPUs "
                        "(FSDP2) for weights, gradients and optimizer state that do not fit one; default: data parallel, a full copy each")
@@ -111,7 +142,7 @@ def add_run_args(parser, out_dir, compile_flag=True, scratch_lr=3e-3):
                    "(with the same settings; star.py's --iters may be raised to run more iterations)")
     g.add_argument("--seed", type=int, default=1337, help="seed of init, sampling and batching")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    g.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads (0 = torch's default)")
     return g
 
 
@@ -889,7 +920,6 @@ def table(out_dir, seeds, iters, threads=0, extra=None):
 
 
 if __name__ == "__main__":
-    import argparse
     import shlex
 
     ap = argparse.ArgumentParser(description="The one table: every method (STaR with and without rationalization, answer-only, "
@@ -899,8 +929,8 @@ if __name__ == "__main__":
     ap.add_argument("--out_dir", default="out/table", help="where the runs, table.md and table.json go")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2], help="one full set of runs per seed, one seed after "
                     "another (to use more cores, run one `--seeds S` per seed in the same --out_dir, then the command with all seeds)")
-    ap.add_argument("--iters", type=int, default=3, help="STaR rounds of every star.py run (the sample budget; no early stop)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads of every run (0 = torch's default)")
+    ap.add_argument("--iters", type=at_least(1), default=3, help="STaR rounds of every star.py run (the sample budget; no early stop)")
+    ap.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads of every run (0 = torch's default)")
     for s in ("star", "stepdpo", "quietstar"):
         ap.add_argument(f"--{s}_args", default="", help=f"more flags for every {s}.py run, in one quoted string")
     a = ap.parse_args()

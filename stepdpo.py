@@ -54,20 +54,20 @@ def get_args(argv=None):
     g = p.add_argument_group("per-step DPO")
     g.add_argument("--variant", default="perstep", choices=["perstep", "plain", "rft"],
                    help="perstep: rejected cut at the critical step; plain: whole wrong solution; rft: SFT on correct samples only")
-    g.add_argument("--n_questions", type=int, default=1000, help="training questions to sample solutions for")
-    g.add_argument("--n_val", type=int, default=200, help="the last training questions, held out as a validation split (never "
+    g.add_argument("--n_questions", type=loop.at_least(1), default=1000, help="training questions to sample solutions for")
+    g.add_argument("--n_val", type=loop.at_least(1), default=200, help="the last training questions, held out as a validation split (never "
                    "sampled for training): choose --dpo_lr, --beta, epochs on its accuracy, never on the test set's")
-    g.add_argument("--samples", type=int, default=4, help="N: solutions sampled per question (the synthetic data)")
-    g.add_argument("--temperature", type=float, default=0.7, help="temperature of solutions and rollouts")
-    g.add_argument("--rollouts", type=int, default=4, help="K: Monte-Carlo rollouts per step prefix")
+    g.add_argument("--samples", type=loop.at_least(1), default=4, help="N: solutions sampled per question (the synthetic data)")
+    g.add_argument("--temperature", type=loop.at_least(0.0, float), default=0.7, help="temperature of solutions and rollouts")
+    g.add_argument("--rollouts", type=loop.at_least(1), default=4, help="K: Monte-Carlo rollouts per step prefix")
     g.add_argument("--no_share_prefix", action="store_true", help="recompute each prefix for each rollout (for comparison)")
-    g.add_argument("--beta", type=float, default=0.1, help="DPO beta")
-    g.add_argument("--sft_weight", type=float, default=0.0, help="weight of an SFT loss on the chosen side")
-    g.add_argument("--train_steps", type=int, default=300, help="DPO (or RFT) training steps")
-    g.add_argument("--train_epochs", type=float, default=0, help="if > 0: the budget in epochs over the pairs (or RFT solutions) instead of steps")
-    g.add_argument("--dpo_lr", type=float, default=None, help=f"DPO learning rate (RFT uses --lr); default: {DPO_LR:g} from scratch, "
+    g.add_argument("--beta", type=loop.more_than(0), default=0.1, help="DPO beta")
+    g.add_argument("--sft_weight", type=loop.at_least(0.0, float), default=0.0, help="weight of an SFT loss on the chosen side")
+    g.add_argument("--train_steps", type=loop.at_least(0), default=300, help="DPO (or RFT) training steps")
+    g.add_argument("--train_epochs", type=loop.at_least(0.0, float), default=0, help="if > 0: the budget in epochs over the pairs (or RFT solutions) instead of steps")
+    g.add_argument("--dpo_lr", type=loop.more_than(0), default=None, help=f"DPO learning rate (RFT uses --lr); default: {DPO_LR:g} from scratch, "
                    f"{PRETRAINED_DPO_LR:g} for a pretrained model or a checkpoint tuned from one")
-    g.add_argument("--show", type=int, default=3, help="print this many wrong solutions with their Q values")
+    g.add_argument("--show", type=loop.at_least(0), default=3, help="print this many wrong solutions with their Q values")
     loop.add_run_args(p, "out/stepdpo")
     return p.parse_args(argv)
 

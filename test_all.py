@@ -295,6 +295,24 @@ def no_network(monkeypatch):
     monkeypatch.setattr(data.socket, "create_connection", unreachable)
 
 
+def test_a_flag_out_of_range_is_a_usage_error_before_anything_runs(capsys):
+    bad = [(star.get_args, ["--samples", "0"], "--samples: must be at least 1, got 0"),
+           (star.get_args, ["--gen_batch", "0"], "--gen_batch: must be at least 1, got 0"),
+           (star.get_args, ["--temperature", "-1"], "--temperature: must be at least 0.0, got -1"),
+           (star.get_args, ["--temperature", "nan"], "--temperature: must be at least 0.0, got nan"),
+           (star.get_args, ["--beta", "0"], "--beta: must be above 0, got 0"),
+           (star.get_args, ["--lr", "fast"], "--lr: invalid float value: 'fast'"),
+           (stepdpo.get_args, ["--rollouts", "0"], "--rollouts: must be at least 1, got 0"),
+           (quietstar.get_args, ["--scratchpad", "1.5"], "--scratchpad: must be between 0.0 and 1.0, got 1.5")]
+    for get_args, argv, message in bad:
+        with pytest.raises(SystemExit) as e:
+            get_args(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+    a = star.get_args(["--samples", "4", "--temperature", "0.7", "--gen_batch", "1", "--steps", "0", "--lr", "1e-4"])
+    assert (a.samples, a.temperature, a.gen_batch, a.steps, a.lr) == (4, 0.7, 1, 0, 1e-4) and type(a.samples) is int
+    assert star.get_args([]).temperature == 0.0 and quietstar.get_args(["--scratchpad", "1"]).scratchpad == 1.0
+
+
 def test_gsm8k_without_the_hub_fails_fast_and_names_data_dir(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
