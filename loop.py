@@ -305,6 +305,13 @@ def setup_device(device, threads):
     threads; under torchrun also joins the process group (each rank gets its own GPU).
     """
     device = model.autodetect_device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise data.InputError(f"--device {device}: not a device (cpu, cuda, cuda:1, ...)") from None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (dev.index or 0) >= gpus:
+        raise data.InputError(f"--device {device}: torch sees {gpus} CUDA GPU{'s' * (gpus != 1)} here (use --device cpu)")
     if distributed():
         device = init_distributed(device)
     if threads:
@@ -712,6 +719,8 @@ def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device,
         return base
     torch.manual_seed(seed)
     init_state = model.GPT(config).state_dict()
+    if not seed_set:
+        raise data.InputError("a model from scratch learns the solution format from its --n_seed worked examples: need at least 1")
     if not 0 <= holdout < len(seed_set):
         raise data.InputError(f"--warm_holdout {holdout}: need 0 <= it < --n_seed {len(seed_set)}")
     pairs = data.seed_pairs(tok, seed_set[: len(seed_set) - holdout], answer_only)

@@ -313,6 +313,17 @@ def test_a_flag_out_of_range_is_a_usage_error_before_anything_runs(capsys):
     assert star.get_args([]).temperature == 0.0 and quietstar.get_args(["--scratchpad", "1"]).scratchpad == 1.0
 
 
+def test_a_device_torch_cannot_see_and_no_seed_examples_are_one_line_errors(tmp_path):
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(data.InputError, match=f"--device cuda:{n}: torch sees {n} CUDA GPU"):
+        loop.setup_device(f"cuda:{n}", 0)
+    with pytest.raises(data.InputError, match="--device gpu: not a device"):
+        loop.setup_device("gpu", 0)
+    assert loop.setup_device("cpu", 0) == "cpu"
+    with pytest.raises(data.InputError, match="--n_seed worked examples: need at least 1"):
+        star.main(star.get_args(TINY_STAR + ["--n_seed", "0", "--out_dir", str(tmp_path / "run")]))
+
+
 def test_gsm8k_without_the_hub_fails_fast_and_names_data_dir(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
