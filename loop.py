@@ -757,9 +757,9 @@ def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device,
 # base model (its warm start) that every other star.py run starts from (--init), and the STaR
 # model that stepdpo.py's runs start from, as the per-step DPO paper starts from an SFT model.
 
-TABLE_STEPDPO = ["--n_questions", "500", "--samples", "4", "--train_epochs", "3"]  # the regime and settings the
-TABLE_DPO = ["--dpo_lr", "3e-6", "--sft_weight", "1"]                             # README's per-step DPO section
-TABLE_RFT = ["--lr", "3e-5"]                                                      # chose on its validation split
+TABLE_STEPDPO = ["--n_questions", "500", "--samples", "4", "--train_epochs", "3"]  # the per-step DPO section's regime
+TABLE_DPO = ["--dpo_lr", "1e-5", "--beta", "2", "--sft_weight", "1"]  # settings chosen on the validation split from the
+TABLE_RFT = ["--lr", "1e-4"]                                          # STaR models of the table's seeds (README, session 10)
 
 
 def table_runs(out_dir, seed, iters):
