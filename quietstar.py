@@ -73,7 +73,8 @@ def get_args(argv=None):
     g.add_argument("--scratchpad", type=loop.at_least(0.0, float, at_most=1.0), default=0.5, help="arithmetic, byte-level tokenizer: fraction of training lines "
                    "written with a scratchpad the length of a thought (scratchpad_line), so the base model has a skill a thought can draw on")
     g.add_argument("--seq_len", type=loop.at_least(1), default=48, help="T: tokens per training chunk")
-    g.add_argument("--n_thoughts", type=loop.at_least(1), default=2, help="thoughts sampled per position")
+    g.add_argument("--n_thoughts", type=loop.at_least(1), default=2, help="thoughts sampled per position (REINFORCE needs 2 or more: "
+                   "a thought's baseline is the mean of the others at its position)")
     g.add_argument("--thought_len", type=loop.at_least(1), default=4, help="L: sampled tokens per thought (plus start and end)")
     g.add_argument("--n_talk", type=loop.at_least(1), default=4, help="true tokens after a thought that it is scored on")
     g.add_argument("--thought_temperature", type=loop.more_than(0), default=1.0, help="temperature of thought tokens")
@@ -90,7 +91,10 @@ def get_args(argv=None):
     g.add_argument("--hide_thoughts", action="store_true", help="print --generate's text without its thoughts")
     loop.add_run_args(p, "out/quietstar", compile_flag=False)
     p.set_defaults(batch_size=8, max_digits=3)  # 3-digit sums fit a 4-token thought
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.n_talk >= args.seq_len:
+        p.error(f"--n_talk {args.n_talk} needs --seq_len above it: a thought is scored on the true tokens after it, in its chunk")
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -244,7 +248,7 @@ def check_context(gpt, T, args):
     """The last thought token of the last position sits at T + thought_len + n_talk: it must have a rotary position."""
     need = T + args.thought_len + args.n_talk + 1
     if need > gpt.config.block_size:
-        raise ValueError(f"{T} tokens + a thought of {args.thought_len} + {args.n_talk} lookahead need positions up to "
+        raise data.InputError(f"{T} tokens + a thought of {args.thought_len} + {args.n_talk} lookahead need positions up to "
                          f"{need - 1}, beyond the model's block_size of {gpt.config.block_size}")
 
 
@@ -400,7 +404,7 @@ def generate_thinking(gpt, head, tok, text, n_new, args, generator, show_thought
     L = args.thought_len
     specials = {tok.eot, tok.pad, tok.start_thought, tok.end_thought, *tok.stop_tokens}
     if len(ids) + n_new + L + 2 > gpt.config.block_size:
-        raise ValueError(f"text of {len(ids)} tokens + {n_new} new + a thought of {L + 2} exceeds block_size {gpt.config.block_size}")
+        raise data.InputError(f"text of {len(ids)} tokens + {n_new} new + a thought of {L + 2} exceeds block_size {gpt.config.block_size}")
     cache = gpt.new_cache(1, len(ids) + n_new + L + 2)
     cache.valid[:] = True
     h = gpt.hidden(torch.tensor([ids], device=dev), cache=cache)[:, -1]
@@ -543,7 +547,12 @@ def main(args):
     erng = random.Random(args.seed + 99)
     eval_x, eval_m = random_chunks(tids, tmask, args.seq_len, args.eval_chunks, erng)
     print(f"corpus: {len(ids):,} train tokens ({int(mask.sum()):,} computed), {len(tids):,} held-out tokens")
-    block = args.block_size or args.seq_len + args.thought_len + 2 + args.n_talk
+    need = [args.seq_len + args.thought_len + 2 + args.n_talk]  # a chunk, a thought and its lookahead
+    if scratchpad:  # the skill test reads whole scratchpad lines
+        need.append(max(len(tok.encode(scratchpad_line(e, args.thought_len))) for e in test))
+    sample_prompt = args.generate or corpus_text(test[:1], args.dataset).split("=")[0] + "="  # the thinking sample's, and --generate's
+    need.append(len(tok.encode(sample_prompt)) + max(12, args.n_generate if args.generate else 0) + args.thought_len + 2)
+    block = args.block_size or max(need)
     cfg = GPTConfig(block_size=block, vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
                     n_kv_head=args.n_head, n_embd=args.n_embd)
 
@@ -602,8 +611,7 @@ def main(args):
                                  for i in range(0, len(log), k)]
             loop.save_checkpoint(path("thoughts.pt"), gpt, head=head.state_dict(), thought_tokens=[tok.start_thought, tok.end_thought])
             g = torch.Generator().manual_seed(args.seed)
-            prompt_text = args.generate or corpus_text(test[:1], args.dataset).split("=")[0] + "="
-            res["sample"] = generate_thinking(gpt, head, tok, prompt_text, 12, args, g)
+            res["sample"] = generate_thinking(gpt, head, tok, sample_prompt, 12, args, g)
             print(f"thinking sample: {res['sample']!r}")
         loop.write_atomic(path(f"{arm}.json"), json.dumps(res))
         results[arm] = res

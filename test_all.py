@@ -303,7 +303,8 @@ def test_a_flag_out_of_range_is_a_usage_error_before_anything_runs(capsys):
            (star.get_args, ["--beta", "0"], "--beta: must be above 0, got 0"),
            (star.get_args, ["--lr", "fast"], "--lr: invalid float value: 'fast'"),
            (stepdpo.get_args, ["--rollouts", "0"], "--rollouts: must be at least 1, got 0"),
-           (quietstar.get_args, ["--scratchpad", "1.5"], "--scratchpad: must be between 0.0 and 1.0, got 1.5")]
+           (quietstar.get_args, ["--scratchpad", "1.5"], "--scratchpad: must be between 0.0 and 1.0, got 1.5"),
+           (quietstar.get_args, ["--seq_len", "4"], "--n_talk 4 needs --seq_len above it")]
     for get_args, argv, message in bad:
         with pytest.raises(SystemExit) as e:
             get_args(argv)
@@ -1117,6 +1118,18 @@ def test_reinforce_gradient_reaches_thought_logprobs_and_not_the_reward():
     assert g_logp.abs().sum() > 0
     assert g_talk is None or g_talk.abs().sum() == 0
     assert metrics["reward_abs"] > 0 and 0 < metrics["w"] < 1
+
+
+def test_quietstar_chunks_shorter_than_a_line_still_fit_the_skill_test_and_the_sample(tmp_path):
+    # the model's context covers a chunk with its thought and lookahead (3 + 5 + 2), the skill test's whole
+    # scratchpad lines ('99+99=-891-198\n', 15 tokens) and the thinking sample (prompt + 12 + 5): it used to cover the first only
+    argv = ["--n_train", "60", "--n_test", "20", "--max_digits", "2", "--n_layer", "1", "--n_embd", "32", "--seq_len", "3",
+            "--thought_len", "3", "--n_talk", "2", "--scratchpad", "0.5", "--batch_size", "4", "--pretrain_steps", "3", "--steps", "2",
+            "--eval_chunks", "4", "--threads", "2", "--out_dir", str(tmp_path / "q")]
+    res = quietstar.main(quietstar.get_args(argv))
+    assert all(math.isfinite(r["nll"]) for k, r in res.items() if k != "skill") and res["thoughts"]["sample"]
+    prompt = data.arithmetic_task(60, 20, 1, 2, 0)[1][0].question + "="
+    assert model.load_checkpoint(str(tmp_path / "q" / "thoughts.pt"))[0].config.block_size == max(15, len(prompt) + 12 + 5)
 
 
 def test_one_quietstar_training_step_runs_and_its_sample_comes_from_the_saved_thought_model(tmp_path, capsys):
