@@ -30,6 +30,7 @@ import time
 import torch
 
 import model
+from loop import at_least
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -338,20 +339,20 @@ def bench_pretrained(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["sampler"], choices=["sampler", "rollouts", "thoughts", "pretrained", "training"], help="what to time")
-    parser.add_argument("--train_steps", type=int, default=3, help="pretrained: timed training steps")
+    parser.add_argument("--train_steps", type=at_least(1), default=3, help="pretrained: timed training steps")
     parser.add_argument("--compiled", action="store_true", help="sampler, pretrained: also time generate(compile=True), and transformers' generate() with a static cache and compile")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="sampler batch sizes")
-    parser.add_argument("--prompt_len", type=int, default=32, help="sampler prompt length")
-    parser.add_argument("--new_tokens", type=int, default=128, help="sampler tokens generated per row")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (best is kept)")
+    parser.add_argument("--batches", type=at_least(1), nargs="+", default=[1, 64], help="sampler batch sizes")
+    parser.add_argument("--prompt_len", type=at_least(1), default=32, help="sampler prompt length")
+    parser.add_argument("--new_tokens", type=at_least(1), default=128, help="sampler tokens generated per row")
+    parser.add_argument("--repeat", type=at_least(1), default=3, help="timed runs per measurement (best is kept)")
     parser.add_argument("--full", action="store_true", help="also time the slow no-cache path at the larger shape")
     parser.add_argument("--no_hf", action="store_true", help="skip transformers even when it is installed")
-    parser.add_argument("--prefixes", type=int, default=32, help="rollouts: step prefixes")
-    parser.add_argument("--prefix_len", type=int, default=160, help="rollouts: longest prefix (shortest is 64)")
-    parser.add_argument("--rollouts", type=int, default=8, help="rollouts: K per prefix")
-    parser.add_argument("--rollout_tokens", type=int, default=32, help="rollouts: new tokens per rollout")
-    parser.add_argument("--thought_T", type=int, default=128, help="thoughts: sequence length")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--prefixes", type=at_least(1), default=32, help="rollouts: step prefixes")
+    parser.add_argument("--prefix_len", type=at_least(64), default=160, help="rollouts: longest prefix (shortest is 64)")
+    parser.add_argument("--rollouts", type=at_least(1), default=8, help="rollouts: K per prefix")
+    parser.add_argument("--rollout_tokens", type=at_least(1), default=32, help="rollouts: new tokens per rollout")
+    parser.add_argument("--thought_T", type=at_least(1), default=128, help="thoughts: sequence length")
+    parser.add_argument("--threads", type=at_least(0), default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
