@@ -350,6 +350,8 @@ def main(args):
         metrics.append({"iter": 0, **res, "time_warm_start": t_warm, "time_evaluate": time.time() - t0, "time": t_warm + time.time() - t0})
         loop.write_rows(path("metrics.jsonl"), metrics)
     print("iter 0 (warm start): " + " ".join(f"{k} {v:.3f}" for k, v in metrics[0].items() if k not in ("iter", "time")))
+    for r in metrics[1:]:  # a resumed run: what it had finished
+        print(f"iter {r['iter']}: test acc {r['acc']:.3f} val_acc {r['val_acc']:.3f} | kept {r.get('kept')} (finished before)")
 
     # --- 1-4. iterate
     current = model.load_checkpoint(path("model.pt"), args.device)[0] if len(metrics) > 1 else base
@@ -400,6 +402,11 @@ def main(args):
         if args.samples > 1 and not args.answer_only:
             print(f"  RFT: {stats['correct_per_question']:.2f} correct samples per question, "
                   f"{stats['distinct_per_question']:.2f} distinct paths kept after de-duplication")
+
+    top, last = max(metrics, key=lambda r: r["val_acc"]), metrics[-1]  # max: the first of equal ones, as `best` above
+    print(f"done: {last['iter']} iterations, {sum(r['time'] for r in metrics):.0f}s; best validation accuracy {top['val_acc']:.3f} "
+          f"at iteration {top['iter']} (test {top['acc']:.3f}); {path('model.pt' if last['iter'] else 'base.pt')} "
+          f"is iteration {last['iter']}'s model (test {last['acc']:.3f})")
 
     # --- V-STaR: verifier trained on every sample of every iteration
     if args.verifier and loop.exists(path("verifier.jsonl")):

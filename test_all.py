@@ -693,7 +693,7 @@ def test_a_run_that_failed_before_its_first_result_starts_again_as_typed(tmp_pat
         loop.open_run(str(out), settings, False, "STaR")
 
 
-def test_resume_after_a_crash_gives_the_same_kept_set(monkeypatch, tmp_path):
+def test_resume_after_a_crash_gives_the_same_kept_set(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(loop, "sample", lucky(loop.sample))
     args = TINY_STAR + ["--samples", "2", "--temperature", "1.0"]
     full = tmp_path / "full"
@@ -720,7 +720,16 @@ def test_resume_after_a_crash_gives_the_same_kept_set(monkeypatch, tmp_path):
         kept = loop.read_rows(str(crashed / f"iter{it}_kept.jsonl"))
         assert kept and kept == loop.read_rows(str(full / f"iter{it}_kept.jsonl"))
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]
-    assert strip(loop.read_rows(str(crashed / "metrics.jsonl"))) == strip(loop.read_rows(str(full / "metrics.jsonl")))
+    metrics = loop.read_rows(str(crashed / "metrics.jsonl"))
+    assert strip(metrics) == strip(loop.read_rows(str(full / "metrics.jsonl")))
+    # resumed once more, finished: it lists what it had done and ends with the summary, which names the best iteration
+    capsys.readouterr()
+    star.main(star.get_args(args + ["--out_dir", str(crashed), "--resume"]))
+    out = capsys.readouterr().out.splitlines()
+    assert [l.split(":")[0] for l in out if l.startswith("iter ")] == ["iter 0 (warm start)", "iter 1", "iter 2"]
+    top = next(r for r in metrics if r["val_acc"] == max(m["val_acc"] for m in metrics))
+    assert out[-1].startswith(f"done: 2 iterations, ") and f"at iteration {top['iter']} (test {top['acc']:.3f})" in out[-1]
+    assert out[-1].endswith(f"model.pt is iteration 2's model (test {metrics[-1]['acc']:.3f})")
 
 
 def test_v_star_mode_scores_validation_and_test_samples_with_the_saved_verifier(monkeypatch, tmp_path):
