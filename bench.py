@@ -4,6 +4,7 @@ this file shows ratios.
 
     python bench.py                      # sampler: cached vs no-cache vs transformers' generate()
     python bench.py --sections sampler --full   # also the no-cache path at the larger shape
+    python bench.py --dtype bf16                # the sampler with bf16 weights and cache on both sides
     python bench.py --sections rollouts         # stepdpo.py's shared-prefix rollouts vs recomputed prefixes
     python bench.py --sections thoughts         # quietstar.py's parallel thoughts vs a per-position loop; memory
     python bench.py --sections pretrained       # Qwen2.5-0.5B's shape: sampler vs generate(), training step (GPU: MFU)
@@ -78,7 +79,7 @@ def bench_sampler(args):
         ("8L x 512 wide, 8 heads (2 kv), vocab 512", dict(n_layer=8, n_embd=512, n_head=8, n_kv_head=2, vocab_size=512)),
     ]
     P, N = args.prompt_len, args.new_tokens
-    print(f"sampler: {P} prompt + {N} new tokens, greedy, tokens/s = batch * {N} / best of {args.repeat} runs")
+    print(f"sampler: {P} prompt + {N} new tokens, greedy, {args.dtype}, tokens/s = batch * {N} / best of {args.repeat} runs")
     print(f"{'shape':42s} {'batch':>5s} {'nanostar':>10s}" + (f" {'compiled':>10s}" if args.compiled else "")
           + f" {'no-cache':>10s} {'HF generate':>12s}" + (f" {'HF static+compile':>18s}" if args.compiled else "")
           + f" {'vs no-cache':>12s} {'vs HF':>7s}" + (f" {'compiled vs HF':>15s} {'compiled vs HF compiled':>24s}" if args.compiled else ""))
@@ -87,6 +88,9 @@ def bench_sampler(args):
         torch.manual_seed(0)
         m = GPT(cfg).eval()
         hf = hf_llama(cfg) if not args.no_hf else None
+        if args.dtype == "bf16":  # both sides in bf16: weights, activations and KV cache
+            m = model.cached_copy(m, torch.bfloat16)
+            hf = hf.to(torch.bfloat16) if hf is not None else None
         for B in args.batches:
             prompts = torch.randint(3, cfg.vocab_size, (B, P))
             plist = prompts.tolist()
@@ -135,17 +139,18 @@ def roofline(m, B, P, N, step_time, repeat, compiled_step=None):
 
     cfg = m.config
     lins = [mod.weight for mod in m.modules() if isinstance(mod, torch.nn.Linear)]  # q, k, v, o, gate, up, down per layer, lm_head
-    x = {w.shape[1]: torch.randn(B, w.shape[1]) for w in lins}
+    dt = lins[0].dtype  # fp32, or bf16 with --dtype bf16: the cache is kept in the weights' dtype on a CPU
+    x = {w.shape[1]: torch.randn(B, w.shape[1], dtype=dt) for w in lins}
     with torch.no_grad():
         mm = timeit(lambda: [F.linear(x[w.shape[1]], w) for w in lins], repeat * 10)
     flops = 2 * B * sum(w.numel() for w in lins)
     S = P + N // 2  # average keys attended per decode step
-    kv_bytes = cfg.n_layer * 2 * B * cfg.n_kv_head * S * cfg.head_dim * 4
+    kv_bytes = cfg.n_layer * 2 * B * cfg.n_kv_head * S * cfg.head_dim * lins[0].element_size()
     big = torch.randn(64 * 2**20 // 4)
     bw = big.numel() * 4 / timeit(lambda: big.sum(), repeat * 5)
-    q = torch.randn(B, cfg.n_head, 1, cfg.head_dim)
+    q = torch.randn(B, cfg.n_head, 1, cfg.head_dim, dtype=dt)
     # every layer's keys and values, separate tensors, read as generate reads them (views of a preallocated cache)
-    k, v = (torch.randn(cfg.n_layer, B, cfg.n_kv_head, P + N, cfg.head_dim)[:, :, :, :S] for _ in range(2))
+    k, v = (torch.randn(cfg.n_layer, B, cfg.n_kv_head, P + N, cfg.head_dim, dtype=dt)[:, :, :, :S] for _ in range(2))
     mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
     att = timeit(lambda: [F.scaled_dot_product_attention(q, k[i], v[i], attn_mask=mask) for i in range(cfg.n_layer)], repeat * 10)
     print(f"{'':42s}   decode step at batch {B}: {step_time * 1e3:.2f} ms = {flops / step_time / 1e9:.0f} GFLOP/s achieved; "
@@ -345,6 +350,8 @@ if __name__ == "__main__":
     parser.add_argument("--prompt_len", type=at_least(1), default=32, help="sampler prompt length")
     parser.add_argument("--new_tokens", type=at_least(1), default=128, help="sampler tokens generated per row")
     parser.add_argument("--repeat", type=at_least(1), default=3, help="timed runs per measurement (best is kept)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="sampler: the weights' and KV cache's dtype, "
+                        "both sides (nanostar samples in fp32 on a CPU, bf16 on a GPU)")
     parser.add_argument("--full", action="store_true", help="also time the slow no-cache path at the larger shape")
     parser.add_argument("--no_hf", action="store_true", help="skip transformers even when it is installed")
     parser.add_argument("--prefixes", type=at_least(1), default=32, help="rollouts: step prefixes")
