@@ -249,7 +249,7 @@ def check_context(gpt, T, args):
     need = T + args.thought_len + args.n_talk + 1
     if need > gpt.config.block_size:
         raise data.InputError(f"{T} tokens + a thought of {args.thought_len} + {args.n_talk} lookahead need positions up to "
-                         f"{need - 1}, beyond the model's block_size of {gpt.config.block_size}")
+                              f"{need - 1}, beyond the model's block_size of {gpt.config.block_size}")
 
 
 def diagonal_mask(T, j, device):
