@@ -43,7 +43,9 @@ import model
 # arguments
 
 
-DPO_LR, PRETRAINED_DPO_LR = 3e-4, 1e-6  # --dpo_lr's defaults: from scratch, pretrained
+# defaults by where the SFT model comes from: from scratch (chosen on the validation split, README), pretrained
+DPO_LR, PRETRAINED_DPO_LR = 3e-6, 1e-6  # --dpo_lr
+SFT_WEIGHT, PRETRAINED_SFT_WEIGHT = 1.0, 0.0  # --sft_weight
 
 
 def get_args(argv=None):
@@ -62,7 +64,8 @@ def get_args(argv=None):
     g.add_argument("--rollouts", type=loop.at_least(1), default=4, help="K: Monte-Carlo rollouts per step prefix")
     g.add_argument("--no_share_prefix", action="store_true", help="recompute each prefix for each rollout (for comparison)")
     g.add_argument("--beta", type=loop.more_than(0), default=0.1, help="DPO beta")
-    g.add_argument("--sft_weight", type=loop.at_least(0.0, float), default=0.0, help="weight of an SFT loss on the chosen side")
+    g.add_argument("--sft_weight", type=loop.at_least(0.0, float), default=None, help="weight of an SFT loss on the chosen side; "
+                   f"default: {SFT_WEIGHT:g} from scratch, {PRETRAINED_SFT_WEIGHT:g} for a pretrained model or a checkpoint tuned from one")
     g.add_argument("--train_steps", type=loop.at_least(0), default=300, help="DPO (or RFT) training steps")
     g.add_argument("--train_epochs", type=loop.at_least(0.0, float), default=0, help="if > 0: the budget in epochs over the pairs (or RFT solutions) instead of steps")
     g.add_argument("--dpo_lr", type=loop.more_than(0), default=None, help=f"DPO learning rate (RFT uses --lr); default: {DPO_LR:g} from scratch, "
@@ -158,7 +161,9 @@ def main(args):
     init = loop.resolve_init(args.init, args.dataset)
     tok = loop.tokenizer_for(init)
     args.lr = loop.learning_rate(args.lr, tok, args.scratch_lr)
-    args.dpo_lr = loop.learning_rate(args.dpo_lr, tok, DPO_LR, PRETRAINED_DPO_LR, "--dpo_lr")
+    if args.variant != "rft":  # (RFT is SFT: none of these)
+        args.dpo_lr = loop.learning_rate(args.dpo_lr, tok, DPO_LR, PRETRAINED_DPO_LR, "--dpo_lr")
+        args.sft_weight = loop.by_origin(args.sft_weight, bool(tok.source), SFT_WEIGHT, PRETRAINED_SFT_WEIGHT, "--sft_weight")
     loop.warm_start_defaults(args, init)
     block_size = loop.base_block_size(init, args.block_size, args.dataset)
     seed_set, questions, test, args.max_new_tokens = loop.prepare_task(

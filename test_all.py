@@ -982,7 +982,11 @@ def test_reference_logprobs_keep_pair_order_carry_no_gradient_and_dpo_leaves_the
 def test_a_tiny_stepdpo_run_reports_the_accuracy_of_the_models_it_saved(monkeypatch, tmp_path, variant):
     hashed_grade(monkeypatch)
     out = tmp_path / variant
+    calls = []  # DPO's learning rate, beta and SFT weight: from scratch, the defaults chosen on validation
+    real = loop.dpo_train
+    monkeypatch.setattr(loop, "dpo_train", lambda *a, **k: (calls.append((a[4], a[5], a[9])), real(*a, **k))[1])
     res = stepdpo.main(stepdpo.get_args(TINY_DPO + ["--variant", variant, "--out_dir", str(out)]))
+    assert calls == ([] if variant == "rft" else [(3e-6, 0.1, 1.0)])
     # the reported accuracies are those of the saved SFT and trained models, re-evaluated from disk
     args = stepdpo.get_args(TINY_DPO)
     train, test = data.arithmetic_task(120, 20, 1, 2, 0)
@@ -1529,7 +1533,8 @@ def test_star_on_gsm8k_from_a_pretrained_directory_end_to_end(monkeypatch, tmp_p
     lrs = []  # the learning rate of every fine-tune and DPO run: a pretrained model gets the pretrained defaults
     for name in ("fine_tune", "dpo_train"):
         real = getattr(loop, name)
-        monkeypatch.setattr(loop, name, lambda *a, real=real, name=name, **k: (lrs.append((name, a[4])), real(*a, **k))[1])
+        seen = (lambda a, n=name: (n, a[4])) if name == "fine_tune" else (lambda a, n=name: (n, a[4], a[5], a[9]))  # DPO: lr, beta, SFT weight
+        monkeypatch.setattr(loop, name, lambda *a, real=real, seen=seen, **k: (lrs.append(seen(a)), real(*a, **k))[1])
     out = tmp_path / "run"
     argv = ["--dataset", "gsm8k", "--data_dir", str(gsm), "--init", d, "--n_seed", "2", "--iters", "1", "--steps", "3",
             "--batch_size", "4", "--max_new_tokens", "12", "--block_size", "1024", "--threads", "2", "--n_val", "2", "--out_dir", str(out)]
@@ -1545,7 +1550,7 @@ def test_star_on_gsm8k_from_a_pretrained_directory_end_to_end(monkeypatch, tmp_p
                                          "--train_steps", "2", "--batch_size", "4", "--max_new_tokens", "8", "--threads", "2",
                                          "--n_val", "2", "--out_dir", str(tmp_path / "dpo")]))
     assert res["train_examples"] > 0 and res["synthetic_samples"] == 2 * (12 - 2 - 2)  # 2 per question: 12 records, 2 seeds, 2 held out
-    assert lrs == [("fine_tune", loop.PRETRAINED_LR), ("dpo_train", 1e-6)]  # star's iteration, then stepdpo's per-step DPO
+    assert lrs == [("fine_tune", loop.PRETRAINED_LR), ("dpo_train", 1e-6, 0.1, 0.0)]  # star's iteration, then stepdpo's DPO (lr, beta, SFT weight)
     # and stays with every checkpoint made from it: stepdpo's base.pt and model.pt
     for name in ("base.pt", "model.pt"):
         assert model.load_checkpoint(str(tmp_path / "dpo" / name))[1]["tokenizer_dir"] == d
