@@ -13,7 +13,7 @@ used right, teach as much as many more right ones:
        (chosen = a correct solution to the same question, rejected = the wrong one cut after
        its critical step)
     5. DPO (summed token log-probs of the response, --beta, reference log-probs computed once),
-       optionally plus SFT on the chosen side (--sft_weight)
+       plus SFT on the chosen side (--sft_weight; on by default for a model from scratch)
     6. greedy accuracy on the test set, as star.py reports it, and on a validation split of the
        training questions (--n_val, never sampled): settings are chosen on it
 
