@@ -44,7 +44,8 @@ import model
 
 
 # defaults by where the SFT model comes from: from scratch (chosen on the validation split, README), pretrained
-DPO_LR, PRETRAINED_DPO_LR = 3e-6, 1e-6  # --dpo_lr
+DPO_LR, PRETRAINED_DPO_LR = 1e-5, 1e-6  # --dpo_lr
+BETA, PRETRAINED_BETA = 2.0, 0.1  # --beta
 SFT_WEIGHT, PRETRAINED_SFT_WEIGHT = 1.0, 0.0  # --sft_weight
 
 
@@ -63,7 +64,8 @@ def get_args(argv=None):
     g.add_argument("--temperature", type=loop.at_least(0.0, float), default=0.7, help="temperature of solutions and rollouts")
     g.add_argument("--rollouts", type=loop.at_least(1), default=4, help="K: Monte-Carlo rollouts per step prefix")
     g.add_argument("--no_share_prefix", action="store_true", help="recompute each prefix for each rollout (for comparison)")
-    g.add_argument("--beta", type=loop.more_than(0), default=0.1, help="DPO beta")
+    g.add_argument("--beta", type=loop.more_than(0), default=None, help=f"DPO beta; default: {BETA:g} from scratch, "
+                   f"{PRETRAINED_BETA:g} for a pretrained model or a checkpoint tuned from one")
     g.add_argument("--sft_weight", type=loop.at_least(0.0, float), default=None, help="weight of an SFT loss on the chosen side; "
                    f"default: {SFT_WEIGHT:g} from scratch, {PRETRAINED_SFT_WEIGHT:g} for a pretrained model or a checkpoint tuned from one")
     g.add_argument("--train_steps", type=loop.at_least(0), default=300, help="DPO (or RFT) training steps")
@@ -71,7 +73,7 @@ def get_args(argv=None):
     g.add_argument("--dpo_lr", type=loop.more_than(0), default=None, help=f"DPO learning rate (RFT uses --lr); default: {DPO_LR:g} from scratch, "
                    f"{PRETRAINED_DPO_LR:g} for a pretrained model or a checkpoint tuned from one")
     g.add_argument("--show", type=loop.at_least(0), default=3, help="print this many wrong solutions with their Q values")
-    loop.add_run_args(p, "out/stepdpo")
+    loop.add_run_args(p, "out/stepdpo", scratch_lr=1e-3)  # from scratch: star.py's warm start, the same base model
     return p.parse_args(argv)
 
 
@@ -163,6 +165,7 @@ def main(args):
     args.lr = loop.learning_rate(args.lr, tok, args.scratch_lr)
     if args.variant != "rft":  # (RFT is SFT: none of these)
         args.dpo_lr = loop.learning_rate(args.dpo_lr, tok, DPO_LR, PRETRAINED_DPO_LR, "--dpo_lr")
+        args.beta = loop.by_origin(args.beta, bool(tok.source), BETA, PRETRAINED_BETA, "--beta")
         args.sft_weight = loop.by_origin(args.sft_weight, bool(tok.source), SFT_WEIGHT, PRETRAINED_SFT_WEIGHT, "--sft_weight")
     loop.warm_start_defaults(args, init)
     block_size = loop.base_block_size(init, args.block_size, args.dataset)

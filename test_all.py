@@ -978,6 +978,16 @@ def test_reference_logprobs_keep_pair_order_carry_no_gradient_and_dpo_leaves_the
     assert any(not torch.equal(v, trained.state_dict()[k]) for k, v in base_state.items())
 
 
+def test_stepdpo_from_scratch_starts_from_the_warm_start_star_py_makes(tmp_path):
+    common = ["--n_train", "120", "--n_test", "20", "--max_digits", "2", "--n_seed", "40", "--warm_steps", "30", "--n_layer", "1",
+              "--n_embd", "32", "--batch_size", "8", "--threads", "2", "--n_val", "10"]
+    star.main(star.get_args(common + ["--iters", "0", "--out_dir", str(tmp_path / "star")]))
+    stepdpo.main(stepdpo.get_args(common + ["--variant", "rft", "--n_questions", "4", "--samples", "1", "--temperature", "1.0",
+                                            "--train_steps", "1", "--out_dir", str(tmp_path / "dpo")]))
+    a, b = (model.load_checkpoint(str(tmp_path / d / "base.pt"))[0].state_dict() for d in ("star", "dpo"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same learning rate (1e-3), data, seed and steps
+
+
 @pytest.mark.parametrize("variant", ["perstep", "plain", "rft"])
 def test_a_tiny_stepdpo_run_reports_the_accuracy_of_the_models_it_saved(monkeypatch, tmp_path, variant):
     hashed_grade(monkeypatch)
@@ -986,7 +996,7 @@ def test_a_tiny_stepdpo_run_reports_the_accuracy_of_the_models_it_saved(monkeypa
     real = loop.dpo_train
     monkeypatch.setattr(loop, "dpo_train", lambda *a, **k: (calls.append((a[4], a[5], a[9])), real(*a, **k))[1])
     res = stepdpo.main(stepdpo.get_args(TINY_DPO + ["--variant", variant, "--out_dir", str(out)]))
-    assert calls == ([] if variant == "rft" else [(3e-6, 0.1, 1.0)])
+    assert calls == ([] if variant == "rft" else [(1e-5, 2.0, 1.0)])
     # the reported accuracies are those of the saved SFT and trained models, re-evaluated from disk
     args = stepdpo.get_args(TINY_DPO)
     train, test = data.arithmetic_task(120, 20, 1, 2, 0)
