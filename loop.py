@@ -43,24 +43,20 @@ def at_least(lo, kind=int, at_most=None):
     error before anything runs (--gen_batch 0 or --samples 0 used to fail after the warm start,
     and a negative temperature sampled from the reversed distribution).
     """
-
-    def parse(text):
-        x = kind(text)  # a ValueError here is argparse's "invalid int value"
-        if not (lo <= x and (at_most is None or x <= at_most)):  # written so that nan fails too
-            raise argparse.ArgumentTypeError(f"must be {f'at least {lo}' if at_most is None else f'between {lo} and {at_most}'}, got {text}")
-        return x
-
-    parse.__name__ = kind.__name__
-    return parse
+    need = f"at least {lo}" if at_most is None else f"between {lo} and {at_most}"
+    return _number(kind, lambda x: lo <= x and (at_most is None or x <= at_most), need)  # written so that nan fails too
 
 
 def more_than(lo, kind=float):
     """An argparse type: a number of this kind above lo (a learning rate, a beta, a temperature that divides)."""
+    return _number(kind, lambda x: x > lo, f"above {lo}")
 
+
+def _number(kind, ok, need):
     def parse(text):
-        x = kind(text)
-        if not x > lo:
-            raise argparse.ArgumentTypeError(f"must be above {lo}, got {text}")
+        x = kind(text)  # a ValueError here is argparse's "invalid int value"
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"must be {need}, got {text}")
         return x
 
     parse.__name__ = kind.__name__
