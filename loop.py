@@ -713,12 +713,12 @@ def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device,
         base, _ = model.load_checkpoint(init, device)
         save_checkpoint(path, base, tokenizer_dir=tok.source)
         return base
-    torch.manual_seed(seed)
-    init_state = model.GPT(config).state_dict()
     if not seed_set:
         raise data.InputError("a model from scratch learns the solution format from its --n_seed worked examples: need at least 1")
     if not 0 <= holdout < len(seed_set):
         raise data.InputError(f"--warm_holdout {holdout}: need 0 <= it < --n_seed {len(seed_set)}")
+    torch.manual_seed(seed)
+    init_state = model.GPT(config).state_dict()
     pairs = data.seed_pairs(tok, seed_set[: len(seed_set) - holdout], answer_only)
     held = data.seed_pairs(tok, seed_set[len(seed_set) - holdout :], answer_only)
     best = {"nll": float("inf"), "step": 0, "state": None}
