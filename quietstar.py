@@ -392,6 +392,14 @@ def think_reference(gpt, head, x, args, tok, noise):
 # thinking while generating
 
 
+SAMPLE_TOKENS = 12  # tokens of the thinking sample each run prints and saves
+
+
+def thinking_context(n_text, n_new, thought_len):
+    """Positions generate_thinking needs: the text, the new tokens, and one thought with its start and end tokens."""
+    return n_text + n_new + thought_len + 2
+
+
 @torch.no_grad()
 def generate_thinking(gpt, head, tok, text, n_new, args, generator, show_thoughts=True):
     """
@@ -403,9 +411,10 @@ def generate_thinking(gpt, head, tok, text, n_new, args, generator, show_thought
     ids = tok.encode(text)
     L = args.thought_len
     specials = {tok.eot, tok.pad, tok.start_thought, tok.end_thought, *tok.stop_tokens}
-    if len(ids) + n_new + L + 2 > gpt.config.block_size:
+    need = thinking_context(len(ids), n_new, L)
+    if need > gpt.config.block_size:
         raise data.InputError(f"text of {len(ids)} tokens + {n_new} new + a thought of {L + 2} exceeds block_size {gpt.config.block_size}")
-    cache = gpt.new_cache(1, len(ids) + n_new + L + 2)
+    cache = gpt.new_cache(1, need)
     cache.valid[:] = True
     h = gpt.hidden(torch.tensor([ids], device=dev), cache=cache)[:, -1]
     out = []
@@ -551,7 +560,8 @@ def main(args):
     if scratchpad:  # the skill test reads whole scratchpad lines
         need.append(max(len(tok.encode(scratchpad_line(e, args.thought_len))) for e in test))
     sample_prompt = args.generate or corpus_text(test[:1], args.dataset).split("=")[0] + "="  # the thinking sample's, and --generate's
-    need.append(len(tok.encode(sample_prompt)) + max(12, args.n_generate if args.generate else 0) + args.thought_len + 2)
+    need.append(thinking_context(len(tok.encode(sample_prompt)), max(SAMPLE_TOKENS, args.n_generate if args.generate else 0),
+                                 args.thought_len))
     block = args.block_size or max(need)
     cfg = GPTConfig(block_size=block, vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
                     n_kv_head=args.n_head, n_embd=args.n_embd)
@@ -611,7 +621,7 @@ def main(args):
                                  for i in range(0, len(log), k)]
             loop.save_checkpoint(path("thoughts.pt"), gpt, head=head.state_dict(), thought_tokens=[tok.start_thought, tok.end_thought])
             g = torch.Generator().manual_seed(args.seed)
-            res["sample"] = generate_thinking(gpt, head, tok, sample_prompt, 12, args, g)
+            res["sample"] = generate_thinking(gpt, head, tok, sample_prompt, SAMPLE_TOKENS, args, g)
             print(f"thinking sample: {res['sample']!r}")
         loop.write_atomic(path(f"{arm}.json"), json.dumps(res))
         results[arm] = res
