@@ -1367,6 +1367,16 @@ def test_the_one_table_runs_every_method_from_one_base_and_reports_what_its_runs
     assert open(out / "table.md").read() == table_md
 
 
+def test_the_word_problems_table_runs_every_star_and_stepdpo_run_on_that_task_without_quietstar():
+    runs = loop.table_runs("out", 1, 3, "word_problems")
+    assert [name for name, _, _ in runs] == [name for name, _, _ in loop.table_runs("out", 1, 3)][:-1]  # all but Quiet-STaR
+    for name, script, argv in runs:
+        assert script in ("star.py", "stepdpo.py")
+        at = argv.index("--dataset")
+        assert argv[at : at + 6] == ["--dataset", "word_problems", "--n_seed", "1024", "--warm_steps", "3000"], name
+    assert all("--dataset" not in argv for _, _, argv in loop.table_runs("out", 1, 3))
+
+
 # -----------------------------------------------------------------------------
 # pretrained checkpoints: Hugging Face directories and tokenizers (transformers and tokenizers
 # are test-only dependencies, listed in requirements.txt so that CI runs these tests)
