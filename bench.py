@@ -9,6 +9,7 @@ this file shows ratios.
     python bench.py --sections thoughts         # quietstar.py's parallel thoughts vs a per-position loop; memory
     python bench.py --sections pretrained       # Qwen2.5-0.5B's shape: sampler vs generate(), training step (GPU: MFU)
     python bench.py --sections training         # SFT step of the default model: padded vs packed, eager vs torch.compile
+    python bench.py --sections fewshot          # few-shot sampling: the blank-line stop in the sampler vs a text cut after
 
 Sections:
 - sampler: tokens/s of nanostar's KV-cached batched sampler against its own no-cache path,
@@ -23,6 +24,10 @@ Sections:
   151,936) loaded from a saved Hugging Face directory through model.load_pretrained: the
   sampler at batch 1 and 16 against Qwen2ForCausalLM.generate(), and one full fine-tuning
   step (tokens/s, peak memory; on a GPU the model FLOP utilization, 6 x params x tokens).
+- fewshot: sampling under a few-shot prompt, where a base model writes its answer, a blank
+  line and then an exemplar of its own: decode steps and time with the row stopped inside
+  the sampler at its first blank line, against sampling to the limit and cutting the text
+  after (what nanostar did before), and a check that both give the same completions.
 """
 
 import argparse
@@ -224,6 +229,50 @@ def bench_rollouts(args):
     print(f"  sharing saves {1 - shared / recomputed:.0%} of the time ({recomputed / shared:.2f}x)")
 
 
+def bench_fewshot(args):
+    """
+    The base is the default 3 x 96 model trained here (--fewshot_steps) on arithmetic worked
+    examples that run on into the next one after a blank line, as a pretrained LM's text does;
+    then greedy sampling of 64 test questions under a 3-shot prompt, both ways.
+    """
+    import data
+    import loop
+
+    tok = data.Tokenizer()
+    train, test = data.arithmetic_task(2000, 64, 1, 5, 0)
+    shots, rest = train[:3], train[3:]
+    text = lambda e: data.prompt(e.question) + data.completion(e.rationale, e.answer)
+    pairs = [data.encode_example(tok, e.question, data.completion(e.rationale, e.answer) + data.EXEMPLAR_SEP + text(nxt),
+                                 complete=False) for e, nxt in zip(rest, rest[1:])]
+    config = GPTConfig(block_size=512, vocab_size=tok.vocab_size, n_layer=3, n_head=4, n_kv_head=4, n_embd=96)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    m, loss = loop.fine_tune(GPT(config).state_dict(), config, pairs, args.fewshot_steps, 1e-3, 32, 0, "cpu", desc="base LM")
+    m.eval()
+    prompts = [data.few_shot_prefix(shots) + data.prompt(e.question) for e in test]
+    print(f"fewshot: base LM trained {args.fewshot_steps} steps on running exemplars (loss {loss:.3f}, "
+          f"{time.perf_counter() - t0:.0f}s); {len(prompts)} questions, 3-shot prompt, greedy, at most {args.new_tokens} new tokens")
+    steps, real = [0], model.decode_step
+    def counted(*a):
+        steps[0] += 1
+        return real(*a)
+    model.decode_step = counted
+    run = lambda stop: loop.sample(m, tok, prompts, 1, 0.0, args.new_tokens, 64, 0, stop_at_blank_line=stop)
+    result = {}
+    for stop in (False, True):
+        steps[0] = 0
+        outs = run(stop)
+        n = steps[0]
+        result[stop] = outs, n, timeit(lambda: run(stop), args.repeat)
+    model.decode_step = real
+    (full, n_full, t_full), (cut, n_cut, t_cut) = result[False], result[True]
+    same = cut == [[(t.split(data.EXEMPLAR_SEP)[0], f or data.EXEMPLAR_SEP in t) for t, f in o] for o in full]
+    done = sum(f for o in cut for _, f in o)
+    print(f"  text cut after sampling:  {n_full:4d} decode steps, {t_full:.2f} s")
+    print(f"  blank-line stop in sampler: {n_cut:4d} decode steps, {t_cut:.2f} s ({n_full / max(1, n_cut):.2f}x fewer steps, "
+          f"{t_full / t_cut:.2f}x faster); {done} of {len(cut)} completions ended by themselves; same completions: {same}")
+
+
 def saved_bytes(fn):
     """Bytes of the tensors autograd saves for backward during fn(): a training step's activation memory."""
     total = [0]
@@ -343,7 +392,7 @@ def bench_pretrained(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["sampler"], choices=["sampler", "rollouts", "thoughts", "pretrained", "training"], help="what to time")
+    parser.add_argument("--sections", nargs="+", default=["sampler"], choices=["sampler", "rollouts", "thoughts", "pretrained", "training", "fewshot"], help="what to time")
     parser.add_argument("--train_steps", type=at_least(1), default=3, help="pretrained: timed training steps")
     parser.add_argument("--compiled", action="store_true", help="sampler, pretrained: also time generate(compile=True), and transformers' generate() with a static cache and compile")
     parser.add_argument("--batches", type=at_least(1), nargs="+", default=[1, 64], help="sampler batch sizes")
@@ -359,6 +408,7 @@ if __name__ == "__main__":
     parser.add_argument("--rollouts", type=at_least(1), default=8, help="rollouts: K per prefix")
     parser.add_argument("--rollout_tokens", type=at_least(1), default=32, help="rollouts: new tokens per rollout")
     parser.add_argument("--thought_T", type=at_least(1), default=128, help="thoughts: sequence length")
+    parser.add_argument("--fewshot_steps", type=at_least(1), default=600, help="fewshot: training steps of its base LM")
     parser.add_argument("--threads", type=at_least(0), default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -374,3 +424,5 @@ if __name__ == "__main__":
         bench_pretrained(args)
     if "training" in args.sections:
         bench_training(args)
+    if "fewshot" in args.sections:
+        bench_fewshot(args)

@@ -34,6 +34,15 @@ import torch
 class InputError(ValueError):
     """Bad input from the user (a data file, a flag, an unreachable hub): one line, no traceback."""
 
+
+def read_json(path, error=InputError):
+    """A JSON file of a model directory; one that is not JSON raises `error`, naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+
 # -----------------------------------------------------------------------------
 # tokenizer: byte-level tiktoken Encoding built in code (no download, ever)
 
@@ -51,6 +60,7 @@ class Tokenizer:
         )
         self.eot, self.start_thought, self.end_thought, self.pad = (specials[s] for s in SPECIAL_TOKENS)
         self.stop_tokens = [self.eot]
+        self.bos = []  # no begin-of-sequence token: a sequence starts with its text
         self.vocab_size = self.enc.n_vocab
         self.source = None  # built here, from no file
 
@@ -61,6 +71,10 @@ class Tokenizer:
     def encode_with_specials(self, text):
         """Encode text we wrote ourselves, where special-token strings mean the special tokens."""
         return self.enc.encode(text, allowed_special="all")
+
+    def encode_prompt(self, text):
+        """The ids a sequence starts with: the tokenizer's BOS (none here), then the untrusted text."""
+        return self.bos + self.encode(text)
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
@@ -94,17 +108,18 @@ class HFTokenizer:
     """
     A Hugging Face tokenizer.json (byte-level BPE: GPT-2, Llama 3, SmolLM2, Qwen2/2.5/3) as a
     tiktoken Encoding, with the interface of the byte-level Tokenizer: encode (untrusted text:
-    special-token strings stay text), encode_with_specials, decode, eot (the end token a
-    training completion ends with), stop_tokens, pad, vocab_size (ids the tokenizer can decode),
-    source (the directory it came from). No transformers or tokenizers at run time.
+    special-token strings stay text), encode_prompt (BOS, then the text), encode_with_specials,
+    decode, eot (the end token a training completion ends with), stop_tokens, bos, pad,
+    vocab_size (ids the tokenizer can decode), source (the directory it came from). The BOS and
+    an EOS come from the file's post_processor, as tokenizers adds them to a single sequence
+    (Llama 3.x: <|begin_of_text|>; Qwen: none). No transformers or tokenizers at run time.
     """
 
     def __init__(self, model_dir):
         path = os.path.join(model_dir, "tokenizer.json")
         if not os.path.exists(path):
             raise InputError(f"{model_dir}: no tokenizer.json")
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
+        spec = read_json(path)
         bpe = spec.get("model") or {}
         if bpe.get("type") != "BPE":
             raise InputError(f"{path}: model type {bpe.get('type')!r}; only byte-level BPE is supported")
@@ -116,15 +131,17 @@ class HFTokenizer:
             ranks = {to_bytes(t): i for t, i in bpe["vocab"].items()}
         except KeyError as e:
             raise InputError(f"{path}: vocab token with a character outside the byte-level alphabet ({e}); not a byte-level BPE") from None
-        # tiktoken merges the adjacent pair whose result has the lowest id; tokenizers merges by
-        # the order of `merges`. They agree when ids rise in merge order, which we check.
+        # tiktoken merges the adjacent pair whose result has the lowest id; tokenizers merges by the
+        # order of `merges`. They agree when result ids never decrease along the merge list. Several
+        # merges may make one token (Llama 3: 'ĠĠ'+'ĠĠ' and 'Ġ'+'ĠĠĠ' both give 'ĠĠĠĠ'): equal ids are
+        # fine, since the same bytes come out whichever of them fires.
         last = -1
         for n, merge in enumerate(bpe.get("merges", [])):
             a, b = merge.split(" ") if isinstance(merge, str) else merge
             i = bpe["vocab"].get(a + b)
-            if i is None or i <= last:
-                raise InputError(f"{path}: merge {n} ({a!r} + {b!r}) gives id {i}, not above the previous merge's {last}: "
-                                 "token ids do not rise in merge order, so tiktoken cannot reproduce this BPE")
+            if i is None or i < last:
+                raise InputError(f"{path}: merge {n} ({a!r} + {b!r}) gives id {i}, below the previous merge's {last}: "
+                                 "token ids must not fall in merge order for tiktoken to reproduce this BPE")
             last = i
         if len(ranks) != len(bpe["vocab"]) or any(bytes([b]) not in ranks for b in range(256)):
             raise InputError(f"{path}: the vocab does not hold all 256 bytes once each; not a byte-level BPE")
@@ -134,7 +151,10 @@ class HFTokenizer:
         self.vocab_size = max(list(ranks.values()) + list(specials.values())) + 1
         self.source = model_dir  # recorded in the checkpoints of models that use this tokenizer
         self.stop_tokens = self._stop_tokens(model_dir, specials)
-        self.eot = self.stop_tokens[0]
+        self.bos, eos = self._template(spec.get("post_processor"), path)
+        self.eot = eos if eos is not None else self.stop_tokens[0]
+        if self.eot not in self.stop_tokens:
+            self.stop_tokens = [self.eot, *self.stop_tokens]
         self.pad = self.eot
         self.start_thought = self.end_thought = None  # Quiet-STaR adds them (quietstar.add_thought_tokens)
 
@@ -165,14 +185,46 @@ class HFTokenizer:
         raise InputError(f"{path}: pre-tokenizer {kinds} is not supported")
 
     @staticmethod
+    def _template(post, path):
+        """
+        (BOS ids, EOS id or None) of the post_processor's single-sequence template: the special
+        tokens before and after $A in a TemplateProcessing, alone or inside a Sequence. ByteLevel
+        (offsets only) or none adds nothing.
+        """
+        steps = (post.get("processors", []) if post.get("type") == "Sequence" else [post]) if post else []
+        bos, eos = [], []
+        for step in steps:
+            kind = step.get("type")
+            if kind == "ByteLevel":
+                continue
+            if kind != "TemplateProcessing":
+                raise InputError(f"{path}: post_processor {kind!r} is not supported (only TemplateProcessing, ByteLevel)")
+            try:
+                single, specials, side = step["single"], step.get("special_tokens", {}), bos
+                for piece in single:
+                    if "Sequence" in piece:
+                        if piece["Sequence"]["id"] != "A" or side is eos:
+                            raise InputError(f"{path}: post_processor template {single} is not one sequence")
+                        side = eos
+                    else:
+                        side += specials[piece["SpecialToken"]["id"]]["ids"]
+            except (KeyError, TypeError):
+                raise InputError(f"{path}: post_processor template {step.get('single')!r} is malformed") from None
+        if len(eos) > 1:
+            raise InputError(f"{path}: post_processor ends a sequence with {len(eos)} tokens; only one is supported")
+        return bos, (eos[0] if eos else None)
+
+    @staticmethod
     def _stop_tokens(model_dir, specials):
         """The end-of-sequence ids of generation_config.json (base: <|endoftext|>, instruct: <|im_end|> too)."""
         gen = os.path.join(model_dir, "generation_config.json")
         ids = []
         if os.path.exists(gen):
-            with open(gen) as f:
-                eos = json.load(f).get("eos_token_id")
-            ids = [eos] if isinstance(eos, int) else list(eos or [])
+            config = read_json(gen)
+            eos = config.get("eos_token_id") if isinstance(config, dict) else "no JSON object"
+            ids = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else [] if eos is None else None
+            if ids is None or not all(isinstance(i, int) for i in ids):
+                raise InputError(f"{gen}: eos_token_id must be an id or a list of ids, not {eos!r}")
         if not ids:
             ids = [specials[t] for t in ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>") if t in specials][:1]
         if not ids:
@@ -188,6 +240,10 @@ class HFTokenizer:
 
     def encode_with_specials(self, text):
         return self.enc.encode(self._norm(text), allowed_special="all")
+
+    def encode_prompt(self, text):
+        """The ids a sequence starts with: the BOS of the file's template (if any), then the untrusted text."""
+        return self.bos + self.encode(text)
 
     def decode(self, ids):
         return self.enc.decode([i for i in ids if i < self.enc.n_vocab])
@@ -228,6 +284,26 @@ def few_shot_prefix(exemplars, hint=False):
     return "".join(head(e) + completion(e.rationale, e.answer) + EXEMPLAR_SEP for e in exemplars)
 
 
+def blank_line_table(tok):
+    """
+    (tok.vocab_size, 3) bool: for each id, whether its text starts with '\n', ends with '\n',
+    and holds a blank line ('\n\n'), so a sampler can see where a row's text first holds a
+    blank line without decoding it: at a token that holds one, or that starts with '\n' after
+    one that ended with it. Bytes stand for text here: a '\n' byte decodes to '\n' and no
+    other byte does, even in broken UTF-8. Ids without bytes (gaps in a vocab) are all False.
+    """
+    if getattr(tok, "_blank_line_table", None) is None:
+        table = torch.zeros(tok.vocab_size, 3, dtype=torch.bool)
+        for i in range(tok.vocab_size):
+            try:
+                b = tok.enc.decode_single_token_bytes(i)
+            except KeyError:
+                continue
+            table[i, 0], table[i, 1], table[i, 2] = b.startswith(b"\n"), b.endswith(b"\n"), b"\n\n" in b
+        tok._blank_line_table = table
+    return tok._blank_line_table
+
+
 def completion(rationale, answer):
     """What the model writes after the prompt: the steps, then the answer line."""
     return f"{rationale}\n{ANSWER_MARK}{answer}" if rationale else f"{ANSWER_MARK}{answer}"
@@ -236,20 +312,28 @@ def completion(rationale, answer):
 # a minus sign may be ASCII '-', the Unicode minus U+2212, or a dash (hyphen, figure dash, en/em
 # dash, small and fullwidth hyphen-minus): all of them mean minus before a number, never plus
 MINUS_SIGNS = "-\u2212\u2010\u2011\u2012\u2013\u2014\ufe63\uff0d"
-_NUMBER = re.compile(f"[{MINUS_SIGNS}]?\\$?(?:\\d[\\d,]*(?:\\.\\d+)?|\\.\\d+)")
+# a sign may stand apart from its number ('- 18'); an exponent is read as one ('1e3' is 1000)
+_NUMBER = re.compile(f"(?:[{MINUS_SIGNS}][ \\t]*)?\\$?(?:\\d[\\d,]*(?:\\.\\d+)?|\\.\\d+)(?:[eE][+-]?\\d+)?")
+MAX_EXPONENT = 100  # beyond this an 'answer' is no number a question asks for (and 1e999999999 would print 10^9 digits)
 
 
 def parse_number(text):
-    """The first number in text as a Decimal ('1,234' -> 1234, '$5.50' -> 5.50, '\u22125' -> -5), or None."""
+    """
+    The first number in text as a Decimal ('1,234' -> 1234, '$5.50' -> 5.50, '\u22125' and '- 5'
+    -> -5, '1e3' -> 1000), or None (also for an exponent beyond MAX_EXPONENT).
+    """
     m = _NUMBER.search(text)
     if m is None:
         return None
     s = m.group(0)
     sign = "-" if s[0] in MINUS_SIGNS else ""
     try:
-        return Decimal(sign + s.lstrip(MINUS_SIGNS).replace(",", "").replace("$", ""))
+        d = Decimal(sign + s.lstrip(MINUS_SIGNS + " \t").replace(",", "").replace("$", ""))
     except InvalidOperation:
         return None
+    if d == 0:
+        return Decimal(0)  # also '-0' and '0e500'
+    return d if abs(d.adjusted()) <= MAX_EXPONENT else None
 
 
 def number_text(d):
@@ -707,7 +791,7 @@ def encode_example(tok, question, completion_text, hint=None, complete=True):
     complete=False leaves out the end token: a partial solution (stepdpo's cut rejected side).
     """
     p = hint_prompt(question, hint) if hint is not None else prompt(question)
-    return tok.encode(p), tok.encode(completion_text) + ([tok.eot] if complete else [])
+    return tok.encode_prompt(p), tok.encode(completion_text) + ([tok.eot] if complete else [])
 
 
 def seed_pairs(tok, seed_set, answer_only=False):

@@ -387,8 +387,7 @@ def warm_start_defaults(args, init):
 def base_block_size(init, block_size, dataset):
     """The context of the model a run starts from: --init's (capped by --block_size), else --block_size or the task's default."""
     if is_pretrained(init):
-        with open(os.path.join(init, "config.json")) as f:
-            return model.hf_config(json.load(f), block_size or 2048).block_size
+        return model.read_hf_config(init, block_size or 2048).block_size
     if init:
         return model.checkpoint_config(init)[0].block_size
     return block_size or (1024 if dataset == "gsm8k" else 256)
@@ -399,14 +398,15 @@ def base_block_size(init, block_size, dataset):
 
 
 def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc="sample",
-           stop_text=None, compile=False):
+           stop_at_blank_line=False, compile=False):
     """
     k completions (decoded text) for each prompt text, KV-cached, batch_size sequences at a
     time. share_prefix: each prompt is prefilled once for its k samples (else recomputed for
-    each; same samples, for comparison). stop_text: a completion ends (finished) where this
-    text first appears, as a base model under a few-shot prompt goes on to write the next
-    exemplar. Sample j of prompt i draws its noise from the key (seed, i, j) alone, so it is
-    the same for any batch_size and any number of processes (which split the prompts).
+    each; same samples, for comparison). stop_at_blank_line: a completion ends (finished)
+    before its first blank line, as a base model under a few-shot prompt goes on to write the
+    next exemplar; the sampler stops the row there (model.generate's blank_line). Sample j of
+    prompt i draws its noise from the key (seed, i, j) alone, so it is the same for any
+    batch_size and any number of processes (which split the prompts).
     Returns len(prompts) lists of k (text, finished).
     """
     from tqdm import tqdm
@@ -415,7 +415,8 @@ def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, to
     device = m.lm_head.weight.device
     rank, world = rank_world()
     mine = list(range(rank, len(prompts), world))  # this process's prompts
-    ids = [tok.encode(prompts[i]) for i in mine]
+    ids = [tok.encode_prompt(prompts[i]) for i in mine]
+    blank_line = data.blank_line_table(tok).to(device) if stop_at_blank_line else None
     out = []
     per_batch = max(1, batch_size // k)
     for i in tqdm(range(0, len(ids), per_batch), desc=desc, leave=False, disable=None):
@@ -424,15 +425,14 @@ def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, to
         max_new = min(max_new_tokens, m.config.block_size - max(len(p) for p in chunk))
         if share_prefix:
             s = model.generate(m, chunk, max_new, temperature, top_k, tok.stop_tokens, num_samples=k, vocab_limit=tok.vocab_size,
-                               compile=compile, keys=keys)
+                               compile=compile, keys=keys, blank_line=blank_line)
         else:
             s = model.generate(m, [p for p in chunk for _ in range(k)], max_new, temperature, top_k, tok.stop_tokens,
-                               vocab_limit=tok.vocab_size, compile=compile, keys=keys)
+                               vocab_limit=tok.vocab_size, compile=compile, keys=keys, blank_line=blank_line)
         texts = [tok.decode(c) for c in s.completions()]
         fin = s.finished.tolist()
-        if stop_text:
-            fin = [f or stop_text in t for t, f in zip(texts, fin)]
-            texts = [t.split(stop_text)[0] for t in texts]
+        if stop_at_blank_line:  # the row's last token may go on past the blank line ('7\n\nQ'): cut the text there
+            texts = [t.split(data.EXEMPLAR_SEP)[0] for t in texts]
         for j in range(len(chunk)):
             out.append(list(zip(texts[j * k : (j + 1) * k], fin[j * k : (j + 1) * k])))
     return gather_in_order(out, len(prompts))
@@ -631,12 +631,13 @@ def evaluate(m, tok, test, seed, max_new_tokens, batch_size, n_samples=0, temper
     """
     prompts = [prefix + data.prompt(e.question) for e in test]
     golds = [e.answer for e in test]
-    stop = data.EXEMPLAR_SEP if prefix else None
-    greedy = sample(m, tok, prompts, 1, 0.0, max_new_tokens, batch_size, seed, desc="eval greedy", stop_text=stop, compile=compile)
+    stop = bool(prefix)
+    greedy = sample(m, tok, prompts, 1, 0.0, max_new_tokens, batch_size, seed, desc="eval greedy", stop_at_blank_line=stop,
+                    compile=compile)
     if n_samples <= 1:
         return tally(golds, [o[0] for o in greedy])
     outs = sample(m, tok, prompts, n_samples, temperature, max_new_tokens, batch_size, seed + 1,
-                  desc=f"eval {n_samples} samples", stop_text=stop, compile=compile)
+                  desc=f"eval {n_samples} samples", stop_at_blank_line=stop, compile=compile)
     if keep is not None:
         keep.update(golds=golds, greedy=[o[0] for o in greedy], samples=outs)
     return tally(golds, [o[0] for o in greedy], outs)

