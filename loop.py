@@ -756,9 +756,9 @@ def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device,
 
 TABLE_STEPDPO = ["--n_questions", "500", "--samples", "4", "--train_epochs", "3"]  # the per-step DPO section's regime
 TABLE_DPO = ["--dpo_lr", "1e-5", "--beta", "2", "--sft_weight", "1"]  # settings chosen on the validation split from the
-TABLE_RFT = ["--lr", "1e-4"]                                          # STaR models of the table's seeds (README, session 10)
+TABLE_RFT = ["--lr", "1e-4"]                                          # STaR models of the table's seeds (docs/record.md)
 # the task of every star.py and stepdpo.py run; word_problems needs more seed examples and warm-start steps to be learnt
-# by the default 3 x 96 model (chosen on validation: README, "A second task"). Quiet-STaR reads its own corpus, so its
+# by the default 3 x 96 model (chosen on validation: docs/record.md, "A second task"). Quiet-STaR reads its own corpus, so its
 # runs are the same for every task and are left out of the word_problems table.
 TABLE_TASKS = {"arithmetic": [], "word_problems": ["--dataset", "word_problems", "--n_seed", "1024", "--warm_steps", "3000"]}
 
@@ -789,7 +789,7 @@ def star_samples(rows, samples, rationalize):
     for r in rows[1:]:
         if "questions" in r:  # (answer-only rounds sample nothing and have no count)
             questions = r["questions"]
-        elif r.get("solved_frac"):  # runs before session 9 saved no count: recovered, and a round that solved nothing is missed
+        elif r.get("solved_frac"):  # runs before 42bf826 saved no count: recovered, and a round that solved nothing is missed
             questions = round(r["solved"] / r["solved_frac"])
         else:
             continue

@@ -32,7 +32,7 @@ How it is done, as in the paper and its code:
   there with no gradient). w may go negative: the mix then leans away from the thought.
   Not the paper: --mix probs mixes probabilities instead, (1 - w) p_base + w p_thought with
   w = sigmoid, starting at 1/2 (tried because a sure but wrong thought costs many nats in a
-  mix of logits; at this scale its head switched thoughts off within 60 steps, see README).
+  mix of logits; at this scale its head switched thoughts off within 60 steps, see docs/record.md).
 - thought embeddings: <|startthought|>/<|endthought|> are rows of the embedding matrix,
   initialised from the embedding of "-" (the paper starts from "---"); their gradient is
   multiplied by --embed_grad_scale (the paper also trains them faster).

@@ -42,7 +42,7 @@ How this departs from the papers:
   rationale is kept only if the hint raised its log-prob by at most --max_hint_gain nats per
   token (default 0.2; inf keeps every one, as the paper). On the arithmetic task a model can
   copy the answer's digits from the hint into steps whose carries are wrong; such rationales
-  reach the right answer, and trained on they stalled runs (README, "the copy trap").
+  reach the right answer, and trained on they stalled runs (docs/record.md, "the copy trap").
 - RFT de-duplicates by the sequence of equations (GSM8K's <<..>> annotations, else the step
   lines) and, among duplicates, keeps the one farthest in edit distance from those kept.
 - V-STaR's verifier starts from the generator after its last fine-tune (the paper's SFT

@@ -43,7 +43,7 @@ import model
 # arguments
 
 
-# defaults by where the SFT model comes from: from scratch (chosen on the validation split, README), pretrained
+# defaults by where the SFT model comes from: from scratch (chosen on the validation split, docs/record.md), pretrained
 DPO_LR, PRETRAINED_DPO_LR = 1e-5, 1e-6  # --dpo_lr
 BETA, PRETRAINED_BETA = 2.0, 0.1  # --beta
 SFT_WEIGHT, PRETRAINED_SFT_WEIGHT = 1.0, 0.0  # --sft_weight
