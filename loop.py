@@ -804,6 +804,9 @@ def table_rows(out_dir, seed):
     for name, samples, rat in (("star", 1, True), ("star_no_rationalize", 1, False), ("answer_only", 0, False), ("rft_vstar", 4, True)):
         rows = read_rows(p(name, "metrics.jsonl"))
         out[name] = {"acc": rows[-1]["acc"], "samples": star_samples(rows, samples, rat), "rounds": len(rows) - 1}
+        distinct = [r["distinct_per_question"] for r in rows[1:] if "distinct_per_question" in r]
+        if samples > 1 and distinct:  # RFT: distinct right paths kept per question, over its rounds
+            out[name]["distinct"] = sum(distinct) / len(distinct)
     out["base"] = {"acc": read_rows(p("star", "metrics.jsonl"))[0]["acc"], "samples": 0}
     curve = {c["n"]: c for c in read_rows(p("rft_vstar", "verifier.jsonl"))[0]["test"]["curve"]}
     n = max(curve)
@@ -812,7 +815,12 @@ def table_rows(out_dir, seed):
     for v in ("rft", "plain", "perstep"):
         with open(p(f"stepdpo_{v}", "metrics.json")) as f:
             m = json.load(f)
-        out[f"stepdpo_{v}"] = {"acc": m["acc"], "from": m["sft_acc"], "samples": m["synthetic_samples"]}
+        out[f"stepdpo_{v}"] = {"acc": m["acc"], "from": m["sft_acc"], "samples": m["synthetic_samples"], "trained_on": m["train_examples"],
+                                  "kind": v}
+        if v == "perstep":  # where the first pit falls: the critical step (1-based) of each wrong solution, of its steps
+            q = read_rows(p("stepdpo_perstep", "q_values.jsonl"))
+            out["stepdpo_perstep"].update(critical=sum(r["critical"] + 1 for r in q) / max(1, len(q)),
+                                          steps=sum(len(r["steps"]) for r in q) / max(1, len(q)))
     if not os.path.exists(p("quietstar", "results.json")):  # a table without Quiet-STaR (word_problems)
         return out
     with open(p("quietstar", "results.json")) as f:
@@ -857,12 +865,27 @@ def spread(values, fmt, unit=""):
     return f"{fmt(sum(values) / len(values))} ({fmt(min(values))}-{fmt(max(values))}){unit}"
 
 
+def trained_on(vals):
+    """What a row's last training saw, over seeds: RFT's distinct paths, DPO's pairs, per-step DPO's critical steps."""
+    num = lambda x: f"{x:,.0f}"
+    if "distinct" in vals[0]:
+        return spread([v["distinct"] for v in vals], lambda x: f"{x:.2f}") + " distinct right paths a question"
+    if "trained_on" not in vals[0]:
+        return ""
+    what = " distinct right solutions" if vals[0]["kind"] == "rft" else " pairs"
+    out = spread([v["trained_on"] for v in vals], num) + what
+    if "critical" in vals[0]:
+        out += (f"; critical step {spread([v['critical'] for v in vals], lambda x: f'{x:.2f}')} of "
+                f"{spread([v['steps'] for v in vals], lambda x: f'{x:.2f}')} steps")
+    return out
+
+
 def table_markdown(per_seed, seeds, times):
     """The table over seeds: mean (min-max) of each row, the samples it drew, and each method's wall time."""
     pct = lambda v: f"{100 * v:.1f}"
     nat = lambda v: f"{v:.4f}"
     lines = [f"| method | test accuracy, mean (min-max) over seeds {', '.join(map(str, seeds))} | paired difference, seed by seed "
-             "| samples drawn (per seed) | wall time (per seed) |", "| --- | --- | --- | --- | --- |"]
+             "| samples drawn (per seed) | wall time (per seed) | trained on (per seed) |", "| --- | --- | --- | --- | --- | --- |"]
     signed = lambda v: f"{100 * v:+.1f}"
     run_of = {"vstar_maj": "rft_vstar", "vstar_reward": "rft_vstar", "vstar_pass": "rft_vstar", "base": "star",
               "quietstar_pretrained": "quietstar", "quietstar_no_thoughts": "quietstar", "quietstar_thoughts": "quietstar",
@@ -886,9 +909,9 @@ def table_markdown(per_seed, seeds, times):
         samples = spread([v["samples"] for v in vals], lambda x: f"{x:,.0f}") if "samples" in vals[0] else ""
         run = run_of.get(row, row)
         t = spread([times[s][run] for s in seeds], lambda x: f"{x:.0f}", " s") if row == run or row == "quietstar_thoughts" else ""
-        lines.append(f"| {label} | {result} | {paired} | {samples} | {t} |")
+        lines.append(f"| {label} | {result} | {paired} | {samples} | {t} | {trained_on(vals)} |")
     total = spread([sum(times[s].values()) for s in seeds], lambda x: f"{x:.0f}", " s")
-    lines.append(f"| every run of a seed | | | | {total} |")
+    lines.append(f"| every run of a seed | | | | {total} | |")
     return "\n".join(lines)
 
 

@@ -1366,8 +1366,16 @@ def test_the_one_table_runs_every_method_from_one_base_and_reports_what_its_runs
             drawn += len(every) + n_q - len({r["index"] for r in every if r["correct"]})  # + one hinted try per failure
     assert len(saved) == 16 and rows["rft_vstar"]["samples"] == drawn > 0
     assert all(math.isfinite(rows[f"quietstar_{arm}"]["nll"]) for arm in ("pretrained", "no_thoughts", "thoughts"))
+    # what the rows trained on: DPO's pairs and RFT's solutions as their files list them, where the first pits fell
+    for v in ("rft", "plain", "perstep"):
+        assert rows[f"stepdpo_{v}"]["trained_on"] == len(loop.read_rows(str(out / f"stepdpo_{v}_1" / "pairs.jsonl"))) > 0
+    q = loop.read_rows(str(out / "stepdpo_perstep_1" / "q_values.jsonl"))
+    assert 1 <= rows["stepdpo_perstep"]["critical"] <= rows["stepdpo_perstep"]["steps"] == sum(len(r["steps"]) for r in q) / len(q)
+    rft_rounds = loop.read_rows(str(out / "rft_vstar_1" / "metrics.jsonl"))[1:]
+    assert rows["rft_vstar"]["distinct"] == sum(r["distinct_per_question"] for r in rft_rounds) / len(rft_rounds)
     table_md = open(out / "table.md").read()
     assert table_md.count("\n| ") == len(loop.TABLE_LABELS) + 2 and "python stepdpo.py" in table_md
+    assert "distinct right paths a question |" in table_md and " pairs; critical step " in table_md
     line = [l for l in table_md.splitlines() if l.startswith("| STaR without rationalization |")][0]
     assert f"| {100 * (rows['star_no_rationalize']['acc'] - rows['star']['acc']):+.1f} vs STaR |" in line  # the paired difference
     # the same command again resumes: every run is done, nothing is run again, the same table
