@@ -727,6 +727,15 @@ def check_fits(length, block_size, what="sequence"):
         raise ValueError(f"{what} of {length} tokens is longer than the model's block_size of {block_size}")
 
 
+def fit(pairs, block_size):
+    """
+    (prompt_ids, completion_ids) pairs with each completion cut so the sequence fits block_size
+    (+1: the last token is only a target). A sample that filled the context can come back longer
+    when its decoded text is encoded again: a broken UTF-8 byte decodes to U+FFFD, three bytes.
+    """
+    return [(p, c[: max(0, block_size + 1 - len(p))]) for p, c in pairs]
+
+
 def collate(pairs, block_size, device="cpu"):
     """
     pairs: list of (prompt_ids, completion_ids). Returns x, y (B, T) for next-token training,

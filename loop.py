@@ -448,7 +448,7 @@ def score_pairs(m, pairs, batch_size, score):
     """
     device = m.lm_head.weight.device
     rank, world = rank_world()
-    mine = pairs[rank::world]
+    mine = data.fit(pairs[rank::world], m.config.block_size)
     order = sorted(range(len(mine)), key=lambda i: len(mine[i][0]) + len(mine[i][1]))
     out = [None] * len(mine)
     for i in range(0, len(order), batch_size):
@@ -486,6 +486,7 @@ def fine_tune(base_state, config, pairs, steps, lr, batch_size, seed, device, co
     torch.manual_seed(seed)
     m = model.GPT(config).to(device)
     m.load_state_dict(base_state)
+    pairs = data.fit(pairs, config.block_size)
     rng = random.Random(seed)
     order = []
     rank, world = rank_world()
@@ -557,6 +558,7 @@ def dpo_train(base_state, config, pairs, steps, lr, beta, batch_size, seed, devi
     batch_size sequences a step (half the pairs' sides), split across processes by pairs
     under torchrun. Returns (model, last loss).
     """
+    pairs = [tuple(data.fit(pair, config.block_size)) for pair in pairs]
     ref = model.GPT(config).to(device)
     ref.load_state_dict(base_state)
     ref_lp = reference_logprobs(ref, pairs, batch_size)

@@ -846,6 +846,21 @@ def test_answers_with_unicode_minus_signs_and_dashes_read_as_negative():
     assert data.extract_answer("#### 12 \u2013 3") == 12
 
 
+def test_a_sample_that_grows_when_encoded_again_is_still_scored_and_trained_on():
+    tok, m = Tokenizer(), tiny_model(vocab_size=Tokenizer().vocab_size, block_size=32)
+    prompt = tok.encode_prompt(data.prompt("1+2"))
+    sampled = [0xE2] * (32 - len(prompt))  # filled the context with broken UTF-8: each byte decodes to U+FFFD
+    text = tok.decode(sampled)
+    p, c = data.encode_example(tok, "1+2", text)
+    assert len(p) + len(c) - 1 > 32  # three bytes each now, and the end token
+    with pytest.raises(ValueError, match="longer than the model's block_size"):
+        data.collate([(p, c)], 32)
+    ((lp, n),) = loop.completion_logprobs(m, [(p, c)], 4)  # the verifier's and ORM's path: scored on what fits
+    assert n == 33 - len(p) and math.isfinite(lp)
+    loop.fine_tune(m.state_dict(), m.config, [(p, c)], 1, 1e-3, 2, 0, "cpu")
+    loop.dpo_train(m.state_dict(), m.config, [((p, c), (p, c[:3]))], 1, 1e-3, 0.1, 2, 0, "cpu")
+
+
 def test_answers_read_as_what_they_say_or_not_at_all():
     assert data.extract_answer("#### - 18") == -18 and data.answer_correct("#### - 18", "-18")  # a sign, then a space
     assert not data.answer_correct("#### - 18", "18")
