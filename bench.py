@@ -220,9 +220,9 @@ def bench_rollouts(args):
     g = torch.Generator()
     lens = torch.randint(64, args.prefix_len + 1, (n_prefix,), generator=g.manual_seed(1)).tolist()
     prefixes = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in lens]
-    shared = timeit(lambda: model.generate(m, prefixes, new, 1.0, None, None, g.manual_seed(0), num_samples=K), args.repeat)
+    shared = timeit(lambda: model.generate(m, prefixes, new, temperature=1.0, generator=g.manual_seed(0), num_samples=K), args.repeat)
     repeated = [p for p in prefixes for _ in range(K)]
-    recomputed = timeit(lambda: model.generate(m, repeated, new, 1.0, None, None, g.manual_seed(0)), args.repeat)
+    recomputed = timeit(lambda: model.generate(m, repeated, new, temperature=1.0, generator=g.manual_seed(0)), args.repeat)
     n = n_prefix * K
     print(f"  shared prefix:     {n / shared:8.1f} rollouts/s ({shared:.2f} s)")
     print(f"  recomputed prefix: {n / recomputed:8.1f} rollouts/s ({recomputed:.2f} s)")
@@ -247,7 +247,8 @@ def bench_fewshot(args):
     config = GPTConfig(block_size=512, vocab_size=tok.vocab_size, n_layer=3, n_head=4, n_kv_head=4, n_embd=96)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    m, loss = loop.fine_tune(GPT(config).state_dict(), config, pairs, args.fewshot_steps, 1e-3, 32, 0, "cpu", desc="base LM")
+    m, loss = loop.fine_tune(GPT(config).state_dict(), config, pairs, steps=args.fewshot_steps, lr=1e-3, batch_size=32, seed=0,
+                             device="cpu", desc="base LM")
     m.eval()
     prompts = [data.few_shot_prefix(shots) + data.prompt(e.question) for e in test]
     print(f"fewshot: base LM trained {args.fewshot_steps} steps on running exemplars (loss {loss:.3f}, "
@@ -257,7 +258,8 @@ def bench_fewshot(args):
         steps[0] += 1
         return real(*a)
     model.decode_step = counted
-    run = lambda stop: loop.sample(m, tok, prompts, 1, 0.0, args.new_tokens, 64, 0, stop_at_blank_line=stop)
+    run = lambda stop: loop.sample(m, tok, prompts, 1, temperature=0.0, max_new_tokens=args.new_tokens, batch_size=64, seed=0,
+                                    stop_at_blank_line=stop)
     result = {}
     for stop in (False, True):
         steps[0] = 0

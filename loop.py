@@ -397,8 +397,8 @@ def base_block_size(init, block_size, dataset):
 # sampling
 
 
-def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc="sample",
-           stop_at_blank_line=False, compile=False):
+def sample(m, tok, prompts, k, *, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True,
+           desc="sample", stop_at_blank_line=False, compile=False):
     """
     k completions (decoded text) for each prompt text, KV-cached, batch_size sequences at a
     time. share_prefix: each prompt is prefilled once for its k samples (else recomputed for
@@ -423,12 +423,12 @@ def sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, to
         chunk = ids[i : i + per_batch]
         keys = model.noise_keys(seed, mine[i : i + per_batch], k, device)
         max_new = min(max_new_tokens, m.config.block_size - max(len(p) for p in chunk))
+        options = dict(temperature=temperature, top_k=top_k, stop_token=tok.stop_tokens, vocab_limit=tok.vocab_size,
+                       compile=compile, keys=keys, blank_line=blank_line)
         if share_prefix:
-            s = model.generate(m, chunk, max_new, temperature, top_k, tok.stop_tokens, num_samples=k, vocab_limit=tok.vocab_size,
-                               compile=compile, keys=keys, blank_line=blank_line)
+            s = model.generate(m, chunk, max_new, num_samples=k, **options)
         else:
-            s = model.generate(m, [p for p in chunk for _ in range(k)], max_new, temperature, top_k, tok.stop_tokens,
-                               vocab_limit=tok.vocab_size, compile=compile, keys=keys, blank_line=blank_line)
+            s = model.generate(m, [p for p in chunk for _ in range(k)], max_new, **options)
         texts = [tok.decode(c) for c in s.completions()]
         fin = s.finished.tolist()
         if stop_at_blank_line:  # the row's last token may go on past the blank line ('7\n\nQ'): cut the text there
@@ -473,7 +473,7 @@ def completion_logprobs(m, pairs, batch_size):
 # training from the base weights: SFT and DPO
 
 
-def fine_tune(base_state, config, pairs, steps, lr, batch_size, seed, device, compile=False, desc="fine-tune", grad_accum=1,
+def fine_tune(base_state, config, pairs, *, steps, lr, batch_size, seed, device, compile=False, desc="fine-tune", grad_accum=1,
               fsdp=False, on_step=None):
     """
     A fresh copy of the base weights fine-tuned on (prompt_ids, completion_ids) pairs, in
@@ -549,8 +549,8 @@ def reference_logprobs(ref, pairs, batch_size):
     return torch.tensor([v for v, _ in lp]).view(-1, 2)
 
 
-def dpo_train(base_state, config, pairs, steps, lr, beta, batch_size, seed, device, sft_weight=0.0, compile=False, desc="DPO",
-              grad_accum=1, fsdp=False):
+def dpo_train(base_state, config, pairs, *, steps, lr, beta, batch_size, seed, device, sft_weight=0.0, compile=False,
+              desc="DPO", grad_accum=1, fsdp=False):
     """
     DPO from the base weights; the frozen base model is the reference, its log-probs computed
     once before training. pairs: (chosen, rejected), each a (prompt_ids, completion_ids) as
@@ -624,7 +624,8 @@ def tally(golds, greedy, samples=None, scores=None):
     return res
 
 
-def evaluate(m, tok, test, seed, max_new_tokens, batch_size, n_samples=0, temperature=0.7, prefix="", keep=None, compile=False):
+def evaluate(m, tok, test, *, seed, max_new_tokens, batch_size, n_samples=0, temperature=0.7, prefix="", keep=None,
+             compile=False):
     """
     Greedy test accuracy; with n_samples > 1 also maj@N and pass@N over N samples at
     `temperature`.
@@ -634,12 +635,11 @@ def evaluate(m, tok, test, seed, max_new_tokens, batch_size, n_samples=0, temper
     prompts = [prefix + data.prompt(e.question) for e in test]
     golds = [e.answer for e in test]
     stop = bool(prefix)
-    greedy = sample(m, tok, prompts, 1, 0.0, max_new_tokens, batch_size, seed, desc="eval greedy", stop_at_blank_line=stop,
-                    compile=compile)
+    gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, stop_at_blank_line=stop, compile=compile)
+    greedy = sample(m, tok, prompts, 1, temperature=0.0, seed=seed, desc="eval greedy", **gen)
     if n_samples <= 1:
         return tally(golds, [o[0] for o in greedy])
-    outs = sample(m, tok, prompts, n_samples, temperature, max_new_tokens, batch_size, seed + 1,
-                  desc=f"eval {n_samples} samples", stop_at_blank_line=stop, compile=compile)
+    outs = sample(m, tok, prompts, n_samples, temperature=temperature, seed=seed + 1, desc=f"eval {n_samples} samples", **gen)
     if keep is not None:
         keep.update(golds=golds, greedy=[o[0] for o in greedy], samples=outs)
     return tally(golds, [o[0] for o in greedy], outs)
@@ -692,8 +692,8 @@ def prepare_task(train, test, tok, block_size, n_seed, max_new_tokens=0, dataset
     return seed_set, questions, test, max_new_tokens
 
 
-def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device, init=None, compile=False, answer_only=False,
-               holdout=0):
+def warm_start(path, tok, seed_set, config, *, steps, lr, batch_size, seed, device, init=None, compile=False,
+               answer_only=False, holdout=0):
     """
     The base model every iteration starts from: loaded from `path` if this run already made
     it, else from the checkpoint `init`, else a fresh model of `config` fine-tuned for `steps`
@@ -736,7 +736,8 @@ def warm_start(path, tok, seed_set, config, steps, lr, batch_size, seed, device,
         if nll < best["nll"]:
             best.update(nll=nll, step=step + 1, state={k: v.detach().clone() for k, v in m.state_dict().items()})
 
-    base, loss = fine_tune(init_state, config, pairs, steps, lr, batch_size, seed, device, compile, "warm start",
+    base, loss = fine_tune(init_state, config, pairs, steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=device,
+                           compile=compile, desc="warm start",
                            on_step=keep_best if held else None)
     stopped = ""
     if held:

@@ -493,6 +493,7 @@ def generate(
     model,
     prompts,
     max_new_tokens,
+    *,
     temperature=1.0,
     top_k=None,
     stop_token=None,
@@ -649,7 +650,7 @@ def compiled_decode_step(device):
 
 
 @torch.no_grad()
-def generate_reference(model, prompts, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, generator=None, vocab_limit=None,
+def generate_reference(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, stop_token=None, generator=None, vocab_limit=None,
                        keys=None):
     """
     The plain path: no cache, the whole sequence re-run for every new token (O(T^2) work).

@@ -445,7 +445,7 @@ def generate_thinking(gpt, head, tok, text, n_new, args, generator, show_thought
 # training and evaluation
 
 
-def train_arm(gpt, head, ids, mask, steps, args, tok, thoughts, seed, desc, log=None, batch_size=None):
+def train_arm(gpt, head, ids, mask, args, tok, *, steps, thoughts, seed, desc, log=None, batch_size=None):
     """`steps` of training: with thoughts (Quiet-STaR loss) or without (plain LM loss), batch_size chunks a step (--batch_size)."""
     batch_size = batch_size or args.batch_size
     rng = random.Random(seed)
@@ -483,7 +483,7 @@ def train_arm(gpt, head, ids, mask, steps, args, tok, thoughts, seed, desc, log=
 
 
 @torch.no_grad()
-def evaluate(gpt, head, chunks, hard, args, tok, thoughts, seed, gate=None):
+def evaluate(gpt, head, chunks, hard, args, tok, *, thoughts, seed, gate=None):
     """
     Held-out next-token NLL on all predicted tokens and on the computed ones (digits after '=').
     With thoughts also: the same model's prediction without its thoughts on the computed tokens
@@ -536,7 +536,7 @@ def gated_nll(gpt, chunks, hard, args, tok, seed, lam=0.5):
     thoughts, as in evaluate), every other token by p_base alone. Held-out NLL per computed token.
     """
     head = MixingHead(gpt.config.n_embd).to(args.device)  # w = 0; only think's unmixed predictions are used
-    return evaluate(gpt, head, chunks, hard, args, tok, True, seed, gate=lam)["nll_computed_gated"]
+    return evaluate(gpt, head, chunks, hard, args, tok, thoughts=True, seed=seed, gate=lam)["nll_computed_gated"]
 
 
 def main(args):
@@ -579,14 +579,15 @@ def main(args):
         torch.manual_seed(args.seed)
         base = GPT(cfg).to(args.device)
         t0 = time.time()
-        train_arm(base, None, ids, mask, args.pretrain_steps, args, tok, False, args.seed, "pretrain", batch_size=args.pretrain_batch_size)
+        train_arm(base, None, ids, mask, args, tok, steps=args.pretrain_steps, thoughts=False, seed=args.seed, desc="pretrain",
+                  batch_size=args.pretrain_batch_size)
         loop.save_checkpoint(path("pretrained.pt"), base)
         print(f"pretrained {base.num_params():,} parameters for {args.pretrain_steps} steps in {time.time() - t0:.0f}s")
     add_thought_tokens(base, tok)  # a pretrained tokenizer has none: two new rows
     cfg = base.config
     check_context(base, args.seq_len, args)
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    results = {"pretrained": evaluate(base, None, eval_x, eval_m, args, tok, False, args.seed)}
+    results = {"pretrained": evaluate(base, None, eval_x, eval_m, args, tok, thoughts=False, seed=args.seed)}
     if scratchpad:
         results["skill"] = scratchpad_skill(base, tok, test, args.thought_len)
         # the pretrained model's own thoughts (start/end as the arms start them), read by a hand-set head,
@@ -612,8 +613,8 @@ def main(args):
             init_thought_embeddings(gpt, tok, args.embed_grad_scale)
         log = []
         t0 = time.time()
-        train_arm(gpt, head, ids, mask, args.steps, args, tok, thoughts, args.seed + 1, arm, log)
-        res = evaluate(gpt, head, eval_x, eval_m, args, tok, thoughts, args.seed + 2)
+        train_arm(gpt, head, ids, mask, args, tok, steps=args.steps, thoughts=thoughts, seed=args.seed + 1, desc=arm, log=log)
+        res = evaluate(gpt, head, eval_x, eval_m, args, tok, thoughts=thoughts, seed=args.seed + 2)
         res["time"] = time.time() - t0
         if thoughts:
             k = max(1, len(log) // 5)

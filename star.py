@@ -125,8 +125,8 @@ def collect(m, tok, questions, args, it, shots=()):
                stop_at_blank_line=bool(shots), compile=args.compile_sampler)
     prefix, hint_prefix = data.few_shot_prefix(shots), data.few_shot_prefix(shots, hint=True)
     t0 = time.time()
-    samples = loop.sample(m, tok, [prefix + data.prompt(e.question) for e in questions], args.samples, args.temperature,
-                          seed=base_seed, desc=f"iter {it} generate", **gen)
+    samples = loop.sample(m, tok, [prefix + data.prompt(e.question) for e in questions], args.samples,
+                          temperature=args.temperature, seed=base_seed, desc=f"iter {it} generate", **gen)
     t_generate, t0 = time.time() - t0, time.time()
     kept, every, failed = [], [], []
     n_correct_samples = 0
@@ -145,8 +145,8 @@ def collect(m, tok, questions, args, it, shots=()):
     n_rationalized = n_dropped = 0
     if failed and not args.no_rationalize:
         fq = [questions[i] for i in failed]
-        hinted = loop.sample(m, tok, [hint_prefix + data.hint_prompt(e.question, e.answer) for e in fq], 1, args.temperature,
-                             seed=base_seed + 1, desc=f"iter {it} rationalize", **gen)
+        hinted = loop.sample(m, tok, [hint_prefix + data.hint_prompt(e.question, e.answer) for e in fq], 1,
+                             temperature=args.temperature, seed=base_seed + 1, desc=f"iter {it} rationalize", **gen)
         found = [(qi, e, outs[0][0]) for qi, e, outs in zip(failed, fq, hinted) if data.sample_correct(*outs[0], e.answer)]
         filtered = args.max_hint_gain < float("inf")
         gains = hint_gain(m, tok, found, prefix, hint_prefix, args.gen_batch) if filtered else [None] * len(found)
@@ -259,10 +259,9 @@ def preference_pairs(questions, sample_rows, per_question, seed):
 def train_verifier(generator, tok, pairs, args):
     """DPO from the generator after its last fine-tune (the paper starts from its SFT model), which is also the frozen reference."""
     enc = [(data.encode_example(tok, q, g), data.encode_example(tok, q, b)) for q, g, b in pairs]
-    return loop.dpo_train(generator.state_dict(), generator.config, enc, args.verifier_steps,
-                          args.verifier_lr, args.beta, args.batch_size,
-                          args.seed + 7, args.device, compile=args.compile, desc="verifier DPO", grad_accum=args.grad_accum,
-                          fsdp=args.fsdp)
+    return loop.dpo_train(generator.state_dict(), generator.config, enc, steps=args.verifier_steps, lr=args.verifier_lr,
+                          beta=args.beta, batch_size=args.batch_size, seed=args.seed + 7, device=args.device,
+                          compile=args.compile, desc="verifier DPO", grad_accum=args.grad_accum, fsdp=args.fsdp)
 
 
 def orm_logits(m, head, x, y):
@@ -331,8 +330,8 @@ def main(args):
     shots = seed_set[:n_shots]
     val, questions = loop.split_validation(questions, args.n_val)
     grade = lambda m, split, n_samples=0, keep=None: loop.evaluate(
-        m, tok, split, args.seed, args.max_new_tokens, args.gen_batch, n_samples, args.eval_temperature,
-        data.few_shot_prefix(shots), keep, args.compile_sampler)
+        m, tok, split, seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, n_samples=n_samples,
+        temperature=args.eval_temperature, prefix=data.few_shot_prefix(shots), keep=keep, compile=args.compile_sampler)
     validate = lambda m: grade(m, val)["acc"]  # greedy only: it decides when to stop
     evaluate = lambda m: grade(m, test, args.eval_samples)
 
@@ -341,8 +340,9 @@ def main(args):
     t0 = time.time()
     config = model.GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
                              n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
-    base = loop.warm_start(path("base.pt"), tok, seed_set, config, args.warm_steps, args.warm_lr, args.batch_size, args.seed,
-                           args.device, init, args.compile, args.answer_only, args.warm_holdout)
+    base = loop.warm_start(path("base.pt"), tok, seed_set, config, steps=args.warm_steps, lr=args.warm_lr,
+                           batch_size=args.batch_size, seed=args.seed, device=args.device, init=init, compile=args.compile,
+                           answer_only=args.answer_only, holdout=args.warm_holdout)
     config, base_state = base.config, {k: v.to("cpu", copy=True) for k, v in base.state_dict().items()}  # kept off the GPU
     if not metrics:
         t_warm, t0 = time.time() - t0, time.time()
@@ -385,8 +385,9 @@ def main(args):
         steps = int(round(args.steps * args.step_growth ** (it - 1)))
         pairs = seed_pairs + [data.encode_example(tok, r["question"], r["completion"]) for r in kept]
         t1 = time.time()
-        current, loss = loop.fine_tune(base_state, config, pairs, steps, args.lr, args.batch_size, args.seed + it, args.device,
-                                       args.compile, f"iter {it} fine-tune", args.grad_accum, args.fsdp)
+        current, loss = loop.fine_tune(base_state, config, pairs, steps=steps, lr=args.lr, batch_size=args.batch_size,
+                                       seed=args.seed + it, device=args.device, compile=args.compile,
+                                       desc=f"iter {it} fine-tune", grad_accum=args.grad_accum, fsdp=args.fsdp)
         t2 = time.time()
         res = {**evaluate(current), "val_acc": validate(current)}
         stats = {**stats, "time_fine_tune": t2 - t1, "time_evaluate": time.time() - t2}

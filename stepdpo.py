@@ -95,8 +95,9 @@ def mc_q_values(m, tok, items, args, seed, share_prefix=True):
             prefixes.append(data.prompt(question) + "".join(steps[: i + 1]))
             owner.append((j, i))
     q_values = [[0.0] * (len(steps) - 1) + [float(ok)] for _, _, steps, ok in items]
-    rollouts = loop.sample(m, tok, prefixes, K, args.temperature, args.max_new_tokens, args.gen_batch, seed,
-                           share_prefix=share_prefix, desc="rollouts", compile=args.compile_sampler)
+    rollouts = loop.sample(m, tok, prefixes, K, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.gen_batch, seed=seed, share_prefix=share_prefix, desc="rollouts",
+                           compile=args.compile_sampler)
     for prefix, (j, i), outs in zip(prefixes, owner, rollouts):
         answer = items[j][1]
         q_values[j][i] = sum(data.sample_correct(prefix + text, fin, answer) for text, fin in outs) / K
@@ -173,14 +174,15 @@ def main(args):
         *loop.task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset)
     val, questions = loop.split_validation(questions, args.n_val)
     questions = questions[: args.n_questions]
-    accuracy = lambda m, split: loop.evaluate(m, tok, split, args.seed, args.max_new_tokens, args.gen_batch,
-                                             compile=args.compile_sampler)["acc"]
+    accuracy = lambda m, split: loop.evaluate(m, tok, split, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                                             batch_size=args.gen_batch, compile=args.compile_sampler)["acc"]
 
     # --- 1. the SFT model, also the reference
     config = model.GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
                              n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
-    base = loop.warm_start(path("base.pt"), tok, seed_set, config, args.warm_steps, args.warm_lr, args.batch_size, args.seed,
-                           args.device, init, args.compile, holdout=args.warm_holdout)
+    base = loop.warm_start(path("base.pt"), tok, seed_set, config, steps=args.warm_steps, lr=args.warm_lr,
+                           batch_size=args.batch_size, seed=args.seed, device=args.device, init=init, compile=args.compile,
+                           holdout=args.warm_holdout)
     config, base_state = base.config, {k: v.to("cpu", copy=True) for k, v in base.state_dict().items()}  # kept off the GPU
 
     # --- 2. N solutions per question, graded
@@ -189,8 +191,9 @@ def main(args):
         print(f"resumed: {len(samples)} samples from samples.jsonl")
     else:
         t0 = time.time()
-        outs = loop.sample(base, tok, [data.prompt(e.question) for e in questions], args.samples, args.temperature,
-                           args.max_new_tokens, args.gen_batch, args.seed, desc="sample", compile=args.compile_sampler)
+        outs = loop.sample(base, tok, [data.prompt(e.question) for e in questions], args.samples, temperature=args.temperature,
+                           max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, seed=args.seed, desc="sample",
+                           compile=args.compile_sampler)
         samples = [{"index": i, "question": e.question, "answer": e.answer, "completion": t, "finished": f,
                     "correct": data.sample_correct(t, f, e.answer)}
                    for i, (e, o) in enumerate(zip(questions, outs)) for t, f in o]
@@ -247,15 +250,17 @@ def main(args):
         print(f"{args.train_epochs} epochs over {n_items} {'solutions' if args.variant == 'rft' else 'pairs'}: {args.train_steps} steps")
     if args.variant == "rft":
         enc = data.seed_pairs(tok, seed_set) + [data.encode_example(tok, r["question"], r["completion"]) for r in train_rows]
-        m, loss = loop.fine_tune(base_state, config, enc, args.train_steps, args.lr, args.batch_size, args.seed + 2, args.device,
-                                 args.compile, "RFT", args.grad_accum, args.fsdp)
+        m, loss = loop.fine_tune(base_state, config, enc, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
+                                 seed=args.seed + 2, device=args.device, compile=args.compile, desc="RFT",
+                                 grad_accum=args.grad_accum, fsdp=args.fsdp)
         n_train = len(train_rows)
     else:
         enc = [(data.encode_example(tok, p["question"], p["chosen"]),
                 data.encode_example(tok, p["question"], p["rejected"], complete=p["rejected_complete"])) for p in pairs]
-        m, loss = loop.dpo_train(base_state, config, enc, args.train_steps, args.dpo_lr, args.beta, args.batch_size, args.seed + 2,
-                                 args.device, args.sft_weight, args.compile, f"{args.variant} DPO", args.grad_accum,
-                                 args.fsdp)
+        m, loss = loop.dpo_train(base_state, config, enc, steps=args.train_steps, lr=args.dpo_lr, beta=args.beta,
+                                 batch_size=args.batch_size, seed=args.seed + 2, device=args.device,
+                                 sft_weight=args.sft_weight, compile=args.compile, desc=f"{args.variant} DPO",
+                                 grad_accum=args.grad_accum, fsdp=args.fsdp)
         n_train = len(pairs)
     loop.save_checkpoint(path("model.pt"), m, tokenizer_dir=tok.source)
     base_acc, acc = accuracy(base, test), accuracy(m, test)

@@ -440,7 +440,8 @@ def test_warm_start_with_a_holdout_keeps_the_weights_where_the_held_out_nll_was_
 
     monkeypatch.setattr(loop, "fine_tune", spy)
     config = GPTConfig(block_size=128, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
-    base = loop.warm_start(str(tmp_path / "base.pt"), tok, seeds, config, 200, 3e-3, 8, 0, "cpu", holdout=8)
+    base = loop.warm_start(str(tmp_path / "base.pt"), tok, seeds, config, steps=200, lr=3e-3, batch_size=8, seed=0, device="cpu",
+                           holdout=8)
     assert len(trained) == 2 * 16 and not {tuple(p + c) for p, c in held} & {tuple(p + c) for p, c in trained}
     line = capsys.readouterr().out
     curve = {int(s): float(v) for s, v in re.findall(r"(\d+):([\d.]+)", line.split("held-out NLL by step")[1])}
@@ -503,7 +504,7 @@ def fake_sampler(answer_for):
     """A stand-in for loop.sample: answer_for(question, hint, j) -> (text, finished) for sample j."""
     calls = []
 
-    def fake(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc="", stop_at_blank_line=False, compile=False):
+    def fake(m, tok, prompts, k, **options):
         qh = [question_and_hint(p) for p in prompts]
         calls.append({"questions": [q for q, _ in qh], "hints": [h for _, h in qh], "k": k})
         return [[answer_for(q, h, j) for j in range(k)] for q, h in qh]
@@ -608,8 +609,8 @@ def lucky(real_sample):
     """
     import zlib
 
-    def fake(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True, desc="", stop_at_blank_line=False, compile=False):
-        outs = real_sample(m, tok, prompts, k, temperature, max_new_tokens, batch_size, seed, top_k, share_prefix, desc, stop_at_blank_line, compile)
+    def fake(m, tok, prompts, k, **options):
+        outs = real_sample(m, tok, prompts, k, **options)
         res = []
         for p, o in zip(prompts, outs):
             q = question_and_hint(p)[0]
@@ -816,7 +817,7 @@ def test_a_dpo_trained_verifier_scores_the_chosen_side_above_the_rejected_one():
     qs = [(f"{a}+{b}", a + b) for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (6, 2), (4, 3)]]
     pairs = [(data.encode_example(tok, q, f"#### {s}"), data.encode_example(tok, q, f"#### {s + 1}")) for q, s in qs]
     base_state = {k: v.clone() for k, v in m.state_dict().items()}
-    verifier, loss = loop.dpo_train(base_state, m.config, pairs, 60, 3e-3, 0.5, 12, 0, "cpu")
+    verifier, loss = loop.dpo_train(base_state, m.config, pairs, steps=60, lr=3e-3, beta=0.5, batch_size=12, seed=0, device="cpu")
     assert loss < 0.3
     for q, s in qs:
         (terms,) = star.verifier_logprobs(verifier, m, tok, [(q, [f"#### {s}", f"#### {s + 1}"])], 8)
@@ -857,8 +858,8 @@ def test_a_sample_that_grows_when_encoded_again_is_still_scored_and_trained_on()
         data.collate([(p, c)], 32)
     ((lp, n),) = loop.completion_logprobs(m, [(p, c)], 4)  # the verifier's and ORM's path: scored on what fits
     assert n == 33 - len(p) and math.isfinite(lp)
-    loop.fine_tune(m.state_dict(), m.config, [(p, c)], 1, 1e-3, 2, 0, "cpu")
-    loop.dpo_train(m.state_dict(), m.config, [((p, c), (p, c[:3]))], 1, 1e-3, 0.1, 2, 0, "cpu")
+    loop.fine_tune(m.state_dict(), m.config, [(p, c)], steps=1, lr=1e-3, batch_size=2, seed=0, device="cpu")
+    loop.dpo_train(m.state_dict(), m.config, [((p, c), (p, c[:3]))], steps=1, lr=1e-3, beta=0.1, batch_size=2, seed=0, device="cpu")
 
 
 def test_answers_read_as_what_they_say_or_not_at_all():
@@ -997,7 +998,8 @@ def test_reference_logprobs_keep_pair_order_carry_no_gradient_and_dpo_leaves_the
             torch.testing.assert_close(ref_lp[i, side], model.sequence_logprobs(m, x, y).detach()[0])
     assert len(set(ref_lp.flatten().tolist())) == 10
     base_state = {k: v.clone() for k, v in m.state_dict().items()}
-    trained, _ = loop.dpo_train(base_state, m.config, pairs, 5, 1e-2, 0.1, 8, 0, "cpu", sft_weight=1.0)
+    trained, _ = loop.dpo_train(base_state, m.config, pairs, steps=5, lr=1e-2, beta=0.1, batch_size=8, seed=0, device="cpu",
+                                sft_weight=1.0)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in base_state.items())
     assert any(not torch.equal(v, trained.state_dict()[k]) for k, v in base_state.items())
 
@@ -1018,7 +1020,7 @@ def test_a_tiny_stepdpo_run_reports_the_accuracy_of_the_models_it_saved(monkeypa
     out = tmp_path / variant
     calls = []  # DPO's learning rate, beta and SFT weight: from scratch, the defaults chosen on validation
     real = loop.dpo_train
-    monkeypatch.setattr(loop, "dpo_train", lambda *a, **k: (calls.append((a[4], a[5], a[9])), real(*a, **k))[1])
+    monkeypatch.setattr(loop, "dpo_train", lambda *a, **k: (calls.append((k["lr"], k["beta"], k["sft_weight"])), real(*a, **k))[1])
     res = stepdpo.main(stepdpo.get_args(TINY_DPO + ["--variant", variant, "--out_dir", str(out)]))
     assert calls == ([] if variant == "rft" else [(1e-5, 2.0, 1.0)])
     # the reported accuracies are those of the saved SFT and trained models, re-evaluated from disk
@@ -1030,7 +1032,7 @@ def test_a_tiny_stepdpo_run_reports_the_accuracy_of_the_models_it_saved(monkeypa
     for key, ckpt, split in (("sft_acc", "base.pt", test), ("acc", "model.pt", test), ("sft_val_acc", "base.pt", val),
                              ("val_acc", "model.pt", val)):
         m, _ = model.load_checkpoint(str(out / ckpt))
-        assert res[key] == loop.evaluate(m, tok, split, args.seed, max_new, args.gen_batch)["acc"], key
+        assert res[key] == loop.evaluate(m, tok, split, seed=args.seed, max_new_tokens=max_new, batch_size=args.gen_batch)["acc"], key
     assert res["train_examples"] == len(loop.read_rows(str(out / "pairs.jsonl"))) > 0
     samples = loop.read_rows(str(out / "samples.jsonl"))
     assert not {s["question"] for s in samples} & {e.question for e in val}  # validation questions are never sampled
@@ -1247,8 +1249,8 @@ def test_thought_evaluation_reports_the_same_models_plain_nll_and_its_mixing_wei
     tok = Tokenizer()
     ids, mask = quietstar.encode_corpus(tok, "12+34=46\n5+7=12\n33+9=42\n")
     x, hm = quietstar.random_chunks(ids, mask, 8, 6, random.Random(0))
-    with_thoughts = quietstar.evaluate(m, head, x, hm, args, tok, True, seed=0)
-    plain = quietstar.evaluate(m, None, x, hm, args, tok, False, seed=0)  # a plain forward, no thought machinery
+    with_thoughts = quietstar.evaluate(m, head, x, hm, args, tok, thoughts=True, seed=0)
+    plain = quietstar.evaluate(m, None, x, hm, args, tok, thoughts=False, seed=0)  # a plain forward, no thought machinery
     assert with_thoughts["nll_computed_base"] == pytest.approx(plain["nll_computed"], rel=1e-5)
     assert with_thoughts["w_computed"] == pytest.approx(math.tanh(0.4), rel=1e-5)
     assert with_thoughts["nll_computed"] != pytest.approx(plain["nll_computed"], rel=1e-3)
@@ -1261,12 +1263,12 @@ def test_the_hand_gated_thought_nll_is_the_plain_nll_at_0_and_the_thoughts_alone
     ids, mask = quietstar.encode_corpus(tok, "1+2=3\n4+4=8\n2+5=7\n0+6=6\n3+3=6\n")
     x, hm = quietstar.random_chunks(ids, mask, 8, 6, random.Random(0))
     assert all(int(x[i, j - 1]) == tok.encode("=")[0] for i, j in hm.nonzero().tolist() if j > 0)
-    plain = quietstar.evaluate(m, None, x, hm, args, tok, False, seed=0)["nll_computed"]
+    plain = quietstar.evaluate(m, None, x, hm, args, tok, thoughts=False, seed=0)["nll_computed"]
     assert quietstar.gated_nll(m, x, hm, args, tok, seed=0, lam=0.0) == pytest.approx(plain, rel=1e-5)
     always = quietstar.MixingHead(m.config.n_embd, "probs")
     with torch.no_grad():
         always.out.bias.fill_(50.0)  # w = 1: the thought's prediction alone, averaged over the thoughts
-    thoughts_only = quietstar.evaluate(m, always, x, hm, args, tok, True, seed=0)["nll_computed"]
+    thoughts_only = quietstar.evaluate(m, always, x, hm, args, tok, thoughts=True, seed=0)["nll_computed"]
     assert quietstar.gated_nll(m, x, hm, args, tok, seed=0, lam=1.0) == pytest.approx(thoughts_only, rel=1e-5)
     assert thoughts_only != pytest.approx(plain, rel=1e-3)
 
@@ -1366,7 +1368,7 @@ def test_the_one_table_runs_every_method_from_one_base_and_reports_what_its_runs
     max_new = cfg("star_1")["max_new_tokens"]
     for row, ckpt in (("base", "base.pt"), ("star", "model.pt")):
         m, _ = model.load_checkpoint(str(out / "star_1" / ckpt))
-        assert rows[row]["acc"] == loop.evaluate(m, Tokenizer(), test, 1, max_new, 512)["acc"], row
+        assert rows[row]["acc"] == loop.evaluate(m, Tokenizer(), test, seed=1, max_new_tokens=max_new, batch_size=512)["acc"], row
     # V-STaR's rows re-tallied from the saved test samples; RFT's samples counted from its sample files
     saved = loop.read_rows(str(out / "rft_vstar_1" / "verifier_test_samples.jsonl"))
     outs = [list(zip(r["samples"], r["finished"])) for r in saved]
@@ -1681,7 +1683,8 @@ def test_the_post_processors_bos_starts_every_prompt_and_training_sequence_as_to
     real = model.generate
     try:
         model.generate = lambda m, prompts, *a, **k: seen.extend(prompts) or real(m, prompts, *a, **k)
-        loop.sample(tiny_model(vocab_size=tok.vocab_size, block_size=128), tok, [data.prompt(question)], 1, 0.0, 2, 8, 0)
+        loop.sample(tiny_model(vocab_size=tok.vocab_size, block_size=128), tok, [data.prompt(question)], 1, temperature=0.0,
+                    max_new_tokens=2, batch_size=8, seed=0)
     finally:
         model.generate = real
     assert seen == [p]
@@ -1751,13 +1754,14 @@ def test_few_shot_sampling_stops_in_the_sampler_exactly_where_the_text_check_cut
     m.lm_head = head
     shots = [data.Example("1+6", "7", "1+6=7"), data.Example("2+5", "7", "2+5=7")]
     prompts = [data.few_shot_prefix(shots) + data.prompt(q) for q in ["3+4", "5+2", "7+0", "0+7"]]
-    cut = loop.sample(m, tok, prompts, 40, 1.0, 14, 64, seed=5, stop_at_blank_line=True)
-    full = loop.sample(m, tok, prompts, 40, 1.0, 14, 64, seed=5)
+    gen = dict(temperature=1.0, max_new_tokens=14, batch_size=64, seed=5)
+    cut = loop.sample(m, tok, prompts, 40, stop_at_blank_line=True, **gen)
+    full = loop.sample(m, tok, prompts, 40, **gen)
     # the text check the sampler replaces: finished where a blank line appears, the text cut before it
     assert cut == [[(t.split("\n\n")[0], f or "\n\n" in t) for t, f in outs] for outs in full]
     # every way a completion can end is among them: the same samples as token ids, without the stop
     keys = model.noise_keys(5, range(len(prompts)), 40)
-    s = model.generate(m, [tok.encode_prompt(p) for p in prompts], 14, 1.0, None, tok.stop_tokens, num_samples=40,
+    s = model.generate(m, [tok.encode_prompt(p) for p in prompts], 14, temperature=1.0, stop_token=tok.stop_tokens, num_samples=40,
                        vocab_limit=tok.vocab_size, keys=keys)
     kinds = dict.fromkeys(["across two tokens", "a token that is one", "mid-token", "EOS", "limit"], 0)
     for c, f in zip(s.completions(), s.finished.tolist()):
@@ -1803,8 +1807,8 @@ def test_star_on_gsm8k_from_a_pretrained_directory_end_to_end(monkeypatch, tmp_p
     lrs = []  # the learning rate of every fine-tune and DPO run: a pretrained model gets the pretrained defaults
     for name in ("fine_tune", "dpo_train"):
         real = getattr(loop, name)
-        seen = (lambda a, n=name: (n, a[4])) if name == "fine_tune" else (lambda a, n=name: (n, a[4], a[5], a[9]))  # DPO: lr, beta, SFT weight
-        monkeypatch.setattr(loop, name, lambda *a, real=real, seen=seen, **k: (lrs.append(seen(a)), real(*a, **k))[1])
+        seen = (lambda k, n=name: (n, k["lr"])) if name == "fine_tune" else (lambda k, n=name: (n, k["lr"], k["beta"], k["sft_weight"]))
+        monkeypatch.setattr(loop, name, lambda *a, real=real, seen=seen, **k: (lrs.append(seen(k)), real(*a, **k))[1])
     out = tmp_path / "run"
     argv = ["--dataset", "gsm8k", "--data_dir", str(gsm), "--init", d, "--n_seed", "2", "--iters", "1", "--steps", "3",
             "--batch_size", "4", "--max_new_tokens", "12", "--block_size", "1024", "--threads", "2", "--n_val", "2", "--out_dir", str(out)]
@@ -1902,7 +1906,7 @@ def test_counter_noise_gives_a_row_the_same_samples_in_any_batch():
 def test_loop_sample_is_the_same_for_any_gen_batch():
     m, tok = tiny_model(vocab_size=260, block_size=64), Tokenizer()
     prompts = [data.prompt(f"{a}+{a * 7}") for a in range(9)]
-    runs = [loop.sample(m, tok, prompts, 3, 1.0, 10, b, seed=5) for b in (3, 7, 512)]
+    runs = [loop.sample(m, tok, prompts, 3, temperature=1.0, max_new_tokens=10, batch_size=b, seed=5) for b in (3, 7, 512)]
     assert runs[0] == runs[1] == runs[2]
 
 
@@ -1978,9 +1982,10 @@ pairs = data.seed_pairs(tok, data.arithmetic_task(40, 4, 1, 3, 0)[0])
 cfg = model.GPTConfig(block_size=128, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
 torch.manual_seed(0)
 base = model.GPT(cfg).state_dict()
-m, loss = loop.fine_tune(base, cfg, pairs, 6, 3e-3, 10, 1, "cpu", grad_accum=2, fsdp=fsdp)
+m, loss = loop.fine_tune(base, cfg, pairs, steps=6, lr=3e-3, batch_size=10, seed=1, device="cpu", grad_accum=2, fsdp=fsdp)
 dpo_pairs = [(pairs[i], pairs[i + 1]) for i in range(0, len(pairs) - 1, 2)]
-d, dpo_loss = loop.dpo_train(base, cfg, dpo_pairs, 5, 1e-3, 0.1, 10, 1, "cpu", sft_weight=0.5, fsdp=fsdp)
+d, dpo_loss = loop.dpo_train(base, cfg, dpo_pairs, steps=5, lr=1e-3, beta=0.1, batch_size=10, seed=1, device="cpu", sft_weight=0.5,
+                             fsdp=fsdp)
 if loop.is_main():
     torch.save({"sft": m.state_dict(), "sft_loss": loss, "dpo": d.state_dict(), "dpo_loss": dpo_loss}, out)
 loop.run_cli(lambda args: None, None)
