@@ -7,8 +7,9 @@ stepdpo.py, thoughts in quietstar.py.
 
 - the command line: the flag groups every script uses, and `run_cli`, which turns bad input
   into one line on stderr and exit status 1
-- the run directory: atomic writes, JSONL rows, `open_run` (a new run, or --resume of the
-  same settings)
+- the run directory: `Run` (a new run, or --resume of the same settings; atomic writes; stages
+  computed once and read back, so that resuming is running main() again), and `setup`, what
+  star.py and stepdpo.py do before their method's first step
 - `sample`: k completions per prompt, KV-cached and batched (star.py's generation and
   rationalization, stepdpo.py's solutions and Monte-Carlo rollouts, evaluation)
 - `fine_tune` (SFT from the base weights) and `dpo_train` (DPO against the frozen base)
@@ -27,6 +28,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -270,29 +272,63 @@ MAY_DIFFER_ON_RESUME = {"resume", "out_dir", "device", "threads", "gen_batch", "
                         "hide_thoughts", "fsdp", "iters"}  # iters: a finished run may be continued for more iterations
 
 
-def open_run(out_dir, settings, resume, name):
+class Run:
     """
-    Create out_dir and write settings to its config.json, or, on resume, check that the run
-    there was made with the same settings. A directory holding nothing but config.json is a run
-    that stopped before its first result (a bad --init, data not found): it starts afresh, so
-    the corrected command runs as typed. Prints the settings; returns path(filename).
+    A run directory: config.json (on --resume the settings must match), atomic writes, and
+    stages computed once. `run.cached(names, compute)` reads a stage back when the last of its
+    files exists, else computes it and writes its files in order, the last one last: its
+    presence means the stage finished. Resuming a killed run is running main() again.
+
+    A directory holding nothing but config.json is a run that stopped before its first result
+    (a bad --init, data not found): it starts afresh, so the corrected command runs as typed.
     """
-    cfg_path = os.path.join(out_dir, "config.json")
-    if exists(cfg_path) and os.listdir(out_dir) != ["config.json"]:
-        if not resume:
-            raise data.InputError(f"{out_dir} already holds a run: pass --resume to continue it, or another --out_dir")
-        with open(cfg_path) as f:
-            theirs = json.load(f)
-        keys = (set(theirs) | set(settings)) - MAY_DIFFER_ON_RESUME
-        diff = {k: (theirs.get(k), settings.get(k)) for k in sorted(keys) if theirs.get(k) != settings.get(k)}
-        if diff:
-            raise data.InputError(f"--resume with other settings than the run in {out_dir} (was, now): {diff}")
-    else:
-        if is_main():
-            os.makedirs(out_dir, exist_ok=True)
-        write_atomic(cfg_path, json.dumps(settings, indent=2))
-    print(f"nanostar {name}: {json.dumps(settings)}")
-    return lambda filename: os.path.join(out_dir, filename)
+
+    def __init__(self, out_dir, settings, resume, name):
+        self.out_dir = out_dir
+        cfg_path = self.path("config.json")
+        if exists(cfg_path) and os.listdir(out_dir) != ["config.json"]:
+            if not resume:
+                raise data.InputError(f"{out_dir} already holds a run: pass --resume to continue it, or another --out_dir")
+            with open(cfg_path) as f:
+                theirs = json.load(f)
+            keys = (set(theirs) | set(settings)) - MAY_DIFFER_ON_RESUME
+            diff = {k: (theirs.get(k), settings.get(k)) for k in sorted(keys) if theirs.get(k) != settings.get(k)}
+            if diff:
+                raise data.InputError(f"--resume with other settings than the run in {out_dir} (was, now): {diff}")
+        else:
+            if is_main():
+                os.makedirs(out_dir, exist_ok=True)
+            write_atomic(cfg_path, json.dumps(settings, indent=2))
+        print(f"nanostar {name}: {json.dumps(settings)}")
+
+    def path(self, name):
+        return os.path.join(self.out_dir, name)
+
+    def exists(self, name):
+        return exists(self.path(name))
+
+    def read(self, name):
+        return read_rows(self.path(name))
+
+    def write(self, name, rows):
+        write_rows(self.path(name), rows)
+
+    def save(self, name, m, **meta):
+        save_checkpoint(self.path(name), m, **meta)
+
+    def load(self, name, device):
+        return model.load_checkpoint(self.path(name), device)[0]
+
+    def cached(self, names, compute):
+        """compute() -> one list of rows per name (None: no file); read back instead when the last file exists."""
+        if self.exists(names[-1]):
+            print(f"resumed: {', '.join(names)}")
+            return [self.read(n) if self.exists(n) else None for n in names]
+        out = compute()
+        for name, rows in zip(names, out):
+            if rows is not None:
+                self.write(name, rows)
+        return out
 
 
 def setup_device(device, threads):
@@ -382,6 +418,33 @@ def warm_start_defaults(args, init):
     """--n_seed by where the base comes from, and --warm_lr (default: --lr, resolved before); for star.py and stepdpo.py."""
     args.n_seed = seed_count(args.n_seed, init)
     args.warm_lr = args.warm_lr or args.lr
+
+
+def setup(args, name, defaults, few_shot=False):
+    """
+    What star.py and stepdpo.py do before their method's first step: the device, the run
+    directory, where the base comes from and its tokenizer, the defaults by that origin
+    (defaults: {flag: (from scratch, pretrained)}, each applied where the flag was not given),
+    and the task cut to the context. few_shot: a pretrained base is prompted with --few_shot
+    seed examples. Returns (run, tok, init, task): task.seed (the seed examples), task.shots,
+    task.train, task.val (held out of train), task.test, task.block_size.
+    """
+    args.device = setup_device(args.device, args.threads)
+    run = Run(args.out_dir, vars(args), args.resume, name)
+    init = resolve_init(args.init, args.dataset)
+    tok = tokenizer_for(init)
+    for flag, (scratch, pretrained) in defaults.items():
+        setattr(args, flag, by_origin(getattr(args, flag), bool(tok.source), scratch, pretrained, f"--{flag}"))
+    warm_start_defaults(args, init)
+    block_size = base_block_size(init, args.block_size, args.dataset)
+    # a pretrained model is prompted with worked examples (STaR's few-shot prompt); a model
+    # trained here from scratch is fine-tuned on them instead (the warm start)
+    n_shots = min(args.n_seed, (4 if is_pretrained(init) else 0) if args.few_shot < 0 else args.few_shot) if few_shot else 0
+    seed_set, train, test, args.max_new_tokens = prepare_task(
+        *task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset, n_shots)
+    val, train = split_validation(train, args.n_val)
+    task = SimpleNamespace(seed=seed_set, shots=seed_set[:n_shots], train=train, val=val, test=test, block_size=block_size)
+    return run, tok, init, task
 
 
 def base_block_size(init, block_size, dataset):

@@ -541,7 +541,7 @@ def gated_nll(gpt, chunks, hard, args, tok, seed, lam=0.5):
 
 def main(args):
     args.device = loop.setup_device(args.device, args.threads)
-    path = loop.open_run(args.out_dir, vars(args), args.resume, "Quiet-STaR")
+    path = loop.Run(args.out_dir, vars(args), args.resume, "Quiet-STaR").path
     init = loop.resolve_init(args.init, "arithmetic")  # auto: pretrain here, on either dataset
     tok = loop.tokenizer_for(init)
     args.lr = loop.learning_rate(args.lr, tok, args.scratch_lr)

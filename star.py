@@ -314,142 +314,148 @@ def orm_scores(m, head, tok, items, batch_size):
 
 
 def main(args):
-    args.device = loop.setup_device(args.device, args.threads)
-    path = loop.open_run(args.out_dir, vars(args), args.resume, "STaR")
-    init = loop.resolve_init(args.init, args.dataset)
-    tok = loop.tokenizer_for(init)
-    args.lr = loop.learning_rate(args.lr, tok, args.scratch_lr)
+    run, tok, init, task = loop.setup(args, "STaR", {"lr": (args.scratch_lr, loop.PRETRAINED_LR)}, few_shot=True)
     args.verifier_lr = args.verifier_lr or args.lr / 3  # the verifier's DPO and the ORM
-    loop.warm_start_defaults(args, init)
-    block_size = loop.base_block_size(init, args.block_size, args.dataset)
-    # a pretrained model is prompted with worked examples (STaR's few-shot prompt); a model
-    # trained here from scratch is fine-tuned on them instead (the warm start)
-    n_shots = min(args.n_seed, (4 if loop.is_pretrained(init) else 0) if args.few_shot < 0 else args.few_shot)
-    seed_set, questions, test, args.max_new_tokens = loop.prepare_task(
-        *loop.task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset, n_shots)
-    shots = seed_set[:n_shots]
-    val, questions = loop.split_validation(questions, args.n_val)
     grade = lambda m, split, n_samples=0, keep=None: loop.evaluate(
         m, tok, split, seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, n_samples=n_samples,
-        temperature=args.eval_temperature, prefix=data.few_shot_prefix(shots), keep=keep, compile=args.compile_sampler)
-    validate = lambda m: grade(m, val)["acc"]  # greedy only: it decides when to stop
-    evaluate = lambda m: grade(m, test, args.eval_samples)
+        temperature=args.eval_temperature, prefix=data.few_shot_prefix(task.shots), keep=keep, compile=args.compile_sampler)
+    measure = lambda m: {**grade(m, task.test, args.eval_samples), "val_acc": grade(m, task.val)["acc"]}  # val: greedy
 
-    # --- 0. warm start (the base model every iteration fine-tunes from)
-    metrics = loop.read_rows(path("metrics.jsonl")) if loop.exists(path("metrics.jsonl")) else []
+    # 0. the base model every iteration starts from: a warm start on the seed examples, or the pretrained weights
     t0 = time.time()
-    config = model.GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
+    config = model.GPTConfig(block_size=task.block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
                              n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
-    base = loop.warm_start(path("base.pt"), tok, seed_set, config, steps=args.warm_steps, lr=args.warm_lr,
+    base = loop.warm_start(run.path("base.pt"), tok, task.seed, config, steps=args.warm_steps, lr=args.warm_lr,
                            batch_size=args.batch_size, seed=args.seed, device=args.device, init=init, compile=args.compile,
                            answer_only=args.answer_only, holdout=args.warm_holdout)
     config, base_state = base.config, {k: v.to("cpu", copy=True) for k, v in base.state_dict().items()}  # kept off the GPU
-    if not metrics:
-        t_warm, t0 = time.time() - t0, time.time()
-        res = {**evaluate(base), "val_acc": validate(base)}
-        metrics.append({"iter": 0, **res, "time_warm_start": t_warm, "time_evaluate": time.time() - t0, "time": t_warm + time.time() - t0})
-        loop.write_rows(path("metrics.jsonl"), metrics)
-    print("iter 0 (warm start): " + " ".join(f"{k} {v:.3f}" for k, v in metrics[0].items() if k not in ("iter", "time")))
-    for r in metrics[1:]:  # a resumed run: what it had finished
-        print(f"iter {r['iter']}: test acc {r['acc']:.3f} val_acc {r['val_acc']:.3f} | kept {r.get('kept')} (finished before)")
-
-    # --- 1-4. iterate
-    current = model.load_checkpoint(path("model.pt"), args.device)[0] if len(metrics) > 1 else base
+    t_warm, t0 = time.time() - t0, time.time()
+    (metrics,) = run.cached(["metrics.jsonl"], lambda: [[{"iter": 0, **measure(base), "time_warm_start": t_warm,
+                                                          "time_evaluate": time.time() - t0, "time": t_warm + time.time() - t0}]])
+    report_start(metrics)
+    current = run.load("model.pt", args.device) if len(metrics) > 1 else base
     del base  # its weights live on as base_state, on the CPU
-    seed_pairs = [] if shots else data.seed_pairs(tok, seed_set, args.answer_only)  # the seeds: in the prompt or in the data
-    best, stale = -1.0, 0  # best validation accuracy so far, iterations since it last improved
-    for r in metrics:
-        best, stale = (r["val_acc"], 0) if r["val_acc"] > best else (best, stale + 1)
+    seed_pairs = [] if task.shots else data.seed_pairs(tok, task.seed, args.answer_only)  # in the prompt or in the data
+
     for it in range(len(metrics), args.iters + 1):
-        if stale >= args.patience:
+        if iterations_since_best(metrics) >= args.patience:
             print(f"stopping: no better validation accuracy for {args.patience} iterations")
             break
         t0 = time.time()
-        kept_path = path(f"iter{it}_kept.jsonl")
-        if args.answer_only:  # the baseline: gold answers for every question, no rationale
-            kept = [{"index": i, "question": e.question, "completion": data.completion("", e.answer), "rationalized": False}
-                    for i, e in enumerate(questions)]
-            stats = {"kept": len(kept)}
-        elif loop.exists(kept_path):
-            kept, stats = loop.read_rows(kept_path), loop.read_rows(path(f"iter{it}_stats.jsonl"))[0]
-            print(f"resumed: iteration {it}'s {len(kept)} kept rationales from {kept_path}")
-        else:
-            kept, every, stats = collect(current, tok, questions, args, it, shots)
-            if args.verifier:
-                loop.write_rows(path(f"iter{it}_samples.jsonl"), every)
-            loop.write_rows(path(f"iter{it}_stats.jsonl"), [stats])
-            loop.write_rows(kept_path, kept)  # written last: its presence means the round finished
+        # 1-2. sample a rationale for every question, keep the right ones, rationalize the failures with the answer as a hint
+        kept, stats = rationales(run, current, tok, task, args, it)
         if not kept:
             print(f"iteration {it} kept no rationales (no sample reached a right answer): stopping")
             break
+        # 3. fine-tune from the base weights (not the last iteration's) on the kept rationales
         steps = int(round(args.steps * args.step_growth ** (it - 1)))
         pairs = seed_pairs + [data.encode_example(tok, r["question"], r["completion"]) for r in kept]
         t1 = time.time()
         current, loss = loop.fine_tune(base_state, config, pairs, steps=steps, lr=args.lr, batch_size=args.batch_size,
                                        seed=args.seed + it, device=args.device, compile=args.compile,
                                        desc=f"iter {it} fine-tune", grad_accum=args.grad_accum, fsdp=args.fsdp)
+        # 4. evaluate on the test set and the validation split (which decides when to stop)
         t2 = time.time()
-        res = {**evaluate(current), "val_acc": validate(current)}
+        res = measure(current)
         stats = {**stats, "time_fine_tune": t2 - t1, "time_evaluate": time.time() - t2}
-        loop.save_checkpoint(path("model.pt"), current, iter=it, tokenizer_dir=tok.source)
-        row = {"iter": it, **res, **stats, "steps": steps, "loss": loss, "time": time.time() - t0}
-        metrics.append(row)
-        loop.write_rows(path("metrics.jsonl"), metrics)
-        best, stale = (res["val_acc"], 0) if res["val_acc"] > best else (best, stale + 1)
-        extra = " ".join(f"{k} {v:.3f}" for k, v in res.items() if k != "acc")
-        print(f"iter {it}: test acc {res['acc']:.3f} {extra} | kept {stats.get('kept')} "
-              f"(rationalized {stats.get('rationalized', 0)}, {stats.get('rationalized_dropped', 0)} more dropped by the hint filter, solved {stats.get('solved_frac', 0):.3f} of train) "
-              f"| {steps} steps, loss {loss:.4f} | {row['time']:.0f}s")
-        if args.samples > 1 and not args.answer_only:
-            print(f"  RFT: {stats['correct_per_question']:.2f} correct samples per question, "
-                  f"{stats['distinct_per_question']:.2f} distinct paths kept after de-duplication")
+        run.save("model.pt", current, iter=it, tokenizer_dir=tok.source)
+        metrics.append({"iter": it, **res, **stats, "steps": steps, "loss": loss, "time": time.time() - t0})
+        run.write("metrics.jsonl", metrics)
+        report_iteration(metrics[-1], res, args)
 
-    top, last = max(metrics, key=lambda r: r["val_acc"]), metrics[-1]  # max: the first of equal ones, as `best` above
-    final = path("model.pt") if last["iter"] else path("base.pt") if os.path.exists(path("base.pt")) else init  # (pretrained)
-    print(f"done: {last['iter']} iterations, {sum(r['time'] for r in metrics):.0f}s; best validation accuracy {top['val_acc']:.3f} "
-          f"at iteration {top['iter']} (test {top['acc']:.3f}); {final} is iteration {last['iter']}'s model (test {last['acc']:.3f})")
-
-    # --- V-STaR: verifier trained on every sample of every iteration
-    if args.verifier and loop.exists(path("verifier.jsonl")):
-        print(f"V-STaR already evaluated: {loop.read_rows(path('verifier.jsonl'))[0]}")
-    elif args.verifier:
-        rows = []
-        for it in range(1, args.iters + 1):
-            if loop.exists(path(f"iter{it}_samples.jsonl")):
-                rows += loop.read_rows(path(f"iter{it}_samples.jsonl"))
-        prefs = preference_pairs(questions, rows, args.verifier_pairs, args.seed)
-        if not prefs:
-            print("V-STaR: no question has both a correct and an incorrect sample; no verifier trained")
-        else:
-            verifier, loss = train_verifier(current, tok, prefs, args)
-            loop.save_checkpoint(path("verifier.pt"), verifier, tokenizer_dir=tok.source)
-            orm = None
-            if args.orm_steps > 0:  # the ORM baseline, on every sample (not only the paired ones)
-                orm = train_orm(current, tok, [(questions[r["index"]].question, r["completion"], r["correct"]) for r in rows], args)
-                loop.save_checkpoint(path("orm.pt"), orm[0], tokenizer_dir=tok.source, head={k: v.cpu() for k, v in orm[1].state_dict().items()})
-            result = {"pairs": len(prefs), "loss": loss, "score": args.verifier_score}
-            # every score on both splits: a score is chosen on validation, then read on test
-            for name, split in (("val", val), ("test", test)):
-                kept_eval = {}
-                res = grade(current, split, args.eval_samples, kept_eval)
-                items = [(e.question, [t for t, _ in outs]) for e, outs in zip(split, kept_eval["samples"])]
-                terms = verifier_logprobs(verifier, current, tok, items, args.gen_batch)
-                extra = {"orm": orm_scores(*orm, tok, items, args.gen_batch)} if orm else {}
-                result[name] = {"acc": res["acc"], "curve": best_of_n_curve(kept_eval, terms, args.beta, args.eval_samples, extra)}
-                loop.write_rows(path(f"verifier_{name}_samples.jsonl"), [
-                    {"question": e.question, "answer": e.answer, "samples": [t for t, _ in outs], "finished": [f for _, f in outs],
-                     "logprob_verifier": [t[0] for t in tq], "logprob_generator": [t[1] for t in tq], "tokens": [t[2] for t in tq],
-                     **({"orm": extra["orm"][i]} if orm else {})}
-                    for i, (e, outs, tq) in enumerate(zip(split, kept_eval["samples"], terms))])
-            loop.write_rows(path("verifier.jsonl"), [result])
-            print(f"V-STaR ({len(prefs)} pairs, DPO loss {loss:.4f}); best-of-N by --verifier_score {args.verifier_score}, "
-                  f"then every score (maj@N and pass@N for comparison):")
-            for name in ("val", "test"):
-                print(f"  {name}: greedy {result[name]['acc']:.3f}")
-                for c in result[name]["curve"]:
-                    others = " ".join(f"{k} {c[k]:.3f}" for k in [*SCORES, "orm"] if k in c and k != args.verifier_score)
-                    print(f"    N = {c['n']:3d}: maj@N {c['maj']:.3f} | best-of-N {c[args.verifier_score]:.3f} | pass@N {c['pass']:.3f} | {others}")
+    report_end(metrics, run.path("model.pt") if metrics[-1]["iter"] else run.path("base.pt")
+               if os.path.exists(run.path("base.pt")) else init)
+    if args.verifier:  # V-STaR: a verifier trained on every sample of every iteration ranks N test samples
+        vstar(run, current, tok, task, args, grade)
     return metrics
+
+
+def rationales(run, m, tok, task, args, it):
+    """Iteration it's kept rationales and stats, sampled with m (or read back if the round finished before)."""
+    if args.answer_only:  # the baseline: gold answers for every question, no rationale
+        kept = [{"index": i, "question": e.question, "completion": data.completion("", e.answer), "rationalized": False}
+                for i, e in enumerate(task.train)]
+        return kept, {"kept": len(kept)}
+
+    def compute():
+        kept, every, stats = collect(m, tok, task.train, args, it, task.shots)
+        return [every if args.verifier else None, [stats], kept]
+
+    _, stats, kept = run.cached([f"iter{it}_samples.jsonl", f"iter{it}_stats.jsonl", f"iter{it}_kept.jsonl"], compute)
+    return kept, stats[0]
+
+
+def iterations_since_best(metrics):
+    """Iterations since the validation accuracy last improved (ties do not count as better)."""
+    best, stale = -1.0, 0
+    for r in metrics:
+        best, stale = (r["val_acc"], 0) if r["val_acc"] > best else (best, stale + 1)
+    return stale
+
+
+def report_start(metrics):
+    print("iter 0 (warm start): " + " ".join(f"{k} {v:.3f}" for k, v in metrics[0].items() if k not in ("iter", "time")))
+    for r in metrics[1:]:  # a resumed run: what it had finished
+        print(f"iter {r['iter']}: test acc {r['acc']:.3f} val_acc {r['val_acc']:.3f} | kept {r.get('kept')} (finished before)")
+
+
+def report_iteration(row, res, args):
+    extra = " ".join(f"{k} {v:.3f}" for k, v in res.items() if k != "acc")
+    print(f"iter {row['iter']}: test acc {row['acc']:.3f} {extra} | kept {row.get('kept')} (rationalized "
+          f"{row.get('rationalized', 0)}, {row.get('rationalized_dropped', 0)} more dropped by the hint filter, solved "
+          f"{row.get('solved_frac', 0):.3f} of train) | {row['steps']} steps, loss {row['loss']:.4f} | {row['time']:.0f}s")
+    if args.samples > 1 and not args.answer_only:
+        print(f"  RFT: {row['correct_per_question']:.2f} correct samples per question, "
+              f"{row['distinct_per_question']:.2f} distinct paths kept after de-duplication")
+
+
+def report_end(metrics, final):
+    top, last = max(metrics, key=lambda r: r["val_acc"]), metrics[-1]  # max: the first of equal ones, as the stop rule
+    print(f"done: {last['iter']} iterations, {sum(r['time'] for r in metrics):.0f}s; best validation accuracy "
+          f"{top['val_acc']:.3f} at iteration {top['iter']} (test {top['acc']:.3f}); {final} is iteration {last['iter']}'s "
+          f"model (test {last['acc']:.3f})")
+
+
+def vstar(run, generator, tok, task, args, grade):
+    """
+    V-STaR: a DPO verifier trained on (correct, incorrect) pairs of every iteration's samples
+    ranks N samples of each question; best-of-N under every score, on validation and test.
+    """
+    if run.exists("verifier.jsonl"):
+        print(f"V-STaR already evaluated: {run.read('verifier.jsonl')[0]}")
+        return
+    rows = [r for it in range(1, args.iters + 1) if run.exists(f"iter{it}_samples.jsonl") for r in run.read(f"iter{it}_samples.jsonl")]
+    prefs = preference_pairs(task.train, rows, args.verifier_pairs, args.seed)
+    if not prefs:
+        print("V-STaR: no question has both a correct and an incorrect sample; no verifier trained")
+        return
+    verifier, loss = train_verifier(generator, tok, prefs, args)
+    run.save("verifier.pt", verifier, tokenizer_dir=tok.source)
+    orm = None
+    if args.orm_steps > 0:  # the ORM baseline, on every sample (not only the paired ones)
+        orm = train_orm(generator, tok, [(task.train[r["index"]].question, r["completion"], r["correct"]) for r in rows], args)
+        run.save("orm.pt", orm[0], tokenizer_dir=tok.source, head={k: v.cpu() for k, v in orm[1].state_dict().items()})
+    result = {"pairs": len(prefs), "loss": loss, "score": args.verifier_score}
+    for name, split in (("val", task.val), ("test", task.test)):  # a score is chosen on validation, then read on test
+        kept = {}
+        res = grade(generator, split, args.eval_samples, kept)
+        items = [(e.question, [t for t, _ in outs]) for e, outs in zip(split, kept["samples"])]
+        terms = verifier_logprobs(verifier, generator, tok, items, args.gen_batch)
+        extra = {"orm": orm_scores(*orm, tok, items, args.gen_batch)} if orm else {}
+        result[name] = {"acc": res["acc"], "curve": best_of_n_curve(kept, terms, args.beta, args.eval_samples, extra)}
+        run.write(f"verifier_{name}_samples.jsonl", [
+            {"question": e.question, "answer": e.answer, "samples": [t for t, _ in outs], "finished": [f for _, f in outs],
+             "logprob_verifier": [t[0] for t in tq], "logprob_generator": [t[1] for t in tq], "tokens": [t[2] for t in tq],
+             **({"orm": extra["orm"][i]} if orm else {})}
+            for i, (e, outs, tq) in enumerate(zip(split, kept["samples"], terms))])
+    run.write("verifier.jsonl", [result])
+    print(f"V-STaR ({len(prefs)} pairs, DPO loss {loss:.4f}); best-of-N by --verifier_score {args.verifier_score}, "
+          f"then every score (maj@N and pass@N for comparison):")
+    for name in ("val", "test"):
+        print(f"  {name}: greedy {result[name]['acc']:.3f}")
+        for c in result[name]["curve"]:
+            others = " ".join(f"{k} {c[k]:.3f}" for k in [*SCORES, "orm"] if k in c and k != args.verifier_score)
+            print(f"    N = {c['n']:3d}: maj@N {c['maj']:.3f} | best-of-N {c[args.verifier_score]:.3f} | pass@N {c['pass']:.3f} | {others}")
 
 
 if __name__ == "__main__":

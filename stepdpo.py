@@ -43,10 +43,9 @@ import model
 # arguments
 
 
-# defaults by where the SFT model comes from: from scratch (chosen on the validation split, docs/record.md), pretrained
-DPO_LR, PRETRAINED_DPO_LR = 1e-5, 1e-6  # --dpo_lr
-BETA, PRETRAINED_BETA = 2.0, 0.1  # --beta
-SFT_WEIGHT, PRETRAINED_SFT_WEIGHT = 1.0, 0.0  # --sft_weight
+# DPO's defaults by where the SFT model comes from: (from scratch, chosen on the validation split in docs/record.md;
+# pretrained, the DPO papers' order of magnitude, untuned). RFT is SFT and uses none of them.
+DPO_DEFAULTS = {"dpo_lr": (1e-5, 1e-6), "beta": (2.0, 0.1), "sft_weight": (1.0, 0.0)}
 
 
 def get_args(argv=None):
@@ -64,14 +63,14 @@ def get_args(argv=None):
     g.add_argument("--temperature", type=loop.at_least(0.0, float), default=0.7, help="temperature of solutions and rollouts")
     g.add_argument("--rollouts", type=loop.at_least(1), default=4, help="K: Monte-Carlo rollouts per step prefix")
     g.add_argument("--no_share_prefix", action="store_true", help="recompute each prefix for each rollout (for comparison)")
-    g.add_argument("--beta", type=loop.more_than(0), default=None, help=f"DPO beta; default: {BETA:g} from scratch, "
-                   f"{PRETRAINED_BETA:g} for a pretrained model or a checkpoint tuned from one")
-    g.add_argument("--sft_weight", type=loop.at_least(0.0, float), default=None, help="weight of an SFT loss on the chosen side; "
-                   f"default: {SFT_WEIGHT:g} from scratch, {PRETRAINED_SFT_WEIGHT:g} for a pretrained model or a checkpoint tuned from one")
+    by_origin = lambda flag: "default: {:g} from scratch, {:g} for a pretrained model or a checkpoint tuned from one".format(
+        *DPO_DEFAULTS[flag])
+    g.add_argument("--beta", type=loop.more_than(0), default=None, help=f"DPO beta; {by_origin('beta')}")
+    g.add_argument("--sft_weight", type=loop.at_least(0.0, float), default=None,
+                   help=f"weight of an SFT loss on the chosen side; {by_origin('sft_weight')}")
     g.add_argument("--train_steps", type=loop.at_least(0), default=300, help="DPO (or RFT) training steps")
     g.add_argument("--train_epochs", type=loop.at_least(0.0, float), default=0, help="if > 0: the budget in epochs over the pairs (or RFT solutions) instead of steps")
-    g.add_argument("--dpo_lr", type=loop.more_than(0), default=None, help=f"DPO learning rate (RFT uses --lr); default: {DPO_LR:g} from scratch, "
-                   f"{PRETRAINED_DPO_LR:g} for a pretrained model or a checkpoint tuned from one")
+    g.add_argument("--dpo_lr", type=loop.more_than(0), default=None, help=f"DPO learning rate (RFT uses --lr); {by_origin('dpo_lr')}")
     g.add_argument("--show", type=loop.at_least(0), default=3, help="print this many wrong solutions with their Q values")
     loop.add_run_args(p, "out/stepdpo", scratch_lr=1e-3)  # from scratch: star.py's warm start, the same base model
     return p.parse_args(argv)
@@ -159,21 +158,10 @@ def make_pairs(samples, q_rows, variant, seed):
 
 
 def main(args):
-    args.device = loop.setup_device(args.device, args.threads)
-    path = loop.open_run(args.out_dir, vars(args), args.resume, "per-step DPO")
-    init = loop.resolve_init(args.init, args.dataset)
-    tok = loop.tokenizer_for(init)
-    args.lr = loop.learning_rate(args.lr, tok, args.scratch_lr)
-    if args.variant != "rft":  # (RFT is SFT: none of these)
-        args.dpo_lr = loop.learning_rate(args.dpo_lr, tok, DPO_LR, PRETRAINED_DPO_LR, "--dpo_lr")
-        args.beta = loop.by_origin(args.beta, bool(tok.source), BETA, PRETRAINED_BETA, "--beta")
-        args.sft_weight = loop.by_origin(args.sft_weight, bool(tok.source), SFT_WEIGHT, PRETRAINED_SFT_WEIGHT, "--sft_weight")
-    loop.warm_start_defaults(args, init)
-    block_size = loop.base_block_size(init, args.block_size, args.dataset)
-    seed_set, questions, test, args.max_new_tokens = loop.prepare_task(
-        *loop.task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset)
-    val, questions = loop.split_validation(questions, args.n_val)
-    questions = questions[: args.n_questions]
+    defaults = {"lr": (args.scratch_lr, loop.PRETRAINED_LR), **(DPO_DEFAULTS if args.variant != "rft" else {})}
+    run, tok, init, task = loop.setup(args, "per-step DPO", defaults)
+    path = run.path
+    seed_set, questions, val, test, block_size = task.seed, task.train[: args.n_questions], task.val, task.test, task.block_size
     accuracy = lambda m, split: loop.evaluate(m, tok, split, seed=args.seed, max_new_tokens=args.max_new_tokens,
                                              batch_size=args.gen_batch, compile=args.compile_sampler)["acc"]
 

@@ -688,11 +688,11 @@ def test_a_run_that_failed_before_its_first_result_starts_again_as_typed(tmp_pat
     assert os.listdir(out) == ["config.json"]  # written before the --init was read
     # the corrected command, same --out_dir, no --resume: a new run with its own settings
     settings = vars(star.get_args(TINY_STAR + ["--out_dir", str(out)]))
-    loop.open_run(str(out), settings, False, "STaR")
+    loop.Run(str(out), settings, False, "STaR")
     assert json.loads((out / "config.json").read_text())["init"] == "auto"
     (out / "metrics.jsonl").write_text("{}\n")  # once a run has a result, it is kept
     with pytest.raises(data.InputError, match="pass --resume"):
-        loop.open_run(str(out), settings, False, "STaR")
+        loop.Run(str(out), settings, False, "STaR")
 
 
 def test_resume_after_a_crash_gives_the_same_kept_set(monkeypatch, tmp_path, capsys):
