@@ -51,6 +51,7 @@ import json
 import os
 import random
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -540,97 +541,29 @@ def gated_nll(gpt, chunks, hard, args, tok, seed, lam=0.5):
 
 
 def main(args):
-    args.device = loop.setup_device(args.device, args.threads)
-    path = loop.Run(args.out_dir, vars(args), args.resume, "Quiet-STaR").path
-    init = loop.resolve_init(args.init, "arithmetic")  # auto: pretrain here, on either dataset
-    tok = loop.tokenizer_for(init)
-    args.lr = loop.learning_rate(args.lr, tok, args.scratch_lr)
-    train_set, test = loop.task_from_args(args)
-    # the scratchpad is one digit a token: a pretrained tokenizer's digit groups would not fill a thought's length
-    scratchpad = args.scratchpad if args.dataset == "arithmetic" and isinstance(tok, data.Tokenizer) else 0.0
-    if scratchpad and max(len(e.answer) for e in train_set + test) > args.thought_len:
-        raise data.InputError(f"--scratchpad writes the sum's digits in a thought of --thought_len {args.thought_len} tokens: "
-                              f"sums of --max_digits {args.max_digits} numbers need up to {args.max_digits + 1}")
-    ids, mask = encode_corpus(tok, corpus_text(train_set, args.dataset, scratchpad, args.thought_len, args.seed))
-    tids, tmask = encode_corpus(tok, corpus_text(test, args.dataset))
-    erng = random.Random(args.seed + 99)
-    eval_x, eval_m = random_chunks(tids, tmask, args.seq_len, args.eval_chunks, erng)
-    print(f"corpus: {len(ids):,} train tokens ({int(mask.sum()):,} computed), {len(tids):,} held-out tokens")
-    need = [args.seq_len + args.thought_len + 2 + args.n_talk]  # a chunk, a thought and its lookahead
-    if scratchpad:  # the skill test reads whole scratchpad lines
-        need.append(max(len(tok.encode(scratchpad_line(e, args.thought_len))) for e in test))
-    sample_prompt = args.generate or corpus_text(test[:1], args.dataset).split("=")[0] + "="  # the thinking sample's, and --generate's
-    need.append(thinking_context(len(tok.encode(sample_prompt)), max(SAMPLE_TOKENS, args.n_generate if args.generate else 0),
-                                 args.thought_len))
-    block = args.block_size or max(need)
-    cfg = GPTConfig(block_size=block, vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
-                    n_kv_head=args.n_head, n_embd=args.n_embd)
+    run, tok, init, corpus, cfg = setup(args)
 
-    # --- the base LM (shared by both arms): --init, or pretrained here
-    if loop.exists(path("pretrained.pt")):
-        base, _ = model.load_checkpoint(path("pretrained.pt"), args.device)
-        print("resumed: pretrained model from pretrained.pt")
-    elif loop.is_pretrained(init):
-        base = model.load_pretrained(init, args.device, block)
-    elif init:
-        base, _ = model.load_checkpoint(init, args.device)
-        loop.save_checkpoint(path("pretrained.pt"), base)
-    else:
-        torch.manual_seed(args.seed)
-        base = GPT(cfg).to(args.device)
-        t0 = time.time()
-        train_arm(base, None, ids, mask, args, tok, steps=args.pretrain_steps, thoughts=False, seed=args.seed, desc="pretrain",
-                  batch_size=args.pretrain_batch_size)
-        loop.save_checkpoint(path("pretrained.pt"), base)
-        print(f"pretrained {base.num_params():,} parameters for {args.pretrain_steps} steps in {time.time() - t0:.0f}s")
+    # 1. the base LM, shared by both arms: --init, or trained here on the corpus
+    base = base_lm(run, init, cfg, corpus, args, tok)
     add_thought_tokens(base, tok)  # a pretrained tokenizer has none: two new rows
     cfg = base.config
     check_context(base, args.seq_len, args)
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    results = {"pretrained": evaluate(base, None, eval_x, eval_m, args, tok, thoughts=False, seed=args.seed)}
-    if scratchpad:
-        results["skill"] = scratchpad_skill(base, tok, test, args.thought_len)
-        # the pretrained model's own thoughts (start/end as the arms start them), read by a hand-set head,
-        # on the arms' held-out chunks
-        thinker = GPT(cfg).to(args.device)
-        thinker.load_state_dict(state)
-        init_thought_embeddings(thinker, tok, 1.0)
-        results["skill"]["computed_gated_thoughts"] = gated_nll(thinker, eval_x, eval_m, args, tok, args.seed + 2)
-        del thinker
-        print("held-out NLL per token of the pretrained model: " + ", ".join(f"{k} {v:.4f}" for k, v in results["skill"].items()))
+    results = {"pretrained": evaluate(base, None, corpus.eval_x, corpus.eval_m, args, tok, thoughts=False, seed=args.seed)}
+    if corpus.scratchpad:  # 2. what a thought could draw on: the base's skill, and its own thoughts read by a hand-set gate
+        results["skill"] = skill(base, cfg, state, tok, corpus, args)
 
-    # --- the two arms, same steps, same data order
+    # 3. the two arms, same steps, same data order: without thoughts, and with thoughts after every token
+    #    (generated in parallel), a mixing head, and REINFORCE on the thoughts
     for arm, thoughts in (("no_thoughts", False), ("thoughts", True)):
-        if loop.exists(path(f"{arm}.json")):
-            with open(path(f"{arm}.json")) as f:
+        if run.exists(f"{arm}.json"):
+            with open(run.path(f"{arm}.json")) as f:
                 results[arm] = json.load(f)
             continue
-        torch.manual_seed(args.seed + 1)
-        gpt = GPT(cfg).to(args.device)
-        gpt.load_state_dict(state)
-        head = MixingHead(cfg.n_embd, args.mix).to(args.device) if thoughts else None
-        if thoughts:
-            init_thought_embeddings(gpt, tok, args.embed_grad_scale)
-        log = []
-        t0 = time.time()
-        train_arm(gpt, head, ids, mask, args, tok, steps=args.steps, thoughts=thoughts, seed=args.seed + 1, desc=arm, log=log)
-        res = evaluate(gpt, head, eval_x, eval_m, args, tok, thoughts=thoughts, seed=args.seed + 2)
-        res["time"] = time.time() - t0
-        if thoughts:
-            k = max(1, len(log) // 5)
-            res["trajectory"] = [{key: float(sum(r[key] for r in log[i : i + k]) / len(log[i : i + k])) for key in log[0]} | {"step": i}
-                                 for i in range(0, len(log), k)]
-            loop.save_checkpoint(path("thoughts.pt"), gpt, head=head.state_dict(), thought_tokens=[tok.start_thought, tok.end_thought])
-            g = torch.Generator().manual_seed(args.seed)
-            res["sample"] = generate_thinking(gpt, head, tok, sample_prompt, SAMPLE_TOKENS, args, g)
-            print(f"thinking sample: {res['sample']!r}")
-        loop.write_atomic(path(f"{arm}.json"), json.dumps(res))
-        results[arm] = res
-        own = f" (the same model without its thoughts {res['nll_computed_base']:.4f}, mean w there {res['w_computed']:.4f})" if thoughts else ""
-        print(f"{arm}: held-out NLL {res['nll']:.4f}, on computed tokens {res['nll_computed']:.4f}{own} ({res['time']:.0f}s)")
-    loop.write_atomic(path("results.json"), json.dumps(results, indent=1))
+        results[arm] = train_and_evaluate(run, arm, thoughts, cfg, state, tok, corpus, args)
+    loop.write_atomic(run.path("results.json"), json.dumps(results, indent=1))
     if args.generate:  # think while writing, with the trained thought model
-        gpt, extra = model.load_checkpoint(path("thoughts.pt"), args.device)
+        gpt, extra = model.load_checkpoint(run.path("thoughts.pt"), args.device)
         tok.start_thought, tok.end_thought = extra["thought_tokens"]
         head = MixingHead(gpt.config.n_embd, args.mix).to(args.device)
         head.load_state_dict(extra["head"])
@@ -642,6 +575,98 @@ def main(args):
           f"+{args.steps} steps without thoughts {a['nll']:.4f} / {a['nll_computed']:.4f} | "
           f"with thoughts {b['nll']:.4f} / {b['nll_computed']:.4f}")
     return results
+
+
+def setup(args):
+    """The device, the run directory, the tokenizer, the corpus and held-out chunks, and a context that fits them all."""
+    args.device = loop.setup_device(args.device, args.threads)
+    run = loop.Run(args.out_dir, vars(args), args.resume, "Quiet-STaR")
+    init = loop.resolve_init(args.init, "arithmetic")  # auto: pretrain here, on either dataset
+    tok = loop.tokenizer_for(init)
+    args.lr = loop.learning_rate(args.lr, tok, args.scratch_lr)
+    train_set, test = loop.task_from_args(args)
+    # the scratchpad is one digit a token: a pretrained tokenizer's digit groups would not fill a thought's length
+    scratchpad = args.scratchpad if args.dataset == "arithmetic" and isinstance(tok, data.Tokenizer) else 0.0
+    if scratchpad and max(len(e.answer) for e in train_set + test) > args.thought_len:
+        raise data.InputError(f"--scratchpad writes the sum's digits in a thought of --thought_len {args.thought_len} tokens: "
+                              f"sums of --max_digits {args.max_digits} numbers need up to {args.max_digits + 1}")
+    ids, mask = encode_corpus(tok, corpus_text(train_set, args.dataset, scratchpad, args.thought_len, args.seed))
+    tids, tmask = encode_corpus(tok, corpus_text(test, args.dataset))
+    eval_x, eval_m = random_chunks(tids, tmask, args.seq_len, args.eval_chunks, random.Random(args.seed + 99))
+    print(f"corpus: {len(ids):,} train tokens ({int(mask.sum()):,} computed), {len(tids):,} held-out tokens")
+    need = [args.seq_len + args.thought_len + 2 + args.n_talk]  # a chunk, a thought and its lookahead
+    if scratchpad:  # the skill test reads whole scratchpad lines
+        need.append(max(len(tok.encode(scratchpad_line(e, args.thought_len))) for e in test))
+    sample_prompt = args.generate or corpus_text(test[:1], args.dataset).split("=")[0] + "="  # the thinking sample's, and --generate's
+    need.append(thinking_context(len(tok.encode(sample_prompt)), max(SAMPLE_TOKENS, args.n_generate if args.generate else 0),
+                                 args.thought_len))
+    block = args.block_size or max(need)
+    cfg = GPTConfig(block_size=block, vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
+                    n_kv_head=args.n_head, n_embd=args.n_embd)
+    corpus = SimpleNamespace(ids=ids, mask=mask, eval_x=eval_x, eval_m=eval_m, test=test, scratchpad=scratchpad,
+                             sample_prompt=sample_prompt)
+    return run, tok, init, corpus, cfg
+
+
+def base_lm(run, init, cfg, corpus, args, tok):
+    """The base LM: read back, a pretrained directory, a nanostar checkpoint, or trained here (--pretrain_steps)."""
+    if run.exists("pretrained.pt"):
+        print("resumed: pretrained model from pretrained.pt")
+        return run.load("pretrained.pt", args.device)
+    if loop.is_pretrained(init):
+        return model.load_pretrained(init, args.device, cfg.block_size)
+    if init:
+        base, _ = model.load_checkpoint(init, args.device)
+    else:
+        torch.manual_seed(args.seed)
+        base = GPT(cfg).to(args.device)
+        t0 = time.time()
+        train_arm(base, None, corpus.ids, corpus.mask, args, tok, steps=args.pretrain_steps, thoughts=False, seed=args.seed,
+                  desc="pretrain", batch_size=args.pretrain_batch_size)
+        print(f"pretrained {base.num_params():,} parameters for {args.pretrain_steps} steps in {time.time() - t0:.0f}s")
+    run.save("pretrained.pt", base)
+    return base
+
+
+def skill(base, cfg, state, tok, corpus, args):
+    """The held-out NLL of what a thought could draw on, and of the base's own thoughts read by a hand-set gate."""
+    out = scratchpad_skill(base, tok, corpus.test, args.thought_len)
+    # the pretrained model's own thoughts (start/end as the arms start them), on the arms' held-out chunks
+    thinker = GPT(cfg).to(args.device)
+    thinker.load_state_dict(state)
+    init_thought_embeddings(thinker, tok, 1.0)
+    out["computed_gated_thoughts"] = gated_nll(thinker, corpus.eval_x, corpus.eval_m, args, tok, args.seed + 2)
+    print("held-out NLL per token of the pretrained model: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+    return out
+
+
+def train_and_evaluate(run, arm, thoughts, cfg, state, tok, corpus, args):
+    """One arm from the base weights: --steps of training (with thoughts: and the mixing head), then held-out NLL."""
+    torch.manual_seed(args.seed + 1)
+    gpt = GPT(cfg).to(args.device)
+    gpt.load_state_dict(state)
+    head = MixingHead(cfg.n_embd, args.mix).to(args.device) if thoughts else None
+    if thoughts:
+        init_thought_embeddings(gpt, tok, args.embed_grad_scale)
+    log = []
+    t0 = time.time()
+    train_arm(gpt, head, corpus.ids, corpus.mask, args, tok, steps=args.steps, thoughts=thoughts, seed=args.seed + 1, desc=arm,
+              log=log)
+    res = evaluate(gpt, head, corpus.eval_x, corpus.eval_m, args, tok, thoughts=thoughts, seed=args.seed + 2)
+    res["time"] = time.time() - t0
+    if thoughts:
+        k = max(1, len(log) // 5)
+        res["trajectory"] = [{key: float(sum(r[key] for r in log[i : i + k]) / len(log[i : i + k])) for key in log[0]}
+                             | {"step": i} for i in range(0, len(log), k)]
+        run.save("thoughts.pt", gpt, head=head.state_dict(), thought_tokens=[tok.start_thought, tok.end_thought])
+        res["sample"] = generate_thinking(gpt, head, tok, corpus.sample_prompt, SAMPLE_TOKENS, args,
+                                          torch.Generator().manual_seed(args.seed))
+        print(f"thinking sample: {res['sample']!r}")
+    loop.write_atomic(run.path(f"{arm}.json"), json.dumps(res))
+    own = (f" (the same model without its thoughts {res['nll_computed_base']:.4f}, mean w there {res['w_computed']:.4f})"
+           if thoughts else "")
+    print(f"{arm}: held-out NLL {res['nll']:.4f}, on computed tokens {res['nll_computed']:.4f}{own} ({res['time']:.0f}s)")
+    return res
 
 
 if __name__ == "__main__":

@@ -160,106 +160,108 @@ def make_pairs(samples, q_rows, variant, seed):
 def main(args):
     defaults = {"lr": (args.scratch_lr, loop.PRETRAINED_LR), **(DPO_DEFAULTS if args.variant != "rft" else {})}
     run, tok, init, task = loop.setup(args, "per-step DPO", defaults)
-    path = run.path
-    seed_set, questions, val, test, block_size = task.seed, task.train[: args.n_questions], task.val, task.test, task.block_size
+    questions = task.train[: args.n_questions]
     accuracy = lambda m, split: loop.evaluate(m, tok, split, seed=args.seed, max_new_tokens=args.max_new_tokens,
                                              batch_size=args.gen_batch, compile=args.compile_sampler)["acc"]
 
-    # --- 1. the SFT model, also the reference
-    config = model.GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
+    # 1. the SFT model, also DPO's reference
+    config = model.GPTConfig(block_size=task.block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
                              n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
-    base = loop.warm_start(path("base.pt"), tok, seed_set, config, steps=args.warm_steps, lr=args.warm_lr,
+    base = loop.warm_start(run.path("base.pt"), tok, task.seed, config, steps=args.warm_steps, lr=args.warm_lr,
                            batch_size=args.batch_size, seed=args.seed, device=args.device, init=init, compile=args.compile,
                            holdout=args.warm_holdout)
     config, base_state = base.config, {k: v.to("cpu", copy=True) for k, v in base.state_dict().items()}  # kept off the GPU
 
-    # --- 2. N solutions per question, graded
-    if loop.exists(path("samples.jsonl")):
-        samples = loop.read_rows(path("samples.jsonl"))
-        print(f"resumed: {len(samples)} samples from samples.jsonl")
-    else:
-        t0 = time.time()
-        outs = loop.sample(base, tok, [data.prompt(e.question) for e in questions], args.samples, temperature=args.temperature,
-                           max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, seed=args.seed, desc="sample",
-                           compile=args.compile_sampler)
-        samples = [{"index": i, "question": e.question, "answer": e.answer, "completion": t, "finished": f,
-                    "correct": data.sample_correct(t, f, e.answer)}
-                   for i, (e, o) in enumerate(zip(questions, outs)) for t, f in o]
-        loop.write_rows(path("samples.jsonl"), samples)
-        print(f"sampled {len(samples)} solutions ({args.samples} per question) in {time.time() - t0:.0f}s")
+    # 2. N solutions per question from the SFT model, graded: the synthetic data
+    (samples,) = run.cached(["samples.jsonl"], lambda: [solutions(base, tok, questions, args)])
     n_right = sum(s["correct"] for s in samples)
     print(f"{n_right} right, {len(samples) - n_right} wrong")
     if args.variant != "rft" and (n_right == 0 or n_right == len(samples)):
         raise SystemExit(f"cannot pair: every sample is {'wrong' if n_right == 0 else 'right'}; "
                          "try more --samples, another --temperature or a different SFT model")
 
-    # --- 3-4. Q values of every wrong solution's steps, its critical step, the pairs
+    # 3. per-step: Q values of every step of every wrong solution from Monte-Carlo rollouts, and its critical step
+    q_rows = []
+    if args.variant == "perstep":
+        (q_rows,) = run.cached(["q_values.jsonl"], lambda: [q_value_rows(base, tok, samples, args)])
+        for r in q_rows[: args.show]:
+            show_steps(samples[r["sample"]]["question"], r["steps"], r["q_values"], r["critical"])
+
+    # 4. the pairs: a right solution over a wrong one (per-step: cut after its critical step); RFT: the right ones
     if args.variant == "rft":
         by_index = right_by_question(samples)
-        train_rows = [{"question": questions[i].question, "completion": t} for i, ts in sorted(by_index.items()) for t in data.dedup(ts)]
-        print(f"RFT: {len(train_rows)} distinct right solutions out of {n_right} right samples, {len(by_index)} questions")
-        loop.write_rows(path("pairs.jsonl"), train_rows)
+        rows = [{"question": questions[i].question, "completion": t} for i, ts in sorted(by_index.items()) for t in data.dedup(ts)]
+        print(f"RFT: {len(rows)} distinct right solutions out of {n_right} right samples, {len(by_index)} questions")
     else:
-        q_rows = []
-        if args.variant == "perstep":
-            if loop.exists(path("q_values.jsonl")):
-                q_rows = loop.read_rows(path("q_values.jsonl"))
-            else:
-                t0 = time.time()
-                wrong = [(n, s) for n, s in enumerate(samples) if not s["correct"]]
-                items = [(s["question"], s["answer"], data.split_steps(s["completion"]), False) for _, s in wrong]
-                qv = mc_q_values(base, tok, items, args, args.seed + 1, share_prefix=not args.no_share_prefix)
-                n_prefixes = sum(len(it[2]) - 1 for it in items)
-                dt = time.time() - t0
-                print(f"{n_prefixes * args.rollouts} rollouts from {n_prefixes} step prefixes in {dt:.0f}s "
-                      f"({n_prefixes * args.rollouts / max(dt, 1e-9):.0f} rollouts/s)")
-                q_rows = [{"sample": n, "steps": it[2], "q_values": q_values, "critical": critical_step(q_values)}
-                          for (n, _), it, q_values in zip(wrong, items, qv)]
-                loop.write_rows(path("q_values.jsonl"), q_rows)
-            for r in q_rows[: args.show]:
-                show_steps(samples[r["sample"]]["question"], r["steps"], r["q_values"], r["critical"])
-        pairs = make_pairs(samples, q_rows, args.variant, args.seed)
-        if not pairs:
+        rows = make_pairs(samples, q_rows, args.variant, args.seed)
+        if not rows:
             raise SystemExit("no question has both a right and a wrong sample: no DPO pairs")
-        loop.write_rows(path("pairs.jsonl"), pairs)
-        print(f"{len(pairs)} DPO pairs ({args.variant})")
+        print(f"{len(rows)} DPO pairs ({args.variant})")
+    run.write("pairs.jsonl", rows)
 
-    # --- 5. train, 6. evaluate
-    if loop.exists(path("metrics.json")):
-        with open(path("metrics.json")) as f:
+    # 5. DPO (RFT: SFT) from the SFT model, 6. both models evaluated on test and validation
+    if run.exists("metrics.json"):
+        with open(run.path("metrics.json")) as f:
             text = f.read()
         print(f"already finished: {text}")
         return json.loads(text)
     t0 = time.time()
-    n_items = len(train_rows) if args.variant == "rft" else len(pairs)
-    per_step = args.batch_size if args.variant == "rft" else max(1, args.batch_size // 2)  # DPO: a pair is two sequences
-    if args.train_epochs > 0:
-        args.train_steps = max(1, round(args.train_epochs * n_items / per_step))
-        print(f"{args.train_epochs} epochs over {n_items} {'solutions' if args.variant == 'rft' else 'pairs'}: {args.train_steps} steps")
-    if args.variant == "rft":
-        enc = data.seed_pairs(tok, seed_set) + [data.encode_example(tok, r["question"], r["completion"]) for r in train_rows]
-        m, loss = loop.fine_tune(base_state, config, enc, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
-                                 seed=args.seed + 2, device=args.device, compile=args.compile, desc="RFT",
-                                 grad_accum=args.grad_accum, fsdp=args.fsdp)
-        n_train = len(train_rows)
-    else:
-        enc = [(data.encode_example(tok, p["question"], p["chosen"]),
-                data.encode_example(tok, p["question"], p["rejected"], complete=p["rejected_complete"])) for p in pairs]
-        m, loss = loop.dpo_train(base_state, config, enc, steps=args.train_steps, lr=args.dpo_lr, beta=args.beta,
-                                 batch_size=args.batch_size, seed=args.seed + 2, device=args.device,
-                                 sft_weight=args.sft_weight, compile=args.compile, desc=f"{args.variant} DPO",
-                                 grad_accum=args.grad_accum, fsdp=args.fsdp)
-        n_train = len(pairs)
-    loop.save_checkpoint(path("model.pt"), m, tokenizer_dir=tok.source)
-    base_acc, acc = accuracy(base, test), accuracy(m, test)
-    res = {"variant": args.variant, "samples_per_question": args.samples, "synthetic_samples": len(samples), "steps": args.train_steps,
-           "train_examples": n_train, "sft_acc": base_acc, "acc": acc, "sft_val_acc": accuracy(base, val), "val_acc": accuracy(m, val),
-           "loss": loss, "train_time": time.time() - t0}
-    loop.write_atomic(path("metrics.json"), json.dumps(res))
+    m, loss = train(base_state, config, tok, task.seed, rows, args)
+    run.save("model.pt", m, tokenizer_dir=tok.source)
+    base_acc, acc = accuracy(base, task.test), accuracy(m, task.test)
+    res = {"variant": args.variant, "samples_per_question": args.samples, "synthetic_samples": len(samples),
+           "steps": args.train_steps, "train_examples": len(rows), "sft_acc": base_acc, "acc": acc,
+           "sft_val_acc": accuracy(base, task.val), "val_acc": accuracy(m, task.val), "loss": loss, "train_time": time.time() - t0}
+    loop.write_atomic(run.path("metrics.json"), json.dumps(res))
     print(f"{args.variant}: test acc {base_acc:.3f} (SFT model) -> {acc:.3f}, validation {res['sft_val_acc']:.3f} -> "
-          f"{res['val_acc']:.3f}, after {args.train_steps} steps on {n_train} {'solutions' if args.variant == 'rft' else 'pairs'} "
+          f"{res['val_acc']:.3f}, after {args.train_steps} steps on {len(rows)} {'solutions' if args.variant == 'rft' else 'pairs'} "
           f"from {len(samples)} samples")
     return res
+
+
+def solutions(m, tok, questions, args):
+    """args.samples solutions of every question, graded."""
+    t0 = time.time()
+    outs = loop.sample(m, tok, [data.prompt(e.question) for e in questions], args.samples, temperature=args.temperature,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, seed=args.seed, desc="sample",
+                       compile=args.compile_sampler)
+    samples = [{"index": i, "question": e.question, "answer": e.answer, "completion": t, "finished": f,
+                "correct": data.sample_correct(t, f, e.answer)}
+               for i, (e, o) in enumerate(zip(questions, outs)) for t, f in o]
+    print(f"sampled {len(samples)} solutions ({args.samples} per question) in {time.time() - t0:.0f}s")
+    return samples
+
+
+def q_value_rows(m, tok, samples, args):
+    """A row per wrong sample: its steps, the Q value of each step prefix, and its critical step."""
+    t0 = time.time()
+    wrong = [(n, s) for n, s in enumerate(samples) if not s["correct"]]
+    items = [(s["question"], s["answer"], data.split_steps(s["completion"]), False) for _, s in wrong]
+    qv = mc_q_values(m, tok, items, args, args.seed + 1, share_prefix=not args.no_share_prefix)
+    n_prefixes = sum(len(it[2]) - 1 for it in items)
+    dt = time.time() - t0
+    print(f"{n_prefixes * args.rollouts} rollouts from {n_prefixes} step prefixes in {dt:.0f}s "
+          f"({n_prefixes * args.rollouts / max(dt, 1e-9):.0f} rollouts/s)")
+    return [{"sample": n, "steps": it[2], "q_values": q_values, "critical": critical_step(q_values)}
+            for (n, _), it, q_values in zip(wrong, items, qv)]
+
+
+def train(base_state, config, tok, seed_set, rows, args):
+    """DPO on the pairs (with the SFT term), or RFT's SFT on the seed examples and right solutions; the budget in steps or epochs."""
+    per_step = args.batch_size if args.variant == "rft" else max(1, args.batch_size // 2)  # DPO: a pair is two sequences
+    if args.train_epochs > 0:
+        args.train_steps = max(1, round(args.train_epochs * len(rows) / per_step))
+        print(f"{args.train_epochs} epochs over {len(rows)} {'solutions' if args.variant == 'rft' else 'pairs'}: "
+              f"{args.train_steps} steps")
+    common = dict(steps=args.train_steps, batch_size=args.batch_size, seed=args.seed + 2, device=args.device,
+                  compile=args.compile, grad_accum=args.grad_accum, fsdp=args.fsdp)
+    if args.variant == "rft":
+        enc = data.seed_pairs(tok, seed_set) + [data.encode_example(tok, r["question"], r["completion"]) for r in rows]
+        return loop.fine_tune(base_state, config, enc, lr=args.lr, desc="RFT", **common)
+    enc = [(data.encode_example(tok, p["question"], p["chosen"]),
+            data.encode_example(tok, p["question"], p["rejected"], complete=p["rejected_complete"])) for p in rows]
+    return loop.dpo_train(base_state, config, enc, lr=args.dpo_lr, beta=args.beta, sft_weight=args.sft_weight,
+                          desc=f"{args.variant} DPO", **common)
 
 
 if __name__ == "__main__":
