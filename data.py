@@ -86,7 +86,8 @@ def bytes_to_unicode():
     Latin-1 bytes map to themselves, the rest to 256, 257, ...). tokenizer.json's byte-level
     vocab is written in it.
     """
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
     out, n = {}, 0
     for b in range(256):
         if b in keep:
@@ -130,7 +131,8 @@ class HFTokenizer:
         try:
             ranks = {to_bytes(t): i for t, i in bpe["vocab"].items()}
         except KeyError as e:
-            raise InputError(f"{path}: vocab token with a character outside the byte-level alphabet ({e}); not a byte-level BPE") from None
+            raise InputError(f"{path}: vocab token with a character outside the byte-level alphabet ({e}); not a "
+                             "byte-level BPE") from None
         # tiktoken merges the adjacent pair whose result has the lowest id; tokenizers merges by the
         # order of `merges`. They agree when result ids never decrease along the merge list. Several
         # merges may make one token (Llama 3: 'ĠĠ'+'ĠĠ' and 'Ġ'+'ĠĠĠ' both give 'ĠĠĠĠ'): equal ids are
@@ -169,11 +171,12 @@ class HFTokenizer:
 
     @staticmethod
     def _pattern(pre, path):
-        """One regex equivalent to the pre-tokenizer: Qwen2's Split, GPT-2's ByteLevel regex, or Digits then ByteLevel."""
+        """One regex for the pre-tokenizer: Qwen2's Split, GPT-2's ByteLevel regex, or Digits then ByteLevel."""
         steps = pre.get("pretokenizers", [pre]) if pre else []
         kinds = [p["type"] for p in steps]
         if not steps or kinds[-1] != "ByteLevel" or steps[-1].get("add_prefix_space"):
-            raise InputError(f"{path}: pre-tokenizer {kinds} is not supported (it must end in ByteLevel without a prefix space)")
+            raise InputError(f"{path}: pre-tokenizer {kinds} is not supported (it must end in ByteLevel without a "
+                             "prefix space)")
         use_regex = steps[-1].get("use_regex", True)
         if kinds == ["ByteLevel"] and use_regex:
             return GPT2_PATTERN
@@ -198,7 +201,8 @@ class HFTokenizer:
             if kind == "ByteLevel":
                 continue
             if kind != "TemplateProcessing":
-                raise InputError(f"{path}: post_processor {kind!r} is not supported (only TemplateProcessing, ByteLevel)")
+                raise InputError(f"{path}: post_processor {kind!r} is not supported (only "
+                                 "TemplateProcessing, ByteLevel)")
             try:
                 single, specials, side = step["single"], step.get("special_tokens", {}), bos
                 for piece in single:
@@ -549,8 +553,8 @@ def _wages(r):
 def _groups(r):
     b, c, d = r.randint(2, 6), r.randint(2, 9), r.randint(1, 20)
     a = b * r.randint(2, 8)
-    return (f"A class of {a} students splits into groups of {b}. Each group gets {c} markers and the teacher keeps {d}. "
-            f"How many markers are there in all?", [[a, "/", b, "*", c], [d]])
+    return (f"A class of {a} students splits into groups of {b}. Each group gets {c} markers and the teacher "
+            f"keeps {d}. How many markers are there in all?", [[a, "/", b, "*", c], [d]])
 
 
 def _farm(r):
@@ -564,7 +568,8 @@ def _reading(r):
     name, _ = r.choice(_NAMES)
     a, b, c, d = r.randint(2, 12), r.randint(2, 9), r.randint(2, 12), r.randint(2, 9)
     e = a * b + c * d + r.randint(1, 60)
-    return (f"{name}'s book has {e} pages. {name} reads {a} pages a day for {b} days, then {c} pages a day for {d} days. "
+    return (f"{name}'s book has {e} pages. {name} reads {a} pages a day for {b} days, then {c} pages a day "
+            f"for {d} days. "
             f"How many pages are left?", [[e], ["-", a, "*", b], ["-", c, "*", d]])
 
 
@@ -699,7 +704,8 @@ def gsm8k_task(data_dir=None):
     from datasets import load_dataset
 
     ds = load_dataset("openai/gsm8k", "main")
-    return tuple([gsm8k_example(r, f"openai/gsm8k {split}[{i}]") for i, r in enumerate(ds[split])] for split in ("train", "test"))
+    return tuple([gsm8k_example(r, f"openai/gsm8k {split}[{i}]") for i, r in enumerate(ds[split])]
+                 for split in ("train", "test"))
 
 
 def load_task(dataset, data_dir=None, n_train=4000, n_test=0, min_digits=1, max_digits=5, seed=0):

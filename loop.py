@@ -68,19 +68,25 @@ def _number(kind, ok, need):
 def add_task_args(parser):
     g = parser.add_argument_group("task")
     g.add_argument("--dataset", default="arithmetic", choices=["arithmetic", "word_problems", "gsm8k"],
-                   help="which task to learn: n-digit addition, templated multi-step word problems (both generated here), or GSM8K")
-    g.add_argument("--data_dir", default=None, help="gsm8k: local directory with train.jsonl and test.jsonl (skips the hub)")
-    g.add_argument("--n_train", type=at_least(1), default=4000, help="training questions used (gsm8k: at most this many)")
-    g.add_argument("--n_test", type=at_least(0), default=0, help="test questions (0 = 500 generated, all 1,319 for gsm8k)")
+                   help="which task to learn: n-digit addition, templated multi-step word problems (both generated "
+                       "here), or GSM8K")
+    g.add_argument("--data_dir", default=None,
+                   help="gsm8k: local directory with train.jsonl and test.jsonl (skips the hub)")
+    g.add_argument("--n_train", type=at_least(1), default=4000,
+                   help="training questions used (gsm8k: at most this many)")
+    g.add_argument("--n_test", type=at_least(0), default=0,
+                   help="test questions (0 = 500 generated, all 1,319 for gsm8k)")
     g.add_argument("--min_digits", type=at_least(1), default=1, help="arithmetic: fewest digits per operand")
     g.add_argument("--max_digits", type=at_least(1), default=5, help="arithmetic: most digits per operand")
-    g.add_argument("--data_seed", type=int, default=0, help="arithmetic, word_problems: seed of the generated train/test sets")
+    g.add_argument("--data_seed", type=int, default=0,
+                   help="arithmetic, word_problems: seed of the generated train/test sets")
     return g
 
 
 def task_from_args(args):
     """(train, test) lists of Examples for the task flags above."""
-    return data.load_task(args.dataset, args.data_dir, args.n_train, args.n_test, args.min_digits, args.max_digits, args.data_seed)
+    return data.load_task(args.dataset, args.data_dir, args.n_train, args.n_test, args.min_digits, args.max_digits,
+                          args.data_seed)
 
 
 DEFAULT_PRETRAINED = "Qwen/Qwen2.5-0.5B"  # Apache-2.0, 0.49B parameters; its authors report 41.6% on GSM8K (4-shot)
@@ -88,33 +94,45 @@ DEFAULT_PRETRAINED = "Qwen/Qwen2.5-0.5B"  # Apache-2.0, 0.49B parameters; its au
 
 def add_model_args(parser):
     g = parser.add_argument_group("model")
-    g.add_argument("--init", default="auto", help="where the model starts: 'scratch' (train a small model here), a nanostar "
-                   f"checkpoint, a Hugging Face model directory, or a hub repo id; auto = scratch for arithmetic, {DEFAULT_PRETRAINED} for gsm8k")
+    g.add_argument("--init", default="auto",
+                   help="where the model starts: 'scratch' (train a small model here), a nanostar "
+                   "checkpoint, a Hugging Face model directory, or a hub repo id; auto = scratch for arithmetic, "
+                   f"{DEFAULT_PRETRAINED} for gsm8k")
     g.add_argument("--n_layer", type=at_least(1), default=3, help="transformer blocks (from scratch)")
     g.add_argument("--n_embd", type=at_least(1), default=96, help="model width (from scratch)")
     g.add_argument("--n_head", type=at_least(1), default=4, help="attention heads (from scratch)")
-    g.add_argument("--block_size", type=at_least(0), default=0, help="context length: from scratch its size (0 = the script's default); "
+    g.add_argument("--block_size", type=at_least(0), default=0,
+                   help="context length: from scratch its size (0 = the script's default); "
                    "pretrained a cap on it, which keeps the rotary table and caches small (0 = 2048)")
     return g
 
 
-SCRATCH_N_SEED = 1024  # worked examples for a model from scratch: chosen on the validation split over three seeds (256 before)
-PRETRAINED_N_SEED = 256  # a pretrained model's few-shot pool (it takes 4); the rest of the train set stays STaR's questions
+# worked examples for a model from scratch: chosen on the validation split over three seeds (256 before)
+SCRATCH_N_SEED = 1024
+# a pretrained model's few-shot pool (it takes 4); the rest of the train set stays STaR's questions
+PRETRAINED_N_SEED = 256
 
 
 def add_warm_start_args(parser):
     g = parser.add_argument_group("warm start and sampling")
-    g.add_argument("--n_seed", type=at_least(0), default=None, help="worked examples, taken from the train set: the warm start's data "
-                   f"and in every fine-tune (a model from scratch, default {SCRATCH_N_SEED}), or the few-shot prompt's pool "
+    g.add_argument("--n_seed", type=at_least(0), default=None,
+                   help="worked examples, taken from the train set: the warm start's data "
+                   f"and in every fine-tune (a model from scratch, default {SCRATCH_N_SEED}), or the few-shot "
+                   "prompt's pool "
                    f"(pretrained, default {PRETRAINED_N_SEED})")
     g.add_argument("--warm_steps", type=at_least(0), default=1000, help="fine-tuning steps of the warm start")
-    g.add_argument("--warm_lr", type=more_than(0), default=None, help="peak learning rate of the warm start (default: --lr)")
-    g.add_argument("--warm_holdout", type=at_least(0), default=0, help="seed examples held out of the warm start: it keeps the weights "
+    g.add_argument("--warm_lr", type=more_than(0), default=None,
+                   help="peak learning rate of the warm start (default: --lr)")
+    g.add_argument("--warm_holdout", type=at_least(0), default=0,
+                   help="seed examples held out of the warm start: it keeps the weights "
                    "where their NLL was lowest (early stopping; 0 = train on all, keep the last weights)")
-    g.add_argument("--max_new_tokens", type=at_least(0), default=0, help="cut generations at this length (0 = from the task)")
+    g.add_argument("--max_new_tokens", type=at_least(0), default=0,
+                   help="cut generations at this length (0 = from the task)")
     g.add_argument("--gen_batch", type=at_least(1), default=512, help="sequences per sampling batch")
-    g.add_argument("--few_shot", type=at_least(-1), default=-1, help="worked examples from the seed set in every sampling prompt "
-                   "(STaR's few-shot prompt; -1 = 4 for a pretrained Hugging Face model, 0 otherwise, which fine-tunes on them instead)")
+    g.add_argument("--few_shot", type=at_least(-1), default=-1,
+                   help="worked examples from the seed set in every sampling prompt "
+                   "(STaR's few-shot prompt; -1 = 4 for a pretrained Hugging Face model, 0 otherwise, which "
+                   "fine-tunes on them instead)")
     return g
 
 
@@ -123,16 +141,21 @@ PRETRAINED_LR = 1e-5  # full fine-tuning of a pretrained model; the from-scratch
 
 def add_run_args(parser, out_dir, compile_flag=True, scratch_lr=3e-3):
     g = parser.add_argument_group("optimization")
-    g.add_argument("--lr", type=more_than(0), default=None, help=f"peak learning rate (default: {scratch_lr:g} for a model trained "
+    g.add_argument("--lr", type=more_than(0), default=None,
+                   help=f"peak learning rate (default: {scratch_lr:g} for a model trained "
                    f"here from scratch, {PRETRAINED_LR:g} for a pretrained model or a checkpoint tuned from one)")
     parser.set_defaults(scratch_lr=scratch_lr)
-    g.add_argument("--batch_size", type=at_least(1), default=32, help="sequences per training step (under torchrun: split across the processes)")
+    g.add_argument("--batch_size", type=at_least(1), default=32,
+                   help="sequences per training step (under torchrun: split across the processes)")
     g.add_argument("--grad_accum", type=at_least(1), default=1, help="micro-batches of --batch_size per optimizer step")
     if compile_flag:
-        g.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model being fine-tuned across the GPUs "
-                       "(FSDP2) for weights, gradients and optimizer state that do not fit one; default: data parallel, a full copy each")
+        g.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard the model being fine-tuned across the GPUs "
+                       "(FSDP2) for weights, gradients and optimizer state that do not fit one; default: data "
+                       "parallel, a full copy each")
         g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-        g.add_argument("--compile_sampler", action="store_true", help="torch.compile the one-token decode step (CUDA graphs on a GPU); "
+        g.add_argument("--compile_sampler", action="store_true",
+                       help="torch.compile the one-token decode step (CUDA graphs on a GPU); "
                        "each new batch shape compiles again, so it pays off only for long sampling at few shapes")
     g = parser.add_argument_group("run")
     g.add_argument("--out_dir", default=out_dir, help="where the run's files go")
@@ -268,7 +291,8 @@ def read_rows(path):
 
 
 # settings that may change when a run is resumed: where and how it runs, not what it computes
-MAY_DIFFER_ON_RESUME = {"resume", "out_dir", "device", "threads", "gen_batch", "compile", "compile_sampler", "generate", "n_generate",
+MAY_DIFFER_ON_RESUME = {"resume", "out_dir", "device", "threads", "gen_batch", "compile", "compile_sampler",
+                        "generate", "n_generate",
                         "hide_thoughts", "fsdp", "iters"}  # iters: a finished run may be continued for more iterations
 
 
@@ -288,7 +312,8 @@ class Run:
         cfg_path = self.path("config.json")
         if exists(cfg_path) and os.listdir(out_dir) != ["config.json"]:
             if not resume:
-                raise data.InputError(f"{out_dir} already holds a run: pass --resume to continue it, or another --out_dir")
+                raise data.InputError(f"{out_dir} already holds a run: pass --resume to continue it, or "
+                                      "another --out_dir")
             with open(cfg_path) as f:
                 theirs = json.load(f)
             keys = (set(theirs) | set(settings)) - MAY_DIFFER_ON_RESUME
@@ -343,7 +368,8 @@ def setup_device(device, threads):
         raise data.InputError(f"--device {device}: not a device (cpu, cuda, cuda:1, ...)") from None
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if dev.type == "cuda" and (dev.index or 0) >= gpus:
-        raise data.InputError(f"--device {device}: torch sees {gpus} CUDA GPU{'s' * (gpus != 1)} here (use --device cpu)")
+        raise data.InputError(f"--device {device}: torch sees {gpus} CUDA GPU{'s' * (gpus != 1)} here (use "
+                              "--device cpu)")
     if distributed():
         device = init_distributed(device)
     if threads:
@@ -369,11 +395,14 @@ def resolve_init(init, dataset):
     if os.path.isfile(init) or os.path.isfile(os.path.join(init, "config.json")):
         return init
     if os.path.exists(init) or init.startswith((".", "/", "~")) or init.count("/") != 1:
-        raise data.InputError(f"--init {init}: not a nanostar checkpoint, a directory with config.json, or a hub repo id")
+        raise data.InputError(f"--init {init}: not a nanostar checkpoint, a directory with config.json, or a "
+                              "hub repo id")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     if offline or not data.hub_reachable():
-        raise data.InputError(f"cannot reach {data.HUB_HOST} to download {init}; pass --init DIR, a local directory with "
-                              "config.json, *.safetensors, tokenizer.json (and generation_config.json), or --init scratch")
+        raise data.InputError(f"cannot reach {data.HUB_HOST} to download {init}; pass --init DIR, a local "
+                              "directory with "
+                              "config.json, *.safetensors, tokenizer.json (and generation_config.json), or "
+                              "--init scratch")
     from huggingface_hub import snapshot_download
 
     print(f"downloading {init} ({', '.join(HF_FILES)})")
@@ -397,7 +426,7 @@ def tokenizer_for(init):
 
 
 def by_origin(value, pretrained, scratch_value, pretrained_value, flag):
-    """The flag's value if given, else its default for where the weights come from: pretrained, or trained here from scratch."""
+    """The flag's value if given, else its default for where the weights come from: pretrained, or from scratch."""
     if value is None:
         value = pretrained_value if pretrained else scratch_value
         print(f"{flag} {value:g} ({'pretrained model' if pretrained else 'from scratch'}; pass {flag} to change it)")
@@ -410,12 +439,12 @@ def learning_rate(lr, tok, scratch_lr, pretrained_lr=PRETRAINED_LR, flag="--lr")
 
 
 def seed_count(n_seed, init):
-    """By where the base comes from: a model from scratch (its warm start's examples), or a pretrained one (its shots' pool)."""
+    """By where the base comes from: from scratch (its warm start's examples), or pretrained (its shots' pool)."""
     return by_origin(n_seed, is_pretrained(init), SCRATCH_N_SEED, PRETRAINED_N_SEED, "--n_seed")
 
 
 def warm_start_defaults(args, init):
-    """--n_seed by where the base comes from, and --warm_lr (default: --lr, resolved before); for star.py and stepdpo.py."""
+    """--n_seed by where the base comes from, and --warm_lr (default: --lr, resolved before)."""
     args.n_seed = seed_count(args.n_seed, init)
     args.warm_lr = args.warm_lr or args.lr
 
@@ -439,16 +468,18 @@ def setup(args, name, defaults, few_shot=False):
     block_size = base_block_size(init, args.block_size, args.dataset)
     # a pretrained model is prompted with worked examples (STaR's few-shot prompt); a model
     # trained here from scratch is fine-tuned on them instead (the warm start)
-    n_shots = min(args.n_seed, (4 if is_pretrained(init) else 0) if args.few_shot < 0 else args.few_shot) if few_shot else 0
+    n_shots = min(args.n_seed, (4 if is_pretrained(init) else 0)
+                  if args.few_shot < 0 else args.few_shot) if few_shot else 0
     seed_set, train, test, args.max_new_tokens = prepare_task(
         *task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset, n_shots)
     val, train = split_validation(train, args.n_val)
-    task = SimpleNamespace(seed=seed_set, shots=seed_set[:n_shots], train=train, val=val, test=test, block_size=block_size)
+    task = SimpleNamespace(seed=seed_set, shots=seed_set[:n_shots], train=train, val=val, test=test,
+                           block_size=block_size)
     return run, tok, init, task
 
 
 def base_block_size(init, block_size, dataset):
-    """The context of the model a run starts from: --init's (capped by --block_size), else --block_size or the task's default."""
+    """The context of the run's base: --init's (capped by --block_size), else --block_size or the task's default."""
     if is_pretrained(init):
         return model.read_hf_config(init, block_size or 2048).block_size
     if init:
@@ -525,7 +556,7 @@ def score_pairs(m, pairs, batch_size, score):
 
 
 def completion_logprobs(m, pairs, batch_size):
-    """(summed log-prob, number of tokens) of each completion given its prompt, for (prompt_ids, completion_ids) pairs."""
+    """(summed log-prob, number of tokens) of each completion given its prompt, for (prompt_ids, completion_ids)."""
     def score(m, x, y):
         return zip(model.sequence_logprobs(m, x, y).float().tolist(), (y != -1).sum(1).tolist())
 
@@ -536,8 +567,8 @@ def completion_logprobs(m, pairs, batch_size):
 # training from the base weights: SFT and DPO
 
 
-def fine_tune(base_state, config, pairs, *, steps, lr, batch_size, seed, device, compile=False, desc="fine-tune", grad_accum=1,
-              fsdp=False, on_step=None):
+def fine_tune(base_state, config, pairs, *, steps, lr, batch_size, seed, device, compile=False, desc="fine-tune",
+              grad_accum=1, fsdp=False, on_step=None):
     """
     A fresh copy of the base weights fine-tuned on (prompt_ids, completion_ids) pairs, in
     random batches, packed (data.pack). Returns (model, last loss). Under torchrun every
@@ -565,18 +596,20 @@ def fine_tune(base_state, config, pairs, *, steps, lr, batch_size, seed, device,
         if world == 1:
             return data.pack(batch, config.block_size, device)  # (x, y, pos, mask): short examples share rows
         mine = batch[rank::world]  # the same global micro-batch on every rank, this rank's examples packed
-        share = world * sum(len(c) for _, c in mine) / sum(len(c) for _, c in batch)  # its share of the scored tokens, times N
+        share = world * sum(len(c) for _, c in mine) / sum(len(c)
+                                                           for _, c in batch)  # its share of the scored tokens, times N
         return (*data.pack(mine, config.block_size, device), share)
 
     loss_fn = model.lm_loss if world == 1 else lambda m, b: (model.lm_loss(m, b[:4])[0] * b[4], {})
     cfg = model.TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), compile=compile, grad_accum=grad_accum,
                             parallel=parallel_mode(m, fsdp))
-    losses = model.train(m, get_batch, cfg, loss_fn=loss_fn, desc=desc, on_step=on_step and (lambda step: on_step(step, m)))
+    losses = model.train(m, get_batch, cfg, loss_fn=loss_fn, desc=desc,
+                         on_step=on_step and (lambda step: on_step(step, m)))
     return unsharded(m, config, fsdp), losses[-1] if losses else float("nan")
 
 
 def parallel_mode(m, fsdp):
-    """How model.train runs across processes: "" alone, "ddp", or "fsdp" (sharding m in place, FSDP2: each block, then the rest)."""
+    """How model.train runs across processes: "" alone, "ddp", or "fsdp" (m sharded in place: each block, the rest)."""
     if not distributed():
         return ""
     if not fsdp:
@@ -594,7 +627,7 @@ def parallel_mode(m, fsdp):
 
 
 def unsharded(m, config, fsdp):
-    """After FSDP training: a plain model with the full weights on every rank (to sample from and save); else m itself."""
+    """After FSDP training: a plain model with the full weights on every rank (to sample and save); else m itself."""
     if not (fsdp and distributed()):
         return m
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -607,7 +640,7 @@ def unsharded(m, config, fsdp):
 
 @torch.no_grad()
 def reference_logprobs(ref, pairs, batch_size):
-    """Summed log-probs under the frozen reference of every (chosen, rejected) pair, once, no grad: (n, 2) on the CPU."""
+    """Summed log-probs under the frozen reference of every (chosen, rejected) pair, once: (n, 2) on the CPU."""
     lp = completion_logprobs(ref, [s for pair in pairs for s in pair], batch_size)  # c0, r0, c1, r1, ...
     return torch.tensor([v for v, _ in lp]).view(-1, 2)
 
@@ -649,7 +682,8 @@ def dpo_train(base_state, config, pairs, *, steps, lr, beta, batch_size, seed, d
 
     def loss_fn(m, batch):
         pair_scale, token_scale = batch[3] if world > 1 else (1.0, 1.0)
-        return model.dpo_sft_loss(m, *batch[:3], beta=beta, sft_weight=sft_weight, pair_scale=pair_scale, token_scale=token_scale)
+        return model.dpo_sft_loss(m, *batch[:3], beta=beta, sft_weight=sft_weight, pair_scale=pair_scale,
+                                  token_scale=token_scale)
 
     cfg = model.TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), compile=compile, grad_accum=grad_accum,
                             parallel=parallel_mode(m, fsdp))
@@ -702,7 +736,7 @@ def evaluate(m, tok, test, *, seed, max_new_tokens, batch_size, n_samples=0, tem
     greedy = sample(m, tok, prompts, 1, temperature=0.0, seed=seed, desc="eval greedy", **gen)
     if n_samples <= 1:
         return tally(golds, [o[0] for o in greedy])
-    outs = sample(m, tok, prompts, n_samples, temperature=temperature, seed=seed + 1, desc=f"eval {n_samples} samples", **gen)
+    outs = sample(m, tok, prompts, n_samples, temperature=temperature, seed=seed + 1, desc=f"eval {n_samples}", **gen)
     if keep is not None:
         keep.update(golds=golds, greedy=[o[0] for o in greedy], samples=outs)
     return tally(golds, [o[0] for o in greedy], outs)
@@ -715,7 +749,8 @@ def evaluate(m, tok, test, *, seed, max_new_tokens, batch_size, n_samples=0, tem
 def split_validation(questions, n_val):
     """(validation, training): the last n_val training questions are held out and never trained on; --n_val checked."""
     if not 0 < n_val < len(questions):
-        raise data.InputError(f"--n_val {n_val}: need between 1 and {len(questions) - 1} of the {len(questions)} training questions")
+        raise data.InputError(f"--n_val {n_val}: need between 1 and {len(questions) - 1} of the {len(questions)} "
+                              "training questions")
     return questions[-n_val:], questions[:-n_val]
 
 
@@ -728,12 +763,14 @@ def prepare_task(train, test, tok, block_size, n_seed, max_new_tokens=0, dataset
     """
     length = {}  # id(example) -> tokens of its hinted prompt, solution and end token
     for e in train + test:
-        length[id(e)] = len(tok.encode(data.hint_prompt(e.question, e.answer) + data.completion(e.rationale, e.answer))) + 1
+        length[id(e)] = len(tok.encode(data.hint_prompt(e.question,
+                                                        e.answer) + data.completion(e.rationale, e.answer))) + 1
 
     def keep(name, split, extra=0, why=""):
         kept = [e for e in split if extra + length[id(e)] <= block_size]
         if len(kept) < len(split):
-            print(f"dropped {len(split) - len(kept)} of {len(split)} {name} examples longer than block_size {block_size}{why}")
+            print(f"dropped {len(split) - len(kept)} of {len(split)} {name} examples longer than block_size "
+                  f"{block_size}{why}")
         return kept
 
     train, extra = keep("train", train), 0
@@ -751,7 +788,8 @@ def prepare_task(train, test, tok, block_size, n_seed, max_new_tokens=0, dataset
         max_new_tokens = min(int(longest * 1.25) + 8, block_size)
     seed_set, questions = train[:n_seed], train[n_seed:]
     print(f"task {dataset}: {len(seed_set)} seed, {len(questions)} train questions, {len(test)} test; "
-          f"generations cut at {max_new_tokens} tokens" + (f"; {n_shots}-shot prompt of {extra} tokens" if n_shots else ""))
+          f"generations cut at {max_new_tokens} tokens" + (f"; {n_shots}-shot prompt of {extra} tokens"
+                                                           if n_shots else ""))
     return seed_set, questions, test, max_new_tokens
 
 
@@ -780,7 +818,8 @@ def warm_start(path, tok, seed_set, config, *, steps, lr, batch_size, seed, devi
         save_checkpoint(path, base, tokenizer_dir=tok.source)
         return base
     if not seed_set:
-        raise data.InputError("a model from scratch learns the solution format from its --n_seed worked examples: need at least 1")
+        raise data.InputError("a model from scratch learns the solution format from its --n_seed worked examples: "
+                              "need at least 1")
     if not 0 <= holdout < len(seed_set):
         raise data.InputError(f"--warm_holdout {holdout}: need 0 <= it < --n_seed {len(seed_set)}")
     torch.manual_seed(seed)
@@ -799,15 +838,16 @@ def warm_start(path, tok, seed_set, config, *, steps, lr, batch_size, seed, devi
         if nll < best["nll"]:
             best.update(nll=nll, step=step + 1, state={k: v.detach().clone() for k, v in m.state_dict().items()})
 
-    base, loss = fine_tune(init_state, config, pairs, steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=device,
-                           compile=compile, desc="warm start",
+    base, loss = fine_tune(init_state, config, pairs, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                           device=device, compile=compile, desc="warm start",
                            on_step=keep_best if held else None)
     stopped = ""
     if held:
         base.load_state_dict(best["state"])
         stopped = f"; held-out NLL by step {' '.join(curve)}: kept step {best['step']} ({best['nll']:.4f})"
     save_checkpoint(path, base)
-    print(f"warm start: {base.num_params():,} parameters, {steps} steps, loss {loss:.4f}, {time.time() - t0:.0f}s{stopped}")
+    print(f"warm start: {base.num_params():,} parameters, {steps} steps, loss {loss:.4f}, "
+          f"{time.time() - t0:.0f}s{stopped}")
     return base
 
 
@@ -821,12 +861,14 @@ def warm_start(path, tok, seed_set, config, *, steps, lr, batch_size, seed, devi
 # model that stepdpo.py's runs start from, as the per-step DPO paper starts from an SFT model.
 
 TABLE_STEPDPO = ["--n_questions", "500", "--samples", "4", "--train_epochs", "3"]  # the per-step DPO section's regime
-TABLE_DPO = ["--dpo_lr", "1e-5", "--beta", "2", "--sft_weight", "1"]  # settings chosen on the validation split from the
-TABLE_RFT = ["--lr", "1e-4"]                                          # STaR models of the table's seeds (docs/record.md)
+# settings chosen on the validation split from the STaR models of the table's seeds (docs/record.md)
+TABLE_DPO = ["--dpo_lr", "1e-5", "--beta", "2", "--sft_weight", "1"]
+TABLE_RFT = ["--lr", "1e-4"]
 # the task of every star.py and stepdpo.py run; word_problems needs more seed examples and warm-start steps to be learnt
-# by the default 3 x 96 model (chosen on validation: docs/record.md, "A second task"). Quiet-STaR reads its own corpus, so its
-# runs are the same for every task and are left out of the word_problems table.
-TABLE_TASKS = {"arithmetic": [], "word_problems": ["--dataset", "word_problems", "--n_seed", "1024", "--warm_steps", "3000"]}
+# by the default 3 x 96 model (chosen on validation: docs/record.md, "A second task"). Quiet-STaR reads its own corpus,
+# so its runs are the same for every task and are left out of the word_problems table.
+TABLE_TASKS = {"arithmetic": [],
+               "word_problems": ["--dataset", "word_problems", "--n_seed", "1024", "--warm_steps", "3000"]}
 
 
 def table_runs(out_dir, seed, iters, dataset="arithmetic"):
@@ -838,24 +880,27 @@ def table_runs(out_dir, seed, iters, dataset="arithmetic"):
         ("star", "star.py", fixed),
         ("star_no_rationalize", "star.py", fixed + ["--no_rationalize", "--init", base]),
         ("answer_only", "star.py", fixed + ["--answer_only", "--init", base]),
-        ("rft_vstar", "star.py", fixed + ["--samples", "4", "--temperature", "0.7", "--verifier", "--eval_samples", "16", "--init", base]),
+        ("rft_vstar", "star.py",
+         fixed + ["--samples", "4", "--temperature", "0.7", "--verifier", "--eval_samples", "16", "--init", base]),
         ("stepdpo_rft", "stepdpo.py", TABLE_STEPDPO + ["--variant", "rft", "--init", star_model] + TABLE_RFT),
         ("stepdpo_plain", "stepdpo.py", TABLE_STEPDPO + ["--variant", "plain", "--init", star_model] + TABLE_DPO),
         ("stepdpo_perstep", "stepdpo.py", TABLE_STEPDPO + ["--variant", "perstep", "--init", star_model] + TABLE_DPO),
         ("quietstar", "quietstar.py", []),  # its defaults: a base with a skill to think with, its own corpus
     ]
     task = TABLE_TASKS[dataset]
-    return [(name, script, argv + (task if script != "quietstar.py" else []) + ["--seed", str(seed), "--out_dir", d(name)])
+    return [(name, script,
+             argv + (task if script != "quietstar.py" else []) + ["--seed", str(seed), "--out_dir", d(name)])
             for name, script, argv in runs if script != "quietstar.py" or dataset == "arithmetic"]
 
 
 def star_samples(rows, samples, rationalize):
-    """Completions a star.py run sampled: every question `samples` times a round, plus one hinted try per unsolved question."""
+    """Completions a star.py run sampled: every question `samples` times a round, plus a hinted try per failure."""
     n = 0
     for r in rows[1:]:
         if "questions" in r:  # (answer-only rounds sample nothing and have no count)
             questions = r["questions"]
-        elif r.get("solved_frac"):  # runs before 42bf826 saved no count: recovered, and a round that solved nothing is missed
+        # runs before 42bf826 saved no count: recovered, and a round that solved nothing is missed
+        elif r.get("solved_frac"):
             questions = round(r["solved"] / r["solved_frac"])
         else:
             continue
@@ -867,7 +912,8 @@ def table_rows(out_dir, seed):
     """One seed's results, read from its runs' files: {row name: {"acc" or "nll": ..., "samples": ..., "from": ...}}."""
     p = lambda name, f: os.path.join(out_dir, f"{name}_{seed}", f)
     out = {}
-    for name, samples, rat in (("star", 1, True), ("star_no_rationalize", 1, False), ("answer_only", 0, False), ("rft_vstar", 4, True)):
+    for name, samples, rat in (("star", 1, True), ("star_no_rationalize", 1, False), ("answer_only", 0, False),
+                               ("rft_vstar", 4, True)):
         rows = read_rows(p(name, "metrics.jsonl"))
         out[name] = {"acc": rows[-1]["acc"], "samples": star_samples(rows, samples, rat), "rounds": len(rows) - 1}
         distinct = [r["distinct_per_question"] for r in rows[1:] if "distinct_per_question" in r]
@@ -881,9 +927,10 @@ def table_rows(out_dir, seed):
     for v in ("rft", "plain", "perstep"):
         with open(p(f"stepdpo_{v}", "metrics.json")) as f:
             m = json.load(f)
-        out[f"stepdpo_{v}"] = {"acc": m["acc"], "from": m["sft_acc"], "samples": m["synthetic_samples"], "trained_on": m["train_examples"],
-                                  "kind": v}
-        if v == "perstep":  # where the first pit falls: the critical step (1-based) of each wrong solution, of its steps
+        out[f"stepdpo_{v}"] = {"acc": m["acc"], "from": m["sft_acc"], "samples": m["synthetic_samples"],
+                               "trained_on": m["train_examples"], "kind": v}
+        # where the first pit falls: the critical step (1-based) of each wrong solution, of its steps
+        if v == "perstep":
             q = read_rows(p("stepdpo_perstep", "q_values.jsonl"))
             out["stepdpo_perstep"].update(critical=sum(r["critical"] + 1 for r in q) / max(1, len(q)),
                                           steps=sum(len(r["steps"]) for r in q) / max(1, len(q)))
@@ -950,11 +997,13 @@ def table_markdown(per_seed, seeds, times):
     """The table over seeds: mean (min-max) of each row, the samples it drew, and each method's wall time."""
     pct = lambda v: f"{100 * v:.1f}"
     nat = lambda v: f"{v:.4f}"
-    lines = [f"| method | test accuracy, mean (min-max) over seeds {', '.join(map(str, seeds))} | paired difference, seed by seed "
-             "| samples drawn (per seed) | wall time (per seed) | trained on (per seed) |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| method | test accuracy, mean (min-max) over seeds {', '.join(map(str, seeds))} | paired difference, "
+             "seed by seed | samples drawn (per seed) | wall time (per seed) | trained on (per seed) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     signed = lambda v: f"{100 * v:+.1f}"
     run_of = {"vstar_maj": "rft_vstar", "vstar_reward": "rft_vstar", "vstar_pass": "rft_vstar", "base": "star",
-              "quietstar_pretrained": "quietstar", "quietstar_no_thoughts": "quietstar", "quietstar_thoughts": "quietstar",
+              "quietstar_pretrained": "quietstar", "quietstar_no_thoughts": "quietstar",
+              "quietstar_thoughts": "quietstar",
               "quietstar_own_base": "quietstar"}
     for row, label in TABLE_LABELS:
         if row not in per_seed[seeds[0]]:
@@ -969,12 +1018,14 @@ def table_markdown(per_seed, seeds, times):
             ref, name = TABLE_PAIRED[row]
             key = "nll" if "nll" in vals[0] else "acc"
             diffs = [per_seed[s][row][key] - per_seed[s][ref][key] for s in seeds]
-            paired = (" / ".join(f"{d:+.4f}" for d in diffs) + " nats" if key == "nll" else " / ".join(signed(d) for d in diffs)) + f" vs {name}"
+            paired = (" / ".join(f"{d:+.4f}" for d in diffs) + " nats"
+                      if key == "nll" else " / ".join(signed(d) for d in diffs)) + f" vs {name}"
         else:
             paired = ""
         samples = spread([v["samples"] for v in vals], lambda x: f"{x:,.0f}") if "samples" in vals[0] else ""
         run = run_of.get(row, row)
-        t = spread([times[s][run] for s in seeds], lambda x: f"{x:.0f}", " s") if row == run or row == "quietstar_thoughts" else ""
+        t = spread([times[s][run] for s in seeds], lambda x: f"{x:.0f}",
+                   " s") if row == run or row == "quietstar_thoughts" else ""
         lines.append(f"| {label} | {result} | {paired} | {samples} | {t} | {trained_on(vals)} |")
     total = spread([sum(times[s].values()) for s in seeds], lambda x: f"{x:.0f}", " s")
     lines.append(f"| every run of a seed | | | | {total} | |")
@@ -1007,7 +1058,8 @@ def table(out_dir, seeds, iters, threads=0, extra=None, dataset="arithmetic"):
             print(f"seed {seed} {name}: {commands[-1]}", flush=True)
             t0 = time.time()
             with open(os.path.join(out_dir, f"{name}_{seed}.log"), "a") as log:
-                done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__)))
+                done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                      cwd=os.path.dirname(os.path.abspath(__file__)))
             if done.returncode:
                 raise data.InputError(f"seed {seed} {name} failed (exit status {done.returncode}): see {log.name}")
             took = time.time() - t0  # of the last attempt, if it was resumed
@@ -1018,7 +1070,9 @@ def table(out_dir, seeds, iters, threads=0, extra=None, dataset="arithmetic"):
     times = read_times()
     per_seed = {s: table_rows(out_dir, s) for s in seeds}
     md = table_markdown(per_seed, seeds, {s: times[str(s)] for s in seeds})
-    write_atomic(os.path.join(out_dir, "table.json"), json.dumps({"dataset": dataset, "seeds": seeds, "iters": iters, "rows": per_seed, "times": times}, indent=1))
+    write_atomic(os.path.join(out_dir, "table.json"),
+                 json.dumps({"dataset": dataset, "seeds": seeds, "iters": iters, "rows": per_seed, "times": times},
+                            indent=1))
     write_atomic(os.path.join(out_dir, "table.md"), md + "\n\nmade by:\n\n" + "\n".join(commands) + "\n")
     print(md)
     return per_seed
@@ -1027,21 +1081,29 @@ def table(out_dir, seeds, iters, threads=0, extra=None, dataset="arithmetic"):
 if __name__ == "__main__":
     import shlex
 
-    ap = argparse.ArgumentParser(description="The one table: every method (STaR with and without rationalization, answer-only, "
-                                 "RFT, V-STaR best-of-N, plain and per-step DPO, Quiet-STaR) on one task (--dataset) from the same "
-                                 "base model, over seeds, with each run's wall time. Re-run the same command to resume.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--dataset", default="arithmetic", choices=list(TABLE_TASKS), help="the task of every star.py and stepdpo.py "
+    ap = argparse.ArgumentParser(description="The one table: every method (STaR with and without rationalization, "
+                                 "answer-only, "
+                                 "RFT, V-STaR best-of-N, plain and per-step DPO, Quiet-STaR) on one task (--dataset) "
+                                 "from the same "
+                                 "base model, over seeds, with each run's wall time. Re-run the same "
+                                 "command to resume.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--dataset", default="arithmetic", choices=list(TABLE_TASKS),
+                    help="the task of every star.py and stepdpo.py "
                     "run (word_problems: with the seed examples and warm-start steps it needs; no Quiet-STaR rows)")
     ap.add_argument("--out_dir", default=None, help="where the runs, table.md and table.json go (default: out/table, "
                     "out/table_word_problems)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2], help="one full set of runs per seed, one seed after "
-                    "another (to use more cores, run one `--seeds S` per seed in the same --out_dir, then the command with all seeds)")
-    ap.add_argument("--iters", type=at_least(1), default=3, help="STaR rounds of every star.py run (the sample budget; no early stop)")
-    ap.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads of every run (0 = torch's default)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2],
+                    help="one full set of runs per seed, one seed after "
+                    "another (to use more cores, run one `--seeds S` per seed in the same --out_dir, then the command "
+                    "with all seeds)")
+    ap.add_argument("--iters", type=at_least(1), default=3,
+                    help="STaR rounds of every star.py run (the sample budget; no early stop)")
+    ap.add_argument("--threads", type=at_least(0), default=0,
+                    help="torch CPU threads of every run (0 = torch's default)")
     for s in ("star", "stepdpo", "quietstar"):
         ap.add_argument(f"--{s}_args", default="", help=f"more flags for every {s}.py run, in one quoted string")
     a = ap.parse_args()
     a.out_dir = a.out_dir or ("out/table" if a.dataset == "arithmetic" else f"out/table_{a.dataset}")
     run_cli(lambda a: table(a.out_dir, a.seeds, a.iters, a.threads, {f"{s}.py": shlex.split(getattr(a, f"{s}_args"))
-                                                                       for s in ("star", "stepdpo", "quietstar")}, a.dataset), a)
+                                                                       for s in ("star", "stepdpo", "quietstar")},
+                                                                       a.dataset), a)

@@ -94,7 +94,8 @@ def rope_frequencies(config):
     if not rs:
         return inv_freq
     # Llama 3.1: long wavelengths slowed down by `factor`, short ones kept, a smooth blend between
-    factor, lo, hi, old_len = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_len = rs["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
     smooth = (old_len / wavelen - lo) / (hi - lo)
@@ -178,10 +179,12 @@ class StaticKVCache:
     def __init__(self, cache):
         shape, dev = cache.k.shape, cache.k.device
         bufs = StaticKVCache._buffers
-        if (bufs is None or len(bufs[0]) != shape[0] or bufs[0][0].shape != shape[1:] or bufs[0][0].dtype != cache.k.dtype
-                or bufs[0][0].device != dev):
-            bufs = ([torch.empty_like(cache.k[0]) for _ in range(shape[0])], [torch.empty_like(cache.v[0]) for _ in range(shape[0])],
-                    torch.empty_like(cache.valid), torch.zeros(1, dtype=torch.long, device=dev), torch.arange(shape[3], device=dev))
+        if (bufs is None or len(bufs[0]) != shape[0] or bufs[0][0].shape != shape[1:]
+                or bufs[0][0].dtype != cache.k.dtype or bufs[0][0].device != dev):
+            bufs = ([torch.empty_like(cache.k[0]) for _ in range(shape[0])],
+                    [torch.empty_like(cache.v[0]) for _ in range(shape[0])],
+                    torch.empty_like(cache.valid), torch.zeros(1, dtype=torch.long, device=dev),
+                    torch.arange(shape[3], device=dev))
             if dev.type == "cuda":  # the same addresses on every call: CUDA graphs may replay writes into them
                 for t in [*bufs[0], *bufs[1], *bufs[2:]]:
                     torch._dynamo.mark_static_address(t)
@@ -193,7 +196,8 @@ class StaticKVCache:
         self.valid.copy_(cache.valid)
         self.slot.fill_(cache.length)
         self.max_len = shape[3]
-        self.window = None  # None: attend over all max_len slots; else over slots [0, window), set by `static_decode_step`
+        # None: attend over all max_len slots; else over slots [0, window), set by `static_decode_step`
+        self.window = None
 
     def update(self, layer, k, v):
         self.k[layer][:, :, self.slot] = k  # k: (B, Hkv, 1, D) into (B, Hkv, max_len, D)
@@ -650,8 +654,8 @@ def compiled_decode_step(device):
 
 
 @torch.no_grad()
-def generate_reference(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, stop_token=None, generator=None, vocab_limit=None,
-                       keys=None):
+def generate_reference(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, stop_token=None, generator=None,
+                       vocab_limit=None, keys=None):
     """
     The plain path: no cache, the whole sequence re-run for every new token (O(T^2) work).
     Same left padding and sampling as `generate`, so with the same seed it must give the same
@@ -671,7 +675,8 @@ def generate_reference(model, prompts, max_new_tokens, *, temperature=1.0, top_k
         mask = ((valid[:, None, :T] & causal[:T, :T]) | eye[:T, :T])[:, None]  # (B, 1, T, T)
         with autocast(device):
             logits, _ = model(tokens[:, :T], pos=pos[:, :T], mask=mask)
-        tok = sample_next_token(_limit(logits[:, -1], vocab_limit), generator, temperature, top_k, keys, n).masked_fill(done, pad_id)
+        tok = sample_next_token(_limit(logits[:, -1], vocab_limit), generator, temperature, top_k, keys,
+                                n).masked_fill(done, pad_id)
         tokens[:, T] = tok
         valid[:, T] = True
         pos[:, T] = pos[:, T - 1] + 1
@@ -765,7 +770,8 @@ def get_lr(step, cfg):
 
 
 def lm_loss(model, batch):
-    """Mean cross-entropy over scored tokens (y != -1): the SFT loss. batch = (x, y) from data.collate, or (x, y, pos, mask) from data.pack."""
+    """Mean cross-entropy over scored tokens (y != -1): the SFT loss. batch = (x, y) from data.collate, or (x, y, pos,
+    mask) from data.pack."""
     x, y, pos, mask = batch if len(batch) == 4 else (*batch, None, None)
     _, loss = model(x, targets=y, pos=pos, mask=mask)
     n = (y != -1).sum().clamp(min=1)
@@ -835,7 +841,7 @@ def train(model, get_batch, cfg, loss_fn=lm_loss, params=None, desc="train", log
 
 
 def _all_reduce_mean(tensors):
-    """Every process's tensors replaced, in place, by their mean over the processes (SUM then divide: gloo has no AVG)."""
+    """Every process's tensors replaced, in place, by their mean over processes (SUM, then divide: gloo has no AVG)."""
     import torch.distributed as dist
 
     for work in [dist.all_reduce(t, async_op=True) for t in tensors]:
@@ -873,7 +879,8 @@ def _read_checkpoint(path, device, mmap=False):
         ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
         return ckpt, GPTConfig(**ckpt["config"])
     except Exception as e:  # a truncated zip, a pickle we refuse, missing keys...
-        raise CheckpointError(f"could not load checkpoint {path}: it is corrupt or not a nanostar checkpoint ({e})") from e
+        raise CheckpointError(f"could not load checkpoint {path}: it is corrupt or not a nanostar "
+                              f"checkpoint ({e})") from e
 
 
 def checkpoint_config(path):
@@ -889,7 +896,8 @@ def load_checkpoint(path, device="cpu"):
         model = GPT(config)
         model.load_state_dict(ckpt["model"])
     except Exception as e:  # missing keys, wrong shapes...
-        raise CheckpointError(f"could not load checkpoint {path}: it is corrupt or not a nanostar checkpoint ({e})") from e
+        raise CheckpointError(f"could not load checkpoint {path}: it is corrupt or not a nanostar "
+                              f"checkpoint ({e})") from e
     model.to(device).eval()
     return model, ckpt.get("extra", {})
 
@@ -928,11 +936,14 @@ def read_safetensors(path):
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt header entry for {name}: {info}") from None
         if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}; supported: {', '.join(SAFETENSORS_DTYPES)}")
+            raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}; supported: "
+                                  f"{', '.join(SAFETENSORS_DTYPES)}")
         nbytes = math.prod(shape) * dtype.itemsize
         if end > len(body) or end - start != nbytes or start < 0:
-            raise CheckpointError(f"{path}: tensor {name} needs bytes {start}..{end} of {len(body)}: the file is truncated or corrupt")
-        t = torch.frombuffer(body, dtype=dtype, count=math.prod(shape), offset=start) if nbytes else torch.empty(0, dtype=dtype)
+            raise CheckpointError(f"{path}: tensor {name} needs bytes {start}..{end} of {len(body)}: the file is "
+                                  "truncated or corrupt")
+        t = torch.frombuffer(body, dtype=dtype, count=math.prod(shape),
+                             offset=start) if nbytes else torch.empty(0, dtype=dtype)
         out[name] = t.view(shape)
     return out
 
@@ -959,7 +970,8 @@ def hf_config(cfg, block_size=0):
         raise CheckpointError(f"{kind}: only a bias-free SiLU-gated MLP is supported")
     if cfg.get("use_sliding_window"):
         raise CheckpointError(f"{kind}: sliding-window attention is not supported")
-    rope = cfg.get("rope_parameters") or {}  # transformers >= 5 writes rope_parameters; older files rope_theta/rope_scaling
+    # transformers >= 5 writes rope_parameters; older files rope_theta/rope_scaling
+    rope = cfg.get("rope_parameters") or {}
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     if scaling:
@@ -969,7 +981,8 @@ def hf_config(cfg, block_size=0):
         elif rtype != "llama3":
             raise CheckpointError(f"rope scaling of type {rtype!r} is not supported (only 'llama3')")
         else:
-            scaling = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+            scaling = {k: scaling[k]
+                       for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
             scaling["rope_type"] = "llama3"
     n_head = cfg["num_attention_heads"]
     max_pos = cfg.get("max_position_embeddings", 2048)
@@ -1014,11 +1027,13 @@ def load_pretrained(model_dir, device="cpu", block_size=0):
         expected.pop("lm_head.weight")
         head = state.pop("lm_head.weight", None)
         if head is not None and "embed_tokens.weight" in state and not torch.equal(head, state["embed_tokens.weight"]):
-            raise CheckpointError(f"{model_dir}: tie_word_embeddings is set but lm_head.weight differs from the embedding")
+            raise CheckpointError(f"{model_dir}: tie_word_embeddings is set but lm_head.weight differs from "
+                                  "the embedding")
     missing, unused = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
     if missing or unused or wrong:
         raise CheckpointError(f"{model_dir}: weights do not match the {config.n_layer}-layer model: missing {missing}, "
-                              f"unused {unused}, wrong shape {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong]}")
+                              f"unused {unused}, wrong shape "
+                              f"{[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong]}")
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=not config.tie_embeddings)
     return model.to(device).eval()

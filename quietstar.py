@@ -67,23 +67,33 @@ from model import GPT, GPTConfig
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     loop.add_task_args(p)
     loop.add_model_args(p)  # --block_size 0: just enough for a chunk, a thought and its lookahead
     g = p.add_argument_group("Quiet-STaR")
-    g.add_argument("--scratchpad", type=loop.at_least(0.0, float, at_most=1.0), default=0.5, help="arithmetic, byte-level tokenizer: fraction of training lines "
-                   "written with a scratchpad the length of a thought (scratchpad_line), so the base model has a skill a thought can draw on")
+    g.add_argument("--scratchpad", type=loop.at_least(0.0, float, at_most=1.0), default=0.5,
+                   help="arithmetic, byte-level tokenizer: fraction of training lines "
+                   "written with a scratchpad the length of a thought (scratchpad_line), so the base model has a "
+                   "skill a thought can draw on")
     g.add_argument("--seq_len", type=loop.at_least(1), default=48, help="T: tokens per training chunk")
-    g.add_argument("--n_thoughts", type=loop.at_least(1), default=2, help="thoughts sampled per position (REINFORCE needs 2 or more: "
+    g.add_argument("--n_thoughts", type=loop.at_least(1), default=2,
+                   help="thoughts sampled per position (REINFORCE needs 2 or more: "
                    "a thought's baseline is the mean of the others at its position)")
-    g.add_argument("--thought_len", type=loop.at_least(1), default=4, help="L: sampled tokens per thought (plus start and end)")
-    g.add_argument("--n_talk", type=loop.at_least(1), default=4, help="true tokens after a thought that it is scored on")
+    g.add_argument("--thought_len", type=loop.at_least(1), default=4,
+                   help="L: sampled tokens per thought (plus start and end)")
+    g.add_argument("--n_talk", type=loop.at_least(1), default=4,
+                   help="true tokens after a thought that it is scored on")
     g.add_argument("--thought_temperature", type=loop.more_than(0), default=1.0, help="temperature of thought tokens")
-    g.add_argument("--mix", default="hidden", choices=["hidden", "probs"], help="how the mixing head combines the predictions "
+    g.add_argument("--mix", default="hidden", choices=["hidden", "probs"],
+                   help="how the mixing head combines the predictions "
                    "with and without the thought: hidden states (the paper) or probabilities (see MixingHead)")
-    g.add_argument("--reinforce_weight", type=loop.at_least(0.0, float), default=1.0, help="weight of the REINFORCE term")
-    g.add_argument("--embed_grad_scale", type=loop.at_least(0.0, float), default=10.0, help="gradient multiplier of the start/end thought embeddings")
-    g.add_argument("--pretrain_steps", type=loop.at_least(0), default=4000, help="plain LM steps before the two arms split (none with --init)")
+    g.add_argument("--reinforce_weight", type=loop.at_least(0.0, float), default=1.0,
+                   help="weight of the REINFORCE term")
+    g.add_argument("--embed_grad_scale", type=loop.at_least(0.0, float), default=10.0,
+                   help="gradient multiplier of the start/end thought embeddings")
+    g.add_argument("--pretrain_steps", type=loop.at_least(0), default=4000,
+                   help="plain LM steps before the two arms split (none with --init)")
     g.add_argument("--pretrain_batch_size", type=loop.at_least(1), default=32, help="chunks per pretraining step")
     g.add_argument("--steps", type=loop.at_least(0), default=300, help="training steps of each arm")
     g.add_argument("--eval_chunks", type=loop.at_least(1), default=64, help="held-out chunks for the NLL comparison")
@@ -94,7 +104,8 @@ def get_args(argv=None):
     p.set_defaults(batch_size=8, max_digits=3)  # 3-digit sums fit a 4-token thought
     args = p.parse_args(argv)
     if args.n_talk >= args.seq_len:
-        p.error(f"--n_talk {args.n_talk} needs --seq_len above it: a thought is scored on the true tokens after it, in its chunk")
+        p.error(f"--n_talk {args.n_talk} needs --seq_len above it: a thought is scored on the true tokens after it, "
+                "in its chunk")
     return args
 
 
@@ -103,7 +114,7 @@ def get_args(argv=None):
 
 
 def scratchpad_digits(answer, width):
-    """The sum's digits from the right (the order the column-by-column scratchpad finds them), zero-padded to `width`."""
+    """The sum's digits from the right (the order the scratchpad finds them), zero-padded to `width`."""
     return answer[::-1].ljust(width, "0")
 
 
@@ -119,7 +130,8 @@ def corpus_text(examples, dataset, scratchpad=0.0, width=0, seed=0):
     """
     if dataset == "arithmetic":
         rng = random.Random(seed)
-        return "".join(scratchpad_line(e, width) if rng.random() < scratchpad else f"{e.question}={e.answer}\n" for e in examples)
+        return "".join(scratchpad_line(e, width) if rng.random() < scratchpad else f"{e.question}={e.answer}\n"
+                       for e in examples)
     return "".join(f"{e.question}\n{data.completion(e.rationale, e.answer)}\n\n" for e in examples)
 
 
@@ -159,7 +171,8 @@ def scratchpad_skill(gpt, tok, examples, width, batch_size=64):
     parts = {
         "sum_plain": [(f"\n{e.question}=", e.answer) for e in examples],
         "scratchpad": [(f"\n{e.question}=-", scratchpad_digits(e.answer, width)) for e in examples],
-        "sum_after_scratchpad": [(f"\n{e.question}=-{scratchpad_digits(e.answer, width)}-", e.answer) for e in examples],
+        "sum_after_scratchpad": [(f"\n{e.question}=-{scratchpad_digits(e.answer, width)}-", e.answer)
+                                 for e in examples],
     }
     out = {}
     for key, texts in parts.items():
@@ -249,7 +262,8 @@ def check_context(gpt, T, args):
     """The last thought token of the last position sits at T + thought_len + n_talk: it must have a rotary position."""
     need = T + args.thought_len + args.n_talk + 1
     if need > gpt.config.block_size:
-        raise data.InputError(f"{T} tokens + a thought of {args.thought_len} + {args.n_talk} lookahead need positions up to "
+        raise data.InputError(f"{T} tokens + a thought of {args.thought_len} + {args.n_talk} lookahead need "
+                              "positions up to "
                               f"{need - 1}, beyond the model's block_size of {gpt.config.block_size}")
 
 
@@ -294,7 +308,8 @@ def think(gpt, head, x, args, tok, noise):
         if j < L:  # sample the next thought token
             logits = gpt.lm_head(h).float()
             z = (logits.detach() / args.thought_temperature + noise[:, j]).argmax(-1)  # (R, T)
-            thought_logp = thought_logp + F.log_softmax(logits / args.thought_temperature, -1).gather(-1, z[..., None]).squeeze(-1)
+            thought_logp = thought_logp + F.log_softmax(logits / args.thought_temperature,
+                                                        -1).gather(-1, z[..., None]).squeeze(-1)
             thoughts.append(z)
             inp = z
         elif j == L:
@@ -414,7 +429,8 @@ def generate_thinking(gpt, head, tok, text, n_new, args, generator, show_thought
     specials = {tok.eot, tok.pad, tok.start_thought, tok.end_thought, *tok.stop_tokens}
     need = thinking_context(len(ids), n_new, L)
     if need > gpt.config.block_size:
-        raise data.InputError(f"text of {len(ids)} tokens + {n_new} new + a thought of {L + 2} exceeds block_size {gpt.config.block_size}")
+        raise data.InputError(f"text of {len(ids)} tokens + {n_new} new + a thought of {L + 2} exceeds block_size "
+                              f"{gpt.config.block_size}")
     cache = gpt.new_cache(1, need)
     cache.valid[:] = True
     h = gpt.hidden(torch.tensor([ids], device=dev), cache=cache)[:, -1]
@@ -447,7 +463,7 @@ def generate_thinking(gpt, head, tok, text, n_new, args, generator, show_thought
 
 
 def train_arm(gpt, head, ids, mask, args, tok, *, steps, thoughts, seed, desc, log=None, batch_size=None):
-    """`steps` of training: with thoughts (Quiet-STaR loss) or without (plain LM loss), batch_size chunks a step (--batch_size)."""
+    """`steps` of training: with thoughts (Quiet-STaR's loss) or without (the LM loss), batch_size chunks a step."""
     batch_size = batch_size or args.batch_size
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
@@ -480,7 +496,8 @@ def train_arm(gpt, head, ids, mask, args, tok, *, steps, thoughts, seed, desc, l
         return loss * share, metrics
 
     cfg = model.TrainConfig(steps=steps, lr=args.lr, warmup=min(50, steps // 10), parallel="ddp" if world > 1 else "")
-    return model.train(gpt, get_batch, cfg, loss_fn=loss_fn, params=params, desc=desc, log_every=max(1, steps // 5) if thoughts else 0)
+    return model.train(gpt, get_batch, cfg, loss_fn=loss_fn, params=params, desc=desc, log_every=max(1, steps // 5)
+                       if thoughts else 0)
 
 
 @torch.no_grad()
@@ -508,10 +525,12 @@ def evaluate(gpt, head, chunks, hard, args, tok, *, thoughts, seed, gate=None):
             nll_base = -lp_base.gather(-1, tgt[..., None]).squeeze(-1)
             tot["nll_computed_base"] += (nll_base * tmask).sum().item()
             tot["w_computed"] += (out["w"][:, :-1, 0].view(x.size(0), N, -1).mean(1) * tmask).sum().item()
-            if gate is not None:  # the token after each '=' from (1 - gate) p_base + gate p_thought, every other from p_base
+            # the token after each '=' from (1 - gate) p_base + gate p_thought, every other from p_base
+            if gate is not None:
                 B, T = x.shape
                 p_base = F.softmax(out["base_logits"][::N, :-1].float(), -1)  # (B, T-1, V): x[t+1] from the text to t
-                p_thought = F.softmax(out["thought_logits"][:, :-1, 0].float(), -1).view(B, N, T - 1, -1).mean(1)  # after t's thoughts
+                p_thought = F.softmax(out["thought_logits"][:, :-1, 0].float(), -1)
+                p_thought = p_thought.view(B, N, T - 1, -1).mean(1)  # after t's thoughts
                 lam = gate * (x[:, :-1] == tok.encode("=")[0]).float()[..., None]
                 p = ((1 - lam) * p_base + lam * p_thought).gather(-1, tgt[..., None]).squeeze(-1)
                 tot["nll_computed_gated"] += (-p.log() * tmask).sum().item()
@@ -549,8 +568,10 @@ def main(args):
     cfg = base.config
     check_context(base, args.seq_len, args)
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    results = {"pretrained": evaluate(base, None, corpus.eval_x, corpus.eval_m, args, tok, thoughts=False, seed=args.seed)}
-    if corpus.scratchpad:  # 2. what a thought could draw on: the base's skill, and its own thoughts read by a hand-set gate
+    results = {"pretrained": evaluate(base, None, corpus.eval_x, corpus.eval_m, args, tok, thoughts=False,
+                                      seed=args.seed)}
+    # 2. what a thought could draw on: the base's skill, and its own thoughts read by a hand-set gate
+    if corpus.scratchpad:
         results["skill"] = skill(base, cfg, state, tok, corpus, args)
 
     # 3. the two arms, same steps, same data order: without thoughts, and with thoughts after every token
@@ -578,7 +599,7 @@ def main(args):
 
 
 def setup(args):
-    """The device, the run directory, the tokenizer, the corpus and held-out chunks, and a context that fits them all."""
+    """The device, the run directory, the tokenizer, the corpus, held-out chunks, and a context that fits them all."""
     args.device = loop.setup_device(args.device, args.threads)
     run = loop.Run(args.out_dir, vars(args), args.resume, "Quiet-STaR")
     init = loop.resolve_init(args.init, "arithmetic")  # auto: pretrain here, on either dataset
@@ -588,7 +609,8 @@ def setup(args):
     # the scratchpad is one digit a token: a pretrained tokenizer's digit groups would not fill a thought's length
     scratchpad = args.scratchpad if args.dataset == "arithmetic" and isinstance(tok, data.Tokenizer) else 0.0
     if scratchpad and max(len(e.answer) for e in train_set + test) > args.thought_len:
-        raise data.InputError(f"--scratchpad writes the sum's digits in a thought of --thought_len {args.thought_len} tokens: "
+        raise data.InputError("--scratchpad writes the sum's digits in a thought of --thought_len "
+                              f"{args.thought_len} tokens: "
                               f"sums of --max_digits {args.max_digits} numbers need up to {args.max_digits + 1}")
     ids, mask = encode_corpus(tok, corpus_text(train_set, args.dataset, scratchpad, args.thought_len, args.seed))
     tids, tmask = encode_corpus(tok, corpus_text(test, args.dataset))
@@ -597,9 +619,10 @@ def setup(args):
     need = [args.seq_len + args.thought_len + 2 + args.n_talk]  # a chunk, a thought and its lookahead
     if scratchpad:  # the skill test reads whole scratchpad lines
         need.append(max(len(tok.encode(scratchpad_line(e, args.thought_len))) for e in test))
-    sample_prompt = args.generate or corpus_text(test[:1], args.dataset).split("=")[0] + "="  # the thinking sample's, and --generate's
-    need.append(thinking_context(len(tok.encode(sample_prompt)), max(SAMPLE_TOKENS, args.n_generate if args.generate else 0),
-                                 args.thought_len))
+    # the thinking sample's prompt, and --generate's
+    sample_prompt = args.generate or corpus_text(test[:1], args.dataset).split("=")[0] + "="
+    need.append(thinking_context(len(tok.encode(sample_prompt)),
+                                 max(SAMPLE_TOKENS, args.n_generate if args.generate else 0), args.thought_len))
     block = args.block_size or max(need)
     cfg = GPTConfig(block_size=block, vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
                     n_kv_head=args.n_head, n_embd=args.n_embd)
@@ -621,8 +644,8 @@ def base_lm(run, init, cfg, corpus, args, tok):
         torch.manual_seed(args.seed)
         base = GPT(cfg).to(args.device)
         t0 = time.time()
-        train_arm(base, None, corpus.ids, corpus.mask, args, tok, steps=args.pretrain_steps, thoughts=False, seed=args.seed,
-                  desc="pretrain", batch_size=args.pretrain_batch_size)
+        train_arm(base, None, corpus.ids, corpus.mask, args, tok, steps=args.pretrain_steps, thoughts=False,
+                  seed=args.seed, desc="pretrain", batch_size=args.pretrain_batch_size)
         print(f"pretrained {base.num_params():,} parameters for {args.pretrain_steps} steps in {time.time() - t0:.0f}s")
     run.save("pretrained.pt", base)
     return base
@@ -650,8 +673,8 @@ def train_and_evaluate(run, arm, thoughts, cfg, state, tok, corpus, args):
         init_thought_embeddings(gpt, tok, args.embed_grad_scale)
     log = []
     t0 = time.time()
-    train_arm(gpt, head, corpus.ids, corpus.mask, args, tok, steps=args.steps, thoughts=thoughts, seed=args.seed + 1, desc=arm,
-              log=log)
+    train_arm(gpt, head, corpus.ids, corpus.mask, args, tok, steps=args.steps, thoughts=thoughts, seed=args.seed + 1,
+              desc=arm, log=log)
     res = evaluate(gpt, head, corpus.eval_x, corpus.eval_m, args, tok, thoughts=thoughts, seed=args.seed + 2)
     res["time"] = time.time() - t0
     if thoughts:
@@ -663,9 +686,11 @@ def train_and_evaluate(run, arm, thoughts, cfg, state, tok, corpus, args):
                                           torch.Generator().manual_seed(args.seed))
         print(f"thinking sample: {res['sample']!r}")
     loop.write_atomic(run.path(f"{arm}.json"), json.dumps(res))
-    own = (f" (the same model without its thoughts {res['nll_computed_base']:.4f}, mean w there {res['w_computed']:.4f})"
+    own = (f" (the same model without its thoughts {res['nll_computed_base']:.4f}, mean w there "
+           f"{res['w_computed']:.4f})"
            if thoughts else "")
-    print(f"{arm}: held-out NLL {res['nll']:.4f}, on computed tokens {res['nll_computed']:.4f}{own} ({res['time']:.0f}s)")
+    print(f"{arm}: held-out NLL {res['nll']:.4f}, on computed tokens {res['nll_computed']:.4f}{own} "
+          f"({res['time']:.0f}s)")
     return res
 
 

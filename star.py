@@ -69,35 +69,52 @@ import model
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     loop.add_task_args(p)
     loop.add_model_args(p)
     loop.add_warm_start_args(p)
     g = p.add_argument_group("STaR")
-    g.add_argument("--iters", type=loop.at_least(0), default=8, help="most STaR iterations (--patience may stop a run before)")
-    g.add_argument("--patience", type=loop.at_least(1), default=2, help="stop after this many iterations without a better validation accuracy")
-    g.add_argument("--n_val", type=loop.at_least(1), default=200, help="training questions held out as the validation split (never trained "
+    g.add_argument("--iters", type=loop.at_least(0), default=8,
+                   help="most STaR iterations (--patience may stop a run before)")
+    g.add_argument("--patience", type=loop.at_least(1), default=2,
+                   help="stop after this many iterations without a better validation accuracy")
+    g.add_argument("--n_val", type=loop.at_least(1), default=200,
+                   help="training questions held out as the validation split (never trained "
                    "on): it decides when to stop, and settings are chosen on it, never on the test set")
     g.add_argument("--steps", type=loop.at_least(0), default=400, help="fine-tuning steps of the first iteration")
-    g.add_argument("--step_growth", type=loop.more_than(0), default=1.2, help="the step budget is multiplied by this each iteration")
+    g.add_argument("--step_growth", type=loop.more_than(0), default=1.2,
+                   help="the step budget is multiplied by this each iteration")
     g.add_argument("--no_rationalize", action="store_true", help="ablation: do not rationalize failed questions")
-    g.add_argument("--max_hint_gain", type=float, default=0.2, help="keep a rationalized rationale only if the hint raised its "
-                   "log-prob by at most this many nats per token (log p(r|q, hint) - log p(r|q)); inf keeps all, as the paper")
-    g.add_argument("--answer_only", action="store_true", help="baseline: fine-tune on gold answers of all questions, no rationales")
+    g.add_argument("--max_hint_gain", type=float, default=0.2,
+                   help="keep a rationalized rationale only if the hint raised its "
+                   "log-prob by at most this many nats per token (log p(r|q, hint) - log p(r|q)); inf keeps all, "
+                   "as the paper")
+    g.add_argument("--answer_only", action="store_true",
+                   help="baseline: fine-tune on gold answers of all questions, no rationales")
     g.add_argument("--samples", type=loop.at_least(1), default=1, help="rationales sampled per question (RFT when > 1)")
-    g.add_argument("--temperature", type=loop.at_least(0.0, float), default=0.0, help="sampling temperature for generation (0 = greedy)")
+    g.add_argument("--temperature", type=loop.at_least(0.0, float), default=0.0,
+                   help="sampling temperature for generation (0 = greedy)")
     g.add_argument("--top_k", type=loop.at_least(1), default=None, help="sample only from the k most likely tokens")
     g = p.add_argument_group("evaluation and V-STaR")
-    g.add_argument("--eval_samples", type=loop.at_least(0), default=0, help="also sample N solutions per test question: maj@N, pass@N")
-    g.add_argument("--eval_temperature", type=loop.at_least(0.0, float), default=0.7, help="temperature of those N samples")
-    g.add_argument("--verifier", action="store_true", help="V-STaR: train a DPO verifier on all samples, rank N test samples")
+    g.add_argument("--eval_samples", type=loop.at_least(0), default=0,
+                   help="also sample N solutions per test question: maj@N, pass@N")
+    g.add_argument("--eval_temperature", type=loop.at_least(0.0, float), default=0.7,
+                   help="temperature of those N samples")
+    g.add_argument("--verifier", action="store_true",
+                   help="V-STaR: train a DPO verifier on all samples, rank N test samples")
     g.add_argument("--verifier_steps", type=loop.at_least(0), default=300, help="DPO steps of the verifier")
-    g.add_argument("--verifier_lr", type=loop.more_than(0), default=None, help="learning rate of the verifier's DPO and of the ORM; None: --lr / 3")
-    g.add_argument("--orm_steps", type=loop.at_least(0), default=0, help="also train an outcome reward model for this many steps (the paper's "
-                   "ORM baseline: the generator with a linear head, binary cross-entropy on right/wrong samples; score 'orm')")
-    g.add_argument("--verifier_pairs", type=loop.at_least(1), default=4, help="most (correct, incorrect) pairs per question")
+    g.add_argument("--verifier_lr", type=loop.more_than(0), default=None,
+                   help="learning rate of the verifier's DPO and of the ORM; None: --lr / 3")
+    g.add_argument("--orm_steps", type=loop.at_least(0), default=0,
+                   help="also train an outcome reward model for this many steps (the paper's "
+                   "ORM baseline: the generator with a linear head, binary cross-entropy on right/wrong samples; "
+                   "score 'orm')")
+    g.add_argument("--verifier_pairs", type=loop.at_least(1), default=4,
+                   help="most (correct, incorrect) pairs per question")
     g.add_argument("--beta", type=loop.more_than(0), default=0.1, help="DPO beta of the verifier")
-    g.add_argument("--verifier_score", choices=[*SCORES, "orm"], default="reward", help="how the verifier ranks the N samples "
+    g.add_argument("--verifier_score", choices=[*SCORES, "orm"], default="reward",
+                   help="how the verifier ranks the N samples "
                    "(best-of-N is reported under every score, on validation and test; this one is printed first)")
     loop.add_run_args(p, "out/star", scratch_lr=1e-3)
     args = p.parse_args(argv)
@@ -147,7 +164,8 @@ def collect(m, tok, questions, args, it, shots=()):
         fq = [questions[i] for i in failed]
         hinted = loop.sample(m, tok, [hint_prefix + data.hint_prompt(e.question, e.answer) for e in fq], 1,
                              temperature=args.temperature, seed=base_seed + 1, desc=f"iter {it} rationalize", **gen)
-        found = [(qi, e, outs[0][0]) for qi, e, outs in zip(failed, fq, hinted) if data.sample_correct(*outs[0], e.answer)]
+        found = [(qi, e, outs[0][0]) for qi, e, outs in zip(failed, fq, hinted)
+                 if data.sample_correct(*outs[0], e.answer)]
         filtered = args.max_hint_gain < float("inf")
         gains = hint_gain(m, tok, found, prefix, hint_prefix, args.gen_batch) if filtered else [None] * len(found)
         for (qi, e, text), gain in zip(found, gains):
@@ -159,7 +177,8 @@ def collect(m, tok, questions, args, it, shots=()):
         n_dropped = len(found) - n_rationalized
     solved = len({r["index"] for r in kept if not r["rationalized"]})
     stats = {
-        "questions": len(questions), "solved": solved, "solved_frac": solved / max(1, len(questions)), "rationalized": n_rationalized,
+        "questions": len(questions), "solved": solved, "solved_frac": solved / max(1, len(questions)),
+        "rationalized": n_rationalized,
         "rationalized_dropped": n_dropped,
         "kept": len(kept), "correct_samples": n_correct_samples,
         "correct_per_question": n_correct_samples / max(1, len(questions)),
@@ -179,7 +198,8 @@ def hint_gain(m, tok, found, prefix, hint_prefix, batch_size):
     if not found:
         return []
     free = [(tok.encode_prompt(prefix + data.prompt(e.question)), tok.encode(t) + [tok.eot]) for _, e, t in found]
-    hinted = [(tok.encode_prompt(hint_prefix + data.hint_prompt(e.question, e.answer)), c) for (_, e, _), (_, c) in zip(found, free)]
+    hinted = [(tok.encode_prompt(hint_prefix + data.hint_prompt(e.question, e.answer)), c)
+              for (_, e, _), (_, c) in zip(found, free)]
     lp = loop.completion_logprobs(m, free + hinted, batch_size)
     n = len(found)
     return [(h - f) / max(1, k) for (f, k), (h, _) in zip(lp[:n], lp[n:])]
@@ -203,7 +223,7 @@ SCORES = {
 
 
 def per_question(flat, items):
-    """A flat list, one entry per completion of every (question, completions) item, cut back into one list per question."""
+    """A flat list, an entry per completion of every (question, completions) item, cut back into a list per question."""
     it = iter(flat)
     return [[next(it) for _ in completions] for _, completions in items]
 
@@ -257,7 +277,7 @@ def preference_pairs(questions, sample_rows, per_question, seed):
 
 
 def train_verifier(generator, tok, pairs, args):
-    """DPO from the generator after its last fine-tune (the paper starts from its SFT model), which is also the frozen reference."""
+    """DPO from the generator after its last fine-tune (the paper's SFT model), which is also the frozen reference."""
     enc = [(data.encode_example(tok, q, g), data.encode_example(tok, q, b)) for q, g, b in pairs]
     return loop.dpo_train(generator.state_dict(), generator.config, enc, steps=args.verifier_steps, lr=args.verifier_lr,
                           beta=args.beta, batch_size=args.batch_size, seed=args.seed + 7, device=args.device,
@@ -265,8 +285,9 @@ def train_verifier(generator, tok, pairs, args):
 
 
 def orm_logits(m, head, x, y):
-    """The ORM's score of each row: its head on the hidden state of the last scored position, which has read the whole completion."""
-    last = (y != -1).long().cumsum(1).argmax(1)  # the first position where the count of scored tokens peaks: the last one
+    """The ORM's score of each row: its head on the hidden state of the last scored position (it has read it all)."""
+    # the first position where the count of scored tokens peaks: the last one
+    last = (y != -1).long().cumsum(1).argmax(1)
     return head(m.hidden(x)[torch.arange(x.size(0), device=x.device), last]).squeeze(-1)
 
 
@@ -303,7 +324,7 @@ def train_orm(generator, tok, examples, args):
 
 @torch.no_grad()
 def orm_scores(m, head, tok, items, batch_size):
-    """The ORM's logit (higher = more likely right) for every completion of every (question, completions) item, one list per question."""
+    """The ORM's logit (higher: more likely right) of every completion of every (question, completions) item."""
     pairs = [data.encode_example(tok, q, c) for q, completions in items for c in completions]
     out = loop.score_pairs(m, pairs, batch_size, lambda m, x, y: orm_logits(m, head, x, y).float().tolist())
     return per_question(out, items)
@@ -317,8 +338,10 @@ def main(args):
     run, tok, init, task = loop.setup(args, "STaR", {"lr": (args.scratch_lr, loop.PRETRAINED_LR)}, few_shot=True)
     args.verifier_lr = args.verifier_lr or args.lr / 3  # the verifier's DPO and the ORM
     grade = lambda m, split, n_samples=0, keep=None: loop.evaluate(
-        m, tok, split, seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, n_samples=n_samples,
-        temperature=args.eval_temperature, prefix=data.few_shot_prefix(task.shots), keep=keep, compile=args.compile_sampler)
+        m, tok, split, seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
+        n_samples=n_samples,
+        temperature=args.eval_temperature, prefix=data.few_shot_prefix(task.shots), keep=keep,
+        compile=args.compile_sampler)
     measure = lambda m: {**grade(m, task.test, args.eval_samples), "val_acc": grade(m, task.val)["acc"]}  # val: greedy
 
     # 0. the base model every iteration starts from: a warm start on the seed examples, or the pretrained weights
@@ -326,12 +349,14 @@ def main(args):
     config = model.GPTConfig(block_size=task.block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
                              n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
     base = loop.warm_start(run.path("base.pt"), tok, task.seed, config, steps=args.warm_steps, lr=args.warm_lr,
-                           batch_size=args.batch_size, seed=args.seed, device=args.device, init=init, compile=args.compile,
-                           answer_only=args.answer_only, holdout=args.warm_holdout)
-    config, base_state = base.config, {k: v.to("cpu", copy=True) for k, v in base.state_dict().items()}  # kept off the GPU
+                           batch_size=args.batch_size, seed=args.seed, device=args.device, init=init,
+                           compile=args.compile, answer_only=args.answer_only, holdout=args.warm_holdout)
+    config, base_state = base.config, {k: v.to("cpu", copy=True)
+                                       for k, v in base.state_dict().items()}  # kept off the GPU
     t_warm, t0 = time.time() - t0, time.time()
     (metrics,) = run.cached(["metrics.jsonl"], lambda: [[{"iter": 0, **measure(base), "time_warm_start": t_warm,
-                                                          "time_evaluate": time.time() - t0, "time": t_warm + time.time() - t0}]])
+                                                          "time_evaluate": time.time() - t0,
+                                                          "time": t_warm + time.time() - t0}]])
     report_start(metrics)
     current = run.load("model.pt", args.device) if len(metrics) > 1 else base
     del base  # its weights live on as base_state, on the CPU
@@ -342,7 +367,7 @@ def main(args):
             print(f"stopping: no better validation accuracy for {args.patience} iterations")
             break
         t0 = time.time()
-        # 1-2. sample a rationale for every question, keep the right ones, rationalize the failures with the answer as a hint
+        # 1-2. sample a rationale for every question, keep the right ones, rationalize failures with the answer given
         kept, stats = rationales(run, current, tok, task, args, it)
         if not kept:
             print(f"iteration {it} kept no rationales (no sample reached a right answer): stopping")
@@ -394,16 +419,19 @@ def iterations_since_best(metrics):
 
 
 def report_start(metrics):
-    print("iter 0 (warm start): " + " ".join(f"{k} {v:.3f}" for k, v in metrics[0].items() if k not in ("iter", "time")))
+    print("iter 0 (warm start): " + " ".join(f"{k} {v:.3f}" for k, v in metrics[0].items()
+                                             if k not in ("iter", "time")))
     for r in metrics[1:]:  # a resumed run: what it had finished
-        print(f"iter {r['iter']}: test acc {r['acc']:.3f} val_acc {r['val_acc']:.3f} | kept {r.get('kept')} (finished before)")
+        print(f"iter {r['iter']}: test acc {r['acc']:.3f} val_acc {r['val_acc']:.3f} | kept {r.get('kept')} "
+              "(finished before)")
 
 
 def report_iteration(row, res, args):
     extra = " ".join(f"{k} {v:.3f}" for k, v in res.items() if k != "acc")
     print(f"iter {row['iter']}: test acc {row['acc']:.3f} {extra} | kept {row.get('kept')} (rationalized "
           f"{row.get('rationalized', 0)}, {row.get('rationalized_dropped', 0)} more dropped by the hint filter, solved "
-          f"{row.get('solved_frac', 0):.3f} of train) | {row['steps']} steps, loss {row['loss']:.4f} | {row['time']:.0f}s")
+          f"{row.get('solved_frac', 0):.3f} of train) | {row['steps']} steps, loss {row['loss']:.4f} | "
+          f"{row['time']:.0f}s")
     if args.samples > 1 and not args.answer_only:
         print(f"  RFT: {row['correct_per_question']:.2f} correct samples per question, "
               f"{row['distinct_per_question']:.2f} distinct paths kept after de-duplication")
@@ -412,7 +440,8 @@ def report_iteration(row, res, args):
 def report_end(metrics, final):
     top, last = max(metrics, key=lambda r: r["val_acc"]), metrics[-1]  # max: the first of equal ones, as the stop rule
     print(f"done: {last['iter']} iterations, {sum(r['time'] for r in metrics):.0f}s; best validation accuracy "
-          f"{top['val_acc']:.3f} at iteration {top['iter']} (test {top['acc']:.3f}); {final} is iteration {last['iter']}'s "
+          f"{top['val_acc']:.3f} at iteration {top['iter']} (test {top['acc']:.3f}); {final} is iteration "
+          f"{last['iter']}'s "
           f"model (test {last['acc']:.3f})")
 
 
@@ -424,7 +453,8 @@ def vstar(run, generator, tok, task, args, grade):
     if run.exists("verifier.jsonl"):
         print(f"V-STaR already evaluated: {run.read('verifier.jsonl')[0]}")
         return
-    rows = [r for it in range(1, args.iters + 1) if run.exists(f"iter{it}_samples.jsonl") for r in run.read(f"iter{it}_samples.jsonl")]
+    rows = [r for it in range(1, args.iters + 1) if run.exists(f"iter{it}_samples.jsonl")
+            for r in run.read(f"iter{it}_samples.jsonl")]
     prefs = preference_pairs(task.train, rows, args.verifier_pairs, args.seed)
     if not prefs:
         print("V-STaR: no question has both a correct and an incorrect sample; no verifier trained")
@@ -433,7 +463,8 @@ def vstar(run, generator, tok, task, args, grade):
     run.save("verifier.pt", verifier, tokenizer_dir=tok.source)
     orm = None
     if args.orm_steps > 0:  # the ORM baseline, on every sample (not only the paired ones)
-        orm = train_orm(generator, tok, [(task.train[r["index"]].question, r["completion"], r["correct"]) for r in rows], args)
+        orm = train_orm(generator, tok,
+                        [(task.train[r["index"]].question, r["completion"], r["correct"]) for r in rows], args)
         run.save("orm.pt", orm[0], tokenizer_dir=tok.source, head={k: v.cpu() for k, v in orm[1].state_dict().items()})
     result = {"pairs": len(prefs), "loss": loss, "score": args.verifier_score}
     for name, split in (("val", task.val), ("test", task.test)):  # a score is chosen on validation, then read on test
@@ -444,9 +475,10 @@ def vstar(run, generator, tok, task, args, grade):
         extra = {"orm": orm_scores(*orm, tok, items, args.gen_batch)} if orm else {}
         result[name] = {"acc": res["acc"], "curve": best_of_n_curve(kept, terms, args.beta, args.eval_samples, extra)}
         run.write(f"verifier_{name}_samples.jsonl", [
-            {"question": e.question, "answer": e.answer, "samples": [t for t, _ in outs], "finished": [f for _, f in outs],
-             "logprob_verifier": [t[0] for t in tq], "logprob_generator": [t[1] for t in tq], "tokens": [t[2] for t in tq],
-             **({"orm": extra["orm"][i]} if orm else {})}
+            {"question": e.question, "answer": e.answer, "samples": [t for t, _ in outs],
+             "finished": [f for _, f in outs],
+             "logprob_verifier": [t[0] for t in tq], "logprob_generator": [t[1] for t in tq],
+             "tokens": [t[2] for t in tq], **({"orm": extra["orm"][i]} if orm else {})}
             for i, (e, outs, tq) in enumerate(zip(split, kept["samples"], terms))])
     run.write("verifier.jsonl", [result])
     print(f"V-STaR ({len(prefs)} pairs, DPO loss {loss:.4f}); best-of-N by --verifier_score {args.verifier_score}, "
@@ -455,7 +487,8 @@ def vstar(run, generator, tok, task, args, grade):
         print(f"  {name}: greedy {result[name]['acc']:.3f}")
         for c in result[name]["curve"]:
             others = " ".join(f"{k} {c[k]:.3f}" for k in [*SCORES, "orm"] if k in c and k != args.verifier_score)
-            print(f"    N = {c['n']:3d}: maj@N {c['maj']:.3f} | best-of-N {c[args.verifier_score]:.3f} | pass@N {c['pass']:.3f} | {others}")
+            print(f"    N = {c['n']:3d}: maj@N {c['maj']:.3f} | best-of-N {c[args.verifier_score]:.3f} | pass@N "
+                  f"{c['pass']:.3f} | {others}")
 
 
 if __name__ == "__main__":

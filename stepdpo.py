@@ -49,29 +49,39 @@ DPO_DEFAULTS = {"dpo_lr": (1e-5, 1e-6), "beta": (2.0, 0.1), "sft_weight": (1.0, 
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     loop.add_task_args(p)
     loop.add_model_args(p)
     loop.add_warm_start_args(p)
     g = p.add_argument_group("per-step DPO")
     g.add_argument("--variant", default="perstep", choices=["perstep", "plain", "rft"],
-                   help="perstep: rejected cut at the critical step; plain: whole wrong solution; rft: SFT on correct samples only")
-    g.add_argument("--n_questions", type=loop.at_least(1), default=1000, help="training questions to sample solutions for")
-    g.add_argument("--n_val", type=loop.at_least(1), default=200, help="the last training questions, held out as a validation split (never "
+                   help="perstep: rejected cut at the critical step; plain: whole wrong solution; rft: SFT on correct "
+                       "samples only")
+    g.add_argument("--n_questions", type=loop.at_least(1), default=1000,
+                   help="training questions to sample solutions for")
+    g.add_argument("--n_val", type=loop.at_least(1), default=200,
+                   help="the last training questions, held out as a validation split (never "
                    "sampled for training): choose --dpo_lr, --beta, epochs on its accuracy, never on the test set's")
-    g.add_argument("--samples", type=loop.at_least(1), default=4, help="N: solutions sampled per question (the synthetic data)")
-    g.add_argument("--temperature", type=loop.at_least(0.0, float), default=0.7, help="temperature of solutions and rollouts")
+    g.add_argument("--samples", type=loop.at_least(1), default=4,
+                   help="N: solutions sampled per question (the synthetic data)")
+    g.add_argument("--temperature", type=loop.at_least(0.0, float), default=0.7,
+                   help="temperature of solutions and rollouts")
     g.add_argument("--rollouts", type=loop.at_least(1), default=4, help="K: Monte-Carlo rollouts per step prefix")
-    g.add_argument("--no_share_prefix", action="store_true", help="recompute each prefix for each rollout (for comparison)")
-    by_origin = lambda flag: "default: {:g} from scratch, {:g} for a pretrained model or a checkpoint tuned from one".format(
-        *DPO_DEFAULTS[flag])
+    g.add_argument("--no_share_prefix", action="store_true",
+                   help="recompute each prefix for each rollout (for comparison)")
+    by_origin = lambda flag: "default: {:g} from scratch, {:g} for a pretrained model or a checkpoint tuned from one" \
+        .format(*DPO_DEFAULTS[flag])
     g.add_argument("--beta", type=loop.more_than(0), default=None, help=f"DPO beta; {by_origin('beta')}")
     g.add_argument("--sft_weight", type=loop.at_least(0.0, float), default=None,
                    help=f"weight of an SFT loss on the chosen side; {by_origin('sft_weight')}")
     g.add_argument("--train_steps", type=loop.at_least(0), default=300, help="DPO (or RFT) training steps")
-    g.add_argument("--train_epochs", type=loop.at_least(0.0, float), default=0, help="if > 0: the budget in epochs over the pairs (or RFT solutions) instead of steps")
-    g.add_argument("--dpo_lr", type=loop.more_than(0), default=None, help=f"DPO learning rate (RFT uses --lr); {by_origin('dpo_lr')}")
-    g.add_argument("--show", type=loop.at_least(0), default=3, help="print this many wrong solutions with their Q values")
+    g.add_argument("--train_epochs", type=loop.at_least(0.0, float), default=0,
+                   help="if > 0: the budget in epochs over the pairs (or RFT solutions) instead of steps")
+    g.add_argument("--dpo_lr", type=loop.more_than(0), default=None,
+                   help=f"DPO learning rate (RFT uses --lr); {by_origin('dpo_lr')}")
+    g.add_argument("--show", type=loop.at_least(0), default=3,
+                   help="print this many wrong solutions with their Q values")
     loop.add_run_args(p, "out/stepdpo", scratch_lr=1e-3)  # from scratch: star.py's warm start, the same base model
     return p.parse_args(argv)
 
@@ -168,9 +178,10 @@ def main(args):
     config = model.GPTConfig(block_size=task.block_size, vocab_size=tok.vocab_size, n_layer=args.n_layer,
                              n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
     base = loop.warm_start(run.path("base.pt"), tok, task.seed, config, steps=args.warm_steps, lr=args.warm_lr,
-                           batch_size=args.batch_size, seed=args.seed, device=args.device, init=init, compile=args.compile,
-                           holdout=args.warm_holdout)
-    config, base_state = base.config, {k: v.to("cpu", copy=True) for k, v in base.state_dict().items()}  # kept off the GPU
+                           batch_size=args.batch_size, seed=args.seed, device=args.device, init=init,
+                           compile=args.compile, holdout=args.warm_holdout)
+    config, base_state = base.config, {k: v.to("cpu", copy=True)
+                                       for k, v in base.state_dict().items()}  # kept off the GPU
 
     # 2. N solutions per question from the SFT model, graded: the synthetic data
     (samples,) = run.cached(["samples.jsonl"], lambda: [solutions(base, tok, questions, args)])
@@ -190,7 +201,8 @@ def main(args):
     # 4. the pairs: a right solution over a wrong one (per-step: cut after its critical step); RFT: the right ones
     if args.variant == "rft":
         by_index = right_by_question(samples)
-        rows = [{"question": questions[i].question, "completion": t} for i, ts in sorted(by_index.items()) for t in data.dedup(ts)]
+        rows = [{"question": questions[i].question, "completion": t} for i, ts in sorted(by_index.items())
+                for t in data.dedup(ts)]
         print(f"RFT: {len(rows)} distinct right solutions out of {n_right} right samples, {len(by_index)} questions")
     else:
         rows = make_pairs(samples, q_rows, args.variant, args.seed)
@@ -211,10 +223,12 @@ def main(args):
     base_acc, acc = accuracy(base, task.test), accuracy(m, task.test)
     res = {"variant": args.variant, "samples_per_question": args.samples, "synthetic_samples": len(samples),
            "steps": args.train_steps, "train_examples": len(rows), "sft_acc": base_acc, "acc": acc,
-           "sft_val_acc": accuracy(base, task.val), "val_acc": accuracy(m, task.val), "loss": loss, "train_time": time.time() - t0}
+           "sft_val_acc": accuracy(base, task.val), "val_acc": accuracy(m, task.val), "loss": loss,
+           "train_time": time.time() - t0}
     loop.write_atomic(run.path("metrics.json"), json.dumps(res))
     print(f"{args.variant}: test acc {base_acc:.3f} (SFT model) -> {acc:.3f}, validation {res['sft_val_acc']:.3f} -> "
-          f"{res['val_acc']:.3f}, after {args.train_steps} steps on {len(rows)} {'solutions' if args.variant == 'rft' else 'pairs'} "
+          f"{res['val_acc']:.3f}, after {args.train_steps} steps on {len(rows)} "
+          f"{'solutions' if args.variant == 'rft' else 'pairs'} "
           f"from {len(samples)} samples")
     return res
 
@@ -247,8 +261,9 @@ def q_value_rows(m, tok, samples, args):
 
 
 def train(base_state, config, tok, seed_set, rows, args):
-    """DPO on the pairs (with the SFT term), or RFT's SFT on the seed examples and right solutions; the budget in steps or epochs."""
-    per_step = args.batch_size if args.variant == "rft" else max(1, args.batch_size // 2)  # DPO: a pair is two sequences
+    """DPO on the pairs (and the SFT term), or RFT's SFT on the seed examples and right solutions; steps or epochs."""
+    per_step = args.batch_size if args.variant == "rft" else max(1,
+                                                                 args.batch_size // 2)  # DPO: a pair is two sequences
     if args.train_epochs > 0:
         args.train_steps = max(1, round(args.train_epochs * len(rows) / per_step))
         print(f"{args.train_epochs} epochs over {len(rows)} {'solutions' if args.variant == 'rft' else 'pairs'}: "
