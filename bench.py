@@ -21,7 +21,7 @@ Sections:
 - thoughts: Quiet-STaR's parallel thought generation against the per-position loop, and
   the activation memory of a training step as T and the thought length grow.
 - pretrained: a model of Qwen2.5-0.5B's shape (random weights, 494M parameters, vocab
-  151,936) loaded from a saved Hugging Face directory through model.load_pretrained: the
+  151,936) loaded from a saved Hugging Face directory through hf.load_pretrained: the
   sampler at batch 1 and 16 against Qwen2ForCausalLM.generate(), and one full fine-tuning
   step (tokens/s, peak memory; on a GPU the model FLOP utilization, 6 x params x tokens).
 - fewshot: sampling under a few-shot prompt, where a base model writes its answer, a blank
@@ -330,6 +330,8 @@ def bench_pretrained(args):
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from hf import load_pretrained
+
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     hf_cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -339,7 +341,7 @@ def bench_pretrained(args):
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         t0 = time.perf_counter()
-        m = model.load_pretrained(d, dev, block_size=1024)
+        m = load_pretrained(d, dev, block_size=1024)
         print(f"pretrained: Qwen2.5-0.5B shape, {m.num_params():,} parameters, loaded in {time.perf_counter() - t0:.1f}s on {dev}"
               + (f" ({torch.cuda.get_device_name()})" if dev == "cuda" else ""))
     P, N = args.prompt_len, args.new_tokens if dev == "cuda" else min(args.new_tokens, 16)

@@ -22,7 +22,6 @@ import os
 import random
 import re
 import socket
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -33,15 +32,6 @@ import torch
 
 class InputError(ValueError):
     """Bad input from the user (a data file, a flag, an unreachable hub): one line, no traceback."""
-
-
-def read_json(path, error=InputError):
-    """A JSON file of a model directory; one that is not JSON raises `error`, naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
 
 # -----------------------------------------------------------------------------
 # tokenizer: byte-level tiktoken Encoding built in code (no download, ever)
@@ -78,179 +68,6 @@ class Tokenizer:
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
-
-
-def bytes_to_unicode():
-    """
-    GPT-2's byte-level alphabet: every byte as one printable unicode character (printable
-    Latin-1 bytes map to themselves, the rest to 256, 257, ...). tokenizer.json's byte-level
-    vocab is written in it.
-    """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-            *range(ord("\u00ae"), ord("\u00ff") + 1)]
-    out, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + n)
-            n += 1
-    return out
-
-
-# the GPT-2 pre-tokenizer regex, as tokenizers' ByteLevel(use_regex=True) applies it
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# the same after Digits(individual_digits=True) (SmolLM2): every digit its own piece, and a
-# whitespace run before a digit ends there as it would at the end of a piece
-GPT2_DIGITS_PATTERN = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
-
-
-class HFTokenizer:
-    """
-    A Hugging Face tokenizer.json (byte-level BPE: GPT-2, Llama 3, SmolLM2, Qwen2/2.5/3) as a
-    tiktoken Encoding, with the interface of the byte-level Tokenizer: encode (untrusted text:
-    special-token strings stay text), encode_prompt (BOS, then the text), encode_with_specials,
-    decode, eot (the end token a training completion ends with), stop_tokens, bos, pad,
-    vocab_size (ids the tokenizer can decode), source (the directory it came from). The BOS and
-    an EOS come from the file's post_processor, as tokenizers adds them to a single sequence
-    (Llama 3.x: <|begin_of_text|>; Qwen: none). No transformers or tokenizers at run time.
-    """
-
-    def __init__(self, model_dir):
-        path = os.path.join(model_dir, "tokenizer.json")
-        if not os.path.exists(path):
-            raise InputError(f"{model_dir}: no tokenizer.json")
-        spec = read_json(path)
-        bpe = spec.get("model") or {}
-        if bpe.get("type") != "BPE":
-            raise InputError(f"{path}: model type {bpe.get('type')!r}; only byte-level BPE is supported")
-        self.nfc = self._normalizer(spec.get("normalizer"), path)
-        pattern = self._pattern(spec.get("pre_tokenizer"), path)
-        byte_of = {c: b for b, c in bytes_to_unicode().items()}
-        to_bytes = lambda token: bytes(byte_of[c] for c in token)
-        try:
-            ranks = {to_bytes(t): i for t, i in bpe["vocab"].items()}
-        except KeyError as e:
-            raise InputError(f"{path}: vocab token with a character outside the byte-level alphabet ({e}); not a "
-                             "byte-level BPE") from None
-        # tiktoken merges the adjacent pair whose result has the lowest id; tokenizers merges by the
-        # order of `merges`. They agree when result ids never decrease along the merge list. Several
-        # merges may make one token (Llama 3: 'ĠĠ'+'ĠĠ' and 'Ġ'+'ĠĠĠ' both give 'ĠĠĠĠ'): equal ids are
-        # fine, since the same bytes come out whichever of them fires.
-        last = -1
-        for n, merge in enumerate(bpe.get("merges", [])):
-            a, b = merge.split(" ") if isinstance(merge, str) else merge
-            i = bpe["vocab"].get(a + b)
-            if i is None or i < last:
-                raise InputError(f"{path}: merge {n} ({a!r} + {b!r}) gives id {i}, below the previous merge's {last}: "
-                                 "token ids must not fall in merge order for tiktoken to reproduce this BPE")
-            last = i
-        if len(ranks) != len(bpe["vocab"]) or any(bytes([b]) not in ranks for b in range(256)):
-            raise InputError(f"{path}: the vocab does not hold all 256 bytes once each; not a byte-level BPE")
-        specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-        self.enc = tiktoken.Encoding(name=os.path.basename(os.path.abspath(model_dir)), pat_str=pattern,
-                                     mergeable_ranks=ranks, special_tokens=specials)
-        self.vocab_size = max(list(ranks.values()) + list(specials.values())) + 1
-        self.source = model_dir  # recorded in the checkpoints of models that use this tokenizer
-        self.stop_tokens = self._stop_tokens(model_dir, specials)
-        self.bos, eos = self._template(spec.get("post_processor"), path)
-        self.eot = eos if eos is not None else self.stop_tokens[0]
-        if self.eot not in self.stop_tokens:
-            self.stop_tokens = [self.eot, *self.stop_tokens]
-        self.pad = self.eot
-        self.start_thought = self.end_thought = None  # Quiet-STaR adds them (quietstar.add_thought_tokens)
-
-    @staticmethod
-    def _normalizer(norm, path):
-        if norm is None:
-            return False
-        kinds = [n["type"] for n in norm.get("normalizers", [norm])]
-        if set(kinds) - {"NFC"}:
-            raise InputError(f"{path}: normalizer {kinds} is not supported (only NFC or none)")
-        return "NFC" in kinds
-
-    @staticmethod
-    def _pattern(pre, path):
-        """One regex for the pre-tokenizer: Qwen2's Split, GPT-2's ByteLevel regex, or Digits then ByteLevel."""
-        steps = pre.get("pretokenizers", [pre]) if pre else []
-        kinds = [p["type"] for p in steps]
-        if not steps or kinds[-1] != "ByteLevel" or steps[-1].get("add_prefix_space"):
-            raise InputError(f"{path}: pre-tokenizer {kinds} is not supported (it must end in ByteLevel without a "
-                             "prefix space)")
-        use_regex = steps[-1].get("use_regex", True)
-        if kinds == ["ByteLevel"] and use_regex:
-            return GPT2_PATTERN
-        if kinds == ["Digits", "ByteLevel"] and use_regex and steps[0].get("individual_digits"):
-            return GPT2_DIGITS_PATTERN
-        if kinds == ["Split", "ByteLevel"] and not use_regex and "Regex" in steps[0].get("pattern", {}) \
-                and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
-            return steps[0]["pattern"]["Regex"]
-        raise InputError(f"{path}: pre-tokenizer {kinds} is not supported")
-
-    @staticmethod
-    def _template(post, path):
-        """
-        (BOS ids, EOS id or None) of the post_processor's single-sequence template: the special
-        tokens before and after $A in a TemplateProcessing, alone or inside a Sequence. ByteLevel
-        (offsets only) or none adds nothing.
-        """
-        steps = (post.get("processors", []) if post.get("type") == "Sequence" else [post]) if post else []
-        bos, eos = [], []
-        for step in steps:
-            kind = step.get("type")
-            if kind == "ByteLevel":
-                continue
-            if kind != "TemplateProcessing":
-                raise InputError(f"{path}: post_processor {kind!r} is not supported (only "
-                                 "TemplateProcessing, ByteLevel)")
-            try:
-                single, specials, side = step["single"], step.get("special_tokens", {}), bos
-                for piece in single:
-                    if "Sequence" in piece:
-                        if piece["Sequence"]["id"] != "A" or side is eos:
-                            raise InputError(f"{path}: post_processor template {single} is not one sequence")
-                        side = eos
-                    else:
-                        side += specials[piece["SpecialToken"]["id"]]["ids"]
-            except (KeyError, TypeError):
-                raise InputError(f"{path}: post_processor template {step.get('single')!r} is malformed") from None
-        if len(eos) > 1:
-            raise InputError(f"{path}: post_processor ends a sequence with {len(eos)} tokens; only one is supported")
-        return bos, (eos[0] if eos else None)
-
-    @staticmethod
-    def _stop_tokens(model_dir, specials):
-        """The end-of-sequence ids of generation_config.json (base: <|endoftext|>, instruct: <|im_end|> too)."""
-        gen = os.path.join(model_dir, "generation_config.json")
-        ids = []
-        if os.path.exists(gen):
-            config = read_json(gen)
-            eos = config.get("eos_token_id") if isinstance(config, dict) else "no JSON object"
-            ids = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else [] if eos is None else None
-            if ids is None or not all(isinstance(i, int) for i in ids):
-                raise InputError(f"{gen}: eos_token_id must be an id or a list of ids, not {eos!r}")
-        if not ids:
-            ids = [specials[t] for t in ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>") if t in specials][:1]
-        if not ids:
-            raise InputError(f"{model_dir}: no eos_token_id in generation_config.json and no known end token")
-        return ids
-
-    def _norm(self, text):
-        return unicodedata.normalize("NFC", text) if self.nfc else text
-
-    def encode(self, text):
-        """Encode untrusted text: special-token strings in it stay plain text."""
-        return self.enc.encode(self._norm(text), disallowed_special=())
-
-    def encode_with_specials(self, text):
-        return self.enc.encode(self._norm(text), allowed_special="all")
-
-    def encode_prompt(self, text):
-        """The ids a sequence starts with: the BOS of the file's template (if any), then the untrusted text."""
-        return self.bos + self.encode(text)
-
-    def decode(self, ids):
-        return self.enc.decode([i for i in ids if i < self.enc.n_vocab])
 
 
 # -----------------------------------------------------------------------------

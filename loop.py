@@ -422,7 +422,11 @@ def tokenizer_for(init):
     source = init if is_pretrained(init) else None
     if init and not source:
         source = model.checkpoint_config(init)[1].get("tokenizer_dir")
-    return data.HFTokenizer(source) if source else data.Tokenizer()
+    if not source:
+        return data.Tokenizer()
+    import hf  # the optional piece (hf.py), loaded only for a pretrained tokenizer
+
+    return hf.HFTokenizer(source)
 
 
 def by_origin(value, pretrained, scratch_value, pretrained_value, flag):
@@ -481,7 +485,9 @@ def setup(args, name, defaults, few_shot=False):
 def base_block_size(init, block_size, dataset):
     """The context of the run's base: --init's (capped by --block_size), else --block_size or the task's default."""
     if is_pretrained(init):
-        return model.read_hf_config(init, block_size or 2048).block_size
+        import hf
+
+        return hf.read_hf_config(init, block_size or 2048).block_size
     if init:
         return model.checkpoint_config(init)[0].block_size
     return block_size or (1024 if dataset == "gsm8k" else 256)
@@ -810,7 +816,9 @@ def warm_start(path, tok, seed_set, config, *, steps, lr, batch_size, seed, devi
     if init and holdout:
         print(f"--warm_holdout {holdout} has nothing to do: the base comes from --init {init}, not a warm start")
     if is_pretrained(init):  # the pretrained weights are the base; the few-shot prompt replaces the warm start
-        base = model.load_pretrained(init, device, config.block_size)
+        import hf
+
+        base = hf.load_pretrained(init, device, config.block_size)
         print(f"pretrained {init}: {base.num_params():,} parameters, context {config.block_size}")
         return base
     if init:

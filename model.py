@@ -4,13 +4,12 @@ One small, self-contained transformer for nanostar, and everything the scripts d
 - `GPT`: the Llama-family layout (RMSNorm, rotary positions with Llama 3's rescaling, SwiGLU
   MLP, grouped-query attention, optional q/k/v bias, Qwen3's q/k norm and head width,
   optional tied embeddings). Tiny from-scratch models and pretrained Llama/Qwen2/Qwen3/SmolLM2
-  weights (`load_pretrained`, from a Hugging Face directory) use the same code.
+  weights (hf.py's `load_pretrained`, from a Hugging Face directory) use the same code.
 - `KVCache` + `generate`: batched KV-cached sampling for prompts of *different* lengths
   (left-padded; each row has its own positions), `num_samples` rollouts per prompt that share
   the prompt's cache, counter-based noise per row (`noise_keys`: the same samples in any
-  batch) or a seeded generator, per-row stop at any of the stop ids; with
-  compile=True a decode step over per-layer buffers (`StaticKVCache`) run through torch.compile
-  (fixed shapes and CUDA graphs on a GPU; on a CPU attending over the written slots only).
+  batch) or a seeded generator, per-row stop at any of the stop ids or at a blank line; with
+  compile=True the decode step of compiled.py.
 - `generate_reference`: the plain no-cache path (full forward per token), kept for tests/bench.
 - `sequence_logprobs`, `dpo_loss`, `dpo_sft_loss`: the log-prob and preference pieces shared
   by star.py's verifier and stepdpo.py.
@@ -19,7 +18,6 @@ One small, self-contained transformer for nanostar, and everything the scripts d
 Importing this file does nothing but define things.
 """
 
-import json
 import math
 import os
 import weakref
@@ -30,7 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data  # (text only: it never imports this file)
 
 # -----------------------------------------------------------------------------
 # config
@@ -152,70 +149,6 @@ class KVCache:
         q = torch.arange(start, end, device=keys.device)[:, None]
         j = torch.arange(end, device=keys.device)[None, :]
         return (keys & (j <= q)) | (j == q)  # the `j == q` keeps padded rows from attending to nothing
-
-
-class StaticKVCache:
-    """
-    A prefilled KVCache's buffers seen the way gpt-fast's decode step sees them, for compiled
-    sampling: one token per call, written at `slot` (a 1-element tensor the caller advances in
-    place). Each layer's keys and values are a tensor of their own, written by index
-    (`k[:, :, slot] = ...`), which inductor does in place: a write into a view of one tensor
-    for all layers (`k[layer].index_copy_`) is not, and the compiled step then copied every
-    layer's whole cache twice per token (10x slower than eager at batch 64 on a CPU).
-
-    What the step attends over depends on the device. On a GPU, all max_len slots through a
-    mask (unwritten slots hidden): no shape changes from step to step, so CUDA graphs can
-    replay the step. The buffers are kept for the next call of the same shape and marked as
-    static addresses (as gpt-fast's module buffers are), without which torch skips CUDA graphs
-    for a step that writes into its inputs. On a CPU, only the `window` written slots (an int
-    the step takes as an argument, which dynamo compiles as a dynamic size after its first
-    change: two compiles per shape, not one per token): at batch 64 reading the cache is what
-    attention costs, and over all slots the step read 1.7x the bytes that eager sampling reads
-    (bench.py's 32 + 128 tokens).
-    """
-
-    _buffers = None  # (k, v, valid, slot, slots) of the last shape: the tensors every compiled step writes into
-
-    def __init__(self, cache):
-        shape, dev = cache.k.shape, cache.k.device
-        bufs = StaticKVCache._buffers
-        if (bufs is None or len(bufs[0]) != shape[0] or bufs[0][0].shape != shape[1:]
-                or bufs[0][0].dtype != cache.k.dtype or bufs[0][0].device != dev):
-            bufs = ([torch.empty_like(cache.k[0]) for _ in range(shape[0])],
-                    [torch.empty_like(cache.v[0]) for _ in range(shape[0])],
-                    torch.empty_like(cache.valid), torch.zeros(1, dtype=torch.long, device=dev),
-                    torch.arange(shape[3], device=dev))
-            if dev.type == "cuda":  # the same addresses on every call: CUDA graphs may replay writes into them
-                for t in [*bufs[0], *bufs[1], *bufs[2:]]:
-                    torch._dynamo.mark_static_address(t)
-            StaticKVCache._buffers = bufs
-        self.k, self.v, self.valid, self.slot, self.slots = bufs
-        for layer in range(shape[0]):  # the prefilled cache, copied once per generate call
-            self.k[layer].copy_(cache.k[layer])
-            self.v[layer].copy_(cache.v[layer])
-        self.valid.copy_(cache.valid)
-        self.slot.fill_(cache.length)
-        self.max_len = shape[3]
-        # None: attend over all max_len slots; else over slots [0, window), set by `static_decode_step`
-        self.window = None
-
-    def update(self, layer, k, v):
-        self.k[layer][:, :, self.slot] = k  # k: (B, Hkv, 1, D) into (B, Hkv, max_len, D)
-        self.v[layer][:, :, self.slot] = v
-        if self.window is None:
-            return self.k[layer], self.v[layer]
-        return self.k[layer][:, :, : self.window], self.v[layer][:, :, : self.window]
-
-    def check(self, T):
-        assert T == 1, "the static cache takes one token per call"
-
-    def advance(self, T):
-        pass  # the caller moves `slot` outside the compiled step
-
-    def default_mask(self, T):
-        if self.window is None:
-            return self.valid[:, None, None, :] & (self.slots <= self.slot)  # (B, 1, 1, max_len)
-        return self.valid[:, None, None, : self.window]  # every slot below the window is written
 
 
 class GrowingKVCache:
@@ -572,10 +505,13 @@ def generate(
         if n == max_new_tokens - 1:
             break
         if compile:
+            import compiled  # the optional piece (compiled.py), loaded only here
+
             if n == 0:
-                cache = StaticKVCache(cache)
-            window = None if device.type == "cuda" or not CPU_WINDOW else P + n + 1  # slots written once this token is
-            logits = compiled_decode_step(device)(model, tok[:, None], next_pos, cache, window).clone()
+                cache = compiled.StaticKVCache(cache)
+            # the slots written once this token is
+            window = None if device.type == "cuda" or not compiled.CPU_WINDOW else P + n + 1
+            logits = compiled.compiled_decode_step(device)(model, tok[:, None], next_pos, cache, window).clone()
             cache.slot += 1  # in place: a CUDA graph replays on the same tensor
         else:
             logits = decode_step(model, tok[:, None], next_pos, cache)
@@ -628,29 +564,6 @@ def decode_step(model, tok, pos, cache):
     """One token per row through the cache: (B, 1) ids at (B, 1) positions -> (B, V) logits."""
     with autocast(pos.device):
         return model.lm_head(model.hidden(tok, pos=pos, cache=cache)[:, -1])
-
-
-def static_decode_step(model, tok, pos, cache, window):
-    """decode_step over a StaticKVCache attending over slots [0, window) (None: all of them)."""
-    cache.window = window  # set inside the compiled function from its argument, so that dynamo sees an int that changes
-    return decode_step(model, tok, pos, cache)
-
-
-_COMPILED = {}
-CPU_WINDOW = True  # False: a CPU runs the GPU's fixed-shape step (all slots, masked); the tests run both
-
-
-def compiled_decode_step(device):
-    """
-    static_decode_step through torch.compile, once per device type: CUDA graphs on a GPU; on
-    a CPU inductor with its C++ wrapper (the step's kernels called from C++, not one Python
-    call each: a decode step is dozens of small kernels, and at batch 1 their launch is the cost).
-    """
-    kind = torch.device(device).type
-    if kind not in _COMPILED:
-        mode, options = ("reduce-overhead", None) if kind == "cuda" else (None, {"cpp_wrapper": True})
-        _COMPILED[kind] = torch.compile(static_decode_step, mode=mode, options=options, fullgraph=True)
-    return _COMPILED[kind]
 
 
 @torch.no_grad()
@@ -900,140 +813,3 @@ def load_checkpoint(path, device="cpu"):
                               f"checkpoint ({e})") from e
     model.to(device).eval()
     return model, ckpt.get("extra", {})
-
-
-# -----------------------------------------------------------------------------
-# pretrained weights: Hugging Face model directories (config.json + safetensors)
-
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
-
-
-def read_safetensors(path):
-    """
-    {name: tensor} from one .safetensors file, read by hand: an 8-byte little-endian header
-    length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian
-    data. A truncated or corrupt file is a CheckpointError naming the file.
-    """
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-        n = int.from_bytes(raw, "little")
-        if n <= 0 or 8 + n > size:
-            raise CheckpointError(f"{path}: corrupt safetensors header length {n} in a file of {size} bytes")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-        body = bytearray(f.read())  # writable, so torch.frombuffer shares it without a warning
-    header.pop("__metadata__", None)
-    out = {}
-    for name, info in header.items():
-        try:
-            dtype, shape, (start, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for {name}: {info}") from None
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}; supported: "
-                                  f"{', '.join(SAFETENSORS_DTYPES)}")
-        nbytes = math.prod(shape) * dtype.itemsize
-        if end > len(body) or end - start != nbytes or start < 0:
-            raise CheckpointError(f"{path}: tensor {name} needs bytes {start}..{end} of {len(body)}: the file is "
-                                  "truncated or corrupt")
-        t = torch.frombuffer(body, dtype=dtype, count=math.prod(shape),
-                             offset=start) if nbytes else torch.empty(0, dtype=dtype)
-        out[name] = t.view(shape)
-    return out
-
-
-def read_hf_config(model_dir, block_size=0):
-    """The GPTConfig of a Hugging Face model directory's config.json; every error names the file."""
-    path = os.path.join(model_dir, "config.json")
-    cfg = data.read_json(path, CheckpointError)
-    try:
-        return hf_config(cfg, block_size)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise CheckpointError(f"{path}: missing or malformed field ({type(e).__name__}: {e})") from None
-
-
-def hf_config(cfg, block_size=0):
-    """A Hugging Face config.json (dict) -> GPTConfig, for the families nanostar's layout covers."""
-    kind = cfg.get("model_type")
-    if kind not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(f"model_type {kind!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
-                              "(Llama 2/3.x, SmolLM2, Qwen2/2.5, Qwen3)")
-    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("mlp_bias"):
-        raise CheckpointError(f"{kind}: only a bias-free SiLU-gated MLP is supported")
-    if cfg.get("use_sliding_window"):
-        raise CheckpointError(f"{kind}: sliding-window attention is not supported")
-    # transformers >= 5 writes rope_parameters; older files rope_theta/rope_scaling
-    rope = cfg.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    if scaling:
-        rtype = scaling.get("rope_type", scaling.get("type"))
-        if rtype == "default":
-            scaling = None
-        elif rtype != "llama3":
-            raise CheckpointError(f"rope scaling of type {rtype!r} is not supported (only 'llama3')")
-        else:
-            scaling = {k: scaling[k]
-                       for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-            scaling["rope_type"] = "llama3"
-    n_head = cfg["num_attention_heads"]
-    max_pos = cfg.get("max_position_embeddings", 2048)
-    return GPTConfig(
-        block_size=min(block_size, max_pos) if block_size else max_pos,
-        vocab_size=cfg["vocab_size"], n_layer=cfg["num_hidden_layers"], n_head=n_head,
-        n_kv_head=cfg.get("num_key_value_heads") or n_head, n_embd=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"], rope_theta=float(theta), norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias")),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_head,
-        qk_norm=kind == "qwen3", rope_scaling=scaling,
-    )
-
-
-def load_pretrained(model_dir, device="cpu", block_size=0):
-    """
-    A GPT with the weights of a Hugging Face model directory (config.json and model.safetensors,
-    or shards listed in model.safetensors.index.json). Every tensor in the files must fill a
-    parameter and every parameter must be filled, shapes equal; a tied model may omit
-    lm_head.weight. Weights are kept in fp32 (bf16 autocast does the GPU's work). block_size
-    caps the context (the rotary table and caches), 0 = the model's max_position_embeddings.
-    """
-    config = read_hf_config(model_dir, block_size)
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-        try:
-            files = sorted(set(data.read_json(index, CheckpointError)["weight_map"].values()))
-        except (KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{index}: no weight_map of tensor names to files") from None
-    elif os.path.exists(os.path.join(model_dir, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
-    tensors = {}
-    for name in files:
-        tensors.update(read_safetensors(os.path.join(model_dir, name)))
-    model = GPT(config)  # random weights, all replaced below
-    state = {k.removeprefix("model."): v for k, v in tensors.items()}
-    expected = dict(model.state_dict())
-    if config.tie_embeddings:
-        expected.pop("lm_head.weight")
-        head = state.pop("lm_head.weight", None)
-        if head is not None and "embed_tokens.weight" in state and not torch.equal(head, state["embed_tokens.weight"]):
-            raise CheckpointError(f"{model_dir}: tie_word_embeddings is set but lm_head.weight differs from "
-                                  "the embedding")
-    missing, unused = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
-    if missing or unused or wrong:
-        raise CheckpointError(f"{model_dir}: weights do not match the {config.n_layer}-layer model: missing {missing}, "
-                              f"unused {unused}, wrong shape "
-                              f"{[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong]}")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=not config.tie_embeddings)
-    return model.to(device).eval()

@@ -48,7 +48,6 @@ beyond the chunk (those terms are masked).
 
 import argparse
 import json
-import os
 import random
 import time
 from types import SimpleNamespace
@@ -637,7 +636,9 @@ def base_lm(run, init, cfg, corpus, args, tok):
         print("resumed: pretrained model from pretrained.pt")
         return run.load("pretrained.pt", args.device)
     if loop.is_pretrained(init):
-        return model.load_pretrained(init, args.device, cfg.block_size)
+        import hf
+
+        return hf.load_pretrained(init, args.device, cfg.block_size)
     if init:
         base, _ = model.load_checkpoint(init, args.device)
     else:

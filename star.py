@@ -354,7 +354,7 @@ def main(args):
     config, base_state = base.config, {k: v.to("cpu", copy=True)
                                        for k, v in base.state_dict().items()}  # kept off the GPU
     t_warm, t0 = time.time() - t0, time.time()
-    (metrics,) = run.cached(["metrics.jsonl"], lambda: [[{"iter": 0, **measure(base), "time_warm_start": t_warm,
+    (metrics,) = run.cached(["metrics.jsonl"], lambda b=base: [[{"iter": 0, **measure(b), "time_warm_start": t_warm,
                                                           "time_evaluate": time.time() - t0,
                                                           "time": t_warm + time.time() - t0}]])
     report_start(metrics)

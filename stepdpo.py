@@ -31,7 +31,6 @@ one pair cut at its first pit. Q of the last step is the solution's own grade (n
 
 import argparse
 import json
-import os
 import random
 import time
 

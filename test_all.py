@@ -17,7 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import compiled
 import data
+import hf
 import loop
 import model
 from data import Tokenizer
@@ -1435,31 +1437,31 @@ def hf_model_dir(tmp_path, family, vocab_size=300, shard=False, seed=0, max_pos=
                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
                                           pad_token_id=0, eos_token_id=1, **extra)
     torch.manual_seed(seed)
-    hf = getattr(transformers, cls_name)(cfg).eval()
+    theirs = getattr(transformers, cls_name)(cfg).eval()
     with torch.no_grad():
-        for p in hf.parameters():
+        for p in theirs.parameters():
             p.add_(torch.randn_like(p) * 0.15)
     d = tmp_path / f"hf_{family}"
-    hf.save_pretrained(d, max_shard_size="30KB" if shard else "5GB")
-    return hf, str(d)
+    theirs.save_pretrained(d, max_shard_size="30KB" if shard else "5GB")
+    return theirs, str(d)
 
 
 @pytest.mark.parametrize("family", list(HF_FAMILIES))
 def test_pretrained_weights_give_transformers_logits_at_every_position_and_its_greedy_continuations(tmp_path, family):
-    hf, d = hf_model_dir(tmp_path, family, shard=family == "qwen3")
+    theirs, d = hf_model_dir(tmp_path, family, shard=family == "qwen3")
     if family == "qwen3":
         assert os.path.exists(os.path.join(d, "model.safetensors.index.json"))
-    ours = model.load_pretrained(d)
+    ours = hf.load_pretrained(d)
     assert ours.config.qk_norm == (family == "qwen3") and ours.config.qkv_bias == (family == "qwen2")
     x = torch.randint(2, 300, (2, 60))  # 60 positions: past llama3's original 16, where its rescaling acts
     with torch.no_grad():
-        torch.testing.assert_close(ours(x)[0], hf(x).logits, atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(ours(x)[0], theirs(x).logits, atol=2e-4, rtol=2e-4)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15]]
     P = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+        want = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
                            pad_token_id=0)[:, P:].tolist()
     got = model.generate(ours, prompts, 12, temperature=0.0).completions()
     assert got == want
@@ -1472,24 +1474,24 @@ def test_bad_pretrained_directories_give_clear_errors(tmp_path):
     blob = open(path, "rb").read()
     open(path, "wb").write(blob[: len(blob) - 100])
     with pytest.raises(model.CheckpointError, match="truncated or corrupt"):
-        model.load_pretrained(d)
+        hf.load_pretrained(d)
     open(path, "wb").write(b"\x05\x00")
     with pytest.raises(model.CheckpointError, match="truncated safetensors"):
-        model.load_pretrained(d)
+        hf.load_pretrained(d)
     _, d = hf_model_dir(tmp_path, "llama")
-    tensors = model.read_safetensors(os.path.join(d, "model.safetensors"))
+    tensors = hf.read_safetensors(os.path.join(d, "model.safetensors"))
     import safetensors.torch  # comes with transformers; used here only to write a broken file
 
     del tensors["model.layers.1.mlp.up_proj.weight"]
     tensors["model.extra.weight"] = torch.zeros(2)
     safetensors.torch.save_file({k: v.clone() for k, v in tensors.items()}, os.path.join(d, "model.safetensors"))
     with pytest.raises(model.CheckpointError, match=r"missing \['layers.1.mlp.up_proj.weight'\], unused \['extra.weight'\]"):
-        model.load_pretrained(d)
+        hf.load_pretrained(d)
     cfg = json.load(open(os.path.join(d, "config.json")))
     cfg["model_type"] = "gpt_neox"
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
     with pytest.raises(model.CheckpointError, match="'gpt_neox' is not supported; supported: llama, qwen2, qwen3"):
-        model.load_pretrained(d)
+        hf.load_pretrained(d)
 
 
 def test_every_error_about_a_model_directory_names_its_file(tmp_path):
@@ -1498,7 +1500,7 @@ def test_every_error_about_a_model_directory_names_its_file(tmp_path):
     config = os.path.join(d, "config.json")
     good = open(config).read()
     open(config, "w").write(good[:-20])  # cut short: not JSON
-    for read in (lambda: loop.base_block_size(d, 0, "gsm8k"), lambda: model.load_pretrained(d)):
+    for read in (lambda: loop.base_block_size(d, 0, "gsm8k"), lambda: hf.load_pretrained(d)):
         with pytest.raises(model.CheckpointError, match=f"^{re.escape(config)}: not valid JSON"):
             read()
     open(config, "w").write(json.dumps({**json.loads(good), "model_type": "gpt2"}))
@@ -1508,16 +1510,16 @@ def test_every_error_about_a_model_directory_names_its_file(tmp_path):
     del cfg["num_attention_heads"]
     open(config, "w").write(json.dumps(cfg))
     with pytest.raises(model.CheckpointError, match=f"^{re.escape(config)}: missing or malformed field .*num_attention_heads"):
-        model.load_pretrained(d)
+        hf.load_pretrained(d)
     gen = os.path.join(d, "generation_config.json")
     for text, match in (('{"eos_token_id": ', "not valid JSON"), ('{"eos_token_id": "</s>"}', "eos_token_id must be an id"),
                         ("[1, 2]", "eos_token_id must be an id")):
         open(gen, "w").write(text)
         with pytest.raises(data.InputError, match=f"^{re.escape(gen)}: {match}"):
-            data.HFTokenizer(d)
+            hf.HFTokenizer(d)
     open(os.path.join(d, "tokenizer.json"), "w").write("{")
     with pytest.raises(data.InputError, match="tokenizer.json: not valid JSON"):
-        data.HFTokenizer(d)
+        hf.HFTokenizer(d)
 
 
 QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -1554,7 +1556,7 @@ TOKENIZER_TEXTS = ["Q: Natalia sold 48/2 = <<48/2=24>>24 clips.\nA:\n#### 72", "
 @pytest.mark.parametrize("style", ["qwen2", "smollm2"])
 def test_a_tokenizer_json_encodes_and_decodes_exactly_as_tokenizers_does(tmp_path, style):
     ref = hf_tokenizer_dir(str(tmp_path / style), style)
-    tok = data.HFTokenizer(str(tmp_path / style))
+    tok = hf.HFTokenizer(str(tmp_path / style))
     for text in TOKENIZER_TEXTS:
         ids = tok.encode(text)
         assert ids == ref.encode(text).ids, text
@@ -1574,12 +1576,12 @@ def test_tokenizer_json_that_tiktoken_cannot_reproduce_is_refused(tmp_path):
     merges[3], merges[4] = merges[4], merges[3]  # ids no longer rise in merge order
     json.dump(spec, open(path, "w"))
     with pytest.raises(data.InputError, match=r"merge 4 \('a' \+ 't'\) gives id 261, below the previous merge's 262"):
-        data.HFTokenizer(str(tmp_path / "t"))  # the first offending merge, named
+        hf.HFTokenizer(str(tmp_path / "t"))  # the first offending merge, named
     merges[3], merges[4] = merges[4], merges[3]
     spec["pre_tokenizer"] = {"type": "Whitespace"}
     json.dump(spec, open(path, "w"))
     with pytest.raises(data.InputError, match="pre-tokenizer"):
-        data.HFTokenizer(str(tmp_path / "t"))
+        hf.HFTokenizer(str(tmp_path / "t"))
 
 
 def whitespace_tokenizer_dir(d):
@@ -1616,7 +1618,7 @@ def whitespace_tokenizer_dir(d):
 def test_merges_that_make_the_same_token_twice_encode_exactly_as_tokenizers_does(tmp_path):
     ref, twice = whitespace_tokenizer_dir(str(tmp_path / "ws"))
     assert twice > 5 and any(set(m) == {"ĠĠĠ", "ĠĠĠĠ"} for m in json.load(open(tmp_path / "ws" / "tokenizer.json"))["model"]["merges"])
-    tok = data.HFTokenizer(str(tmp_path / "ws"))  # refused before: equal result ids were taken for falling ones
+    tok = hf.HFTokenizer(str(tmp_path / "ws"))  # refused before: equal result ids were taken for falling ones
     r = random.Random(1)
     texts = TOKENIZER_TEXTS + ["".join(r.choice([" ", "  ", "\n", "\t", "x", "if", "\n\n", "1", "   \n"]) for _ in range(r.randint(1, 40)))
                                for _ in range(500)]
@@ -1640,7 +1642,7 @@ def llama3_tokenizer_dir():
 
 def test_llama3s_real_tokenizer_json_encodes_exactly_as_tokenizers_does():
     d = llama3_tokenizer_dir()
-    tok, ref = data.HFTokenizer(d), tokenizers.Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+    tok, ref = hf.HFTokenizer(d), tokenizers.Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
     assert tok.vocab_size == ref.get_vocab_size() == 128256 and tok.bos == []  # this copy's post_processor: ByteLevel only
     train, test = data.word_problem_task(50, 20, seed=3)
     texts = TOKENIZER_TEXTS + [data.prompt(e.question) + data.completion(e.rationale, e.answer) for e in train + test]
@@ -1668,10 +1670,10 @@ def with_template(d, single, specials):
 def test_the_post_processors_bos_starts_every_prompt_and_training_sequence_as_tokenizers_adds_it(tmp_path):
     d = str(tmp_path / "t")
     plain = hf_tokenizer_dir(d, "qwen2")
-    assert data.HFTokenizer(d).bos == []  # Qwen: no template, nothing added
+    assert hf.HFTokenizer(d).bos == []  # Qwen: no template, nothing added
     bos = plain.token_to_id("<|im_end|>")  # the trained vocab's other special token stands in for <|begin_of_text|>
     ref = with_template(d, "<|im_end|> $A", [("<|im_end|>", bos)])
-    tok = data.HFTokenizer(d)
+    tok = hf.HFTokenizer(d)
     assert tok.bos == [bos] and tok.eot == plain.token_to_id("<|endoftext|>")
     question, completion = "Natalia sold 48 clips in May. How many?", "48/2 = 24\n#### 72"
     p, c = data.encode_example(tok, question, completion)
@@ -1695,7 +1697,7 @@ def test_the_post_processors_bos_starts_every_prompt_and_training_sequence_as_to
     # a template that also ends the sequence: that token ends every training completion
     eos = plain.token_to_id("<|endoftext|>")
     ref = with_template(d, "<|im_end|> $A <|endoftext|>", [("<|im_end|>", bos), ("<|endoftext|>", eos)])
-    tok = data.HFTokenizer(d)
+    tok = hf.HFTokenizer(d)
     p, c = data.encode_example(tok, question, completion)
     assert p + c == ref.encode(data.prompt(question) + completion, add_special_tokens=True).ids and tok.eot == eos
     assert data.Tokenizer().bos == [] and data.Tokenizer().encode_prompt("Q: 1+2\nA:\n") == data.Tokenizer().encode("Q: 1+2\nA:\n")
@@ -1707,7 +1709,7 @@ def test_llama3s_real_tokenizer_with_the_hubs_template_starts_sequences_with_beg
     d = str(tmp_path / "llama3")
     shutil.copytree(llama3_tokenizer_dir(), d)
     ref = with_template(d, "<|begin_of_text|> $A", [("<|begin_of_text|>", 128000)])
-    tok = data.HFTokenizer(d)
+    tok = hf.HFTokenizer(d)
     for e in data.word_problem_task(20, 5, seed=4)[0]:
         p, c = data.encode_example(tok, e.question, data.completion(e.rationale, e.answer))
         assert p[0] == 128000 and p == ref.encode(data.prompt(e.question), add_special_tokens=True).ids
@@ -1718,7 +1720,7 @@ def blank_line_tokenizer_dir(d):
     """A byte-level BPE whose tokens put newlines everywhere a blank line can form: '\\n\\n', '7\\n', '\\nQ', '\\n\\nQ' (mid-token)."""
     from tokenizers import decoders, models, pre_tokenizers
 
-    byte = data.bytes_to_unicode()
+    byte = hf.bytes_to_unicode()
     vocab = {byte[b]: b for b in range(256)}
     merges = []
     for a, b in [("\n", "\n"), ("7", "\n"), ("\n", "Q"), ("\n\n", "Q"), ("#", "#")]:
@@ -1730,7 +1732,7 @@ def blank_line_tokenizer_dir(d):
     t.add_special_tokens(["<|endoftext|>"])
     os.makedirs(d, exist_ok=True)
     t.save(os.path.join(d, "tokenizer.json"))
-    return data.HFTokenizer(d)
+    return hf.HFTokenizer(d)
 
 
 def byte_text(s, byte):
@@ -1778,7 +1780,7 @@ def test_stop_tokens_come_from_generation_config_and_padded_vocab_rows_are_never
     d = str(tmp_path / "t")
     hf_tokenizer_dir(d, "qwen2")
     json.dump({"eos_token_id": [421, 420]}, open(os.path.join(d, "generation_config.json"), "w"))
-    assert data.HFTokenizer(d).stop_tokens == [421, 420]
+    assert hf.HFTokenizer(d).stop_tokens == [421, 420]
     m = tiny_model()
     with torch.no_grad():
         m.lm_head.weight[30:] *= 0
@@ -1820,7 +1822,7 @@ def test_star_on_gsm8k_from_a_pretrained_directory_end_to_end(monkeypatch, tmp_p
     assert capsys.readouterr().out.splitlines()[-1].endswith(f"; {d} is iteration 0's model (test {metrics[0]['acc']:.3f})")
     tuned, extra = model.load_checkpoint(str(out / "model.pt"))
     assert extra["tokenizer_dir"] == d and tuned.config.vocab_size == 440 and tuned.config.block_size == 1024
-    assert isinstance(loop.tokenizer_for(str(out / "model.pt")), data.HFTokenizer)
+    assert isinstance(loop.tokenizer_for(str(out / "model.pt")), hf.HFTokenizer)
     # per-step DPO from that SFT model: its tokenizer comes along with the checkpoint
     res = stepdpo.main(stepdpo.get_args(["--dataset", "gsm8k", "--data_dir", str(gsm), "--init", str(out / "model.pt"),
                                          "--n_seed", "2", "--samples", "2", "--rollouts", "2", "--temperature", "1.0",
@@ -1854,11 +1856,11 @@ def test_quietstar_from_a_pretrained_directory_adds_thought_tokens_and_thinks(tm
     res = quietstar.main(quietstar.get_args(argv))
     gpt, extra = model.load_checkpoint(str(tmp_path / "q" / "thoughts.pt"))
     assert extra["thought_tokens"] == [n, n + 1] and gpt.config.vocab_size == n + 2
-    tok = data.HFTokenizer(d)
+    tok = hf.HFTokenizer(d)
     dash = tok.encode("\u2014")[0]
     assert all(math.isfinite(r["nll"]) for r in res.values())
     assert res["thoughts"]["sample"].startswith(data.load_task("arithmetic", None, 60, 20, 1, 2, 0)[1][0].question + "=[")
-    fresh, grown = model.load_pretrained(d), model.load_pretrained(d)
+    fresh, grown = hf.load_pretrained(d), hf.load_pretrained(d)
     quietstar.add_thought_tokens(grown, tok)
     quietstar.init_thought_embeddings(grown, tok, 10.0)
     assert (tok.start_thought, tok.end_thought) == (n, n + 1) and dash < n
@@ -1869,15 +1871,15 @@ def test_quietstar_from_a_pretrained_directory_adds_thought_tokens_and_thinks(tm
 
 @pytest.mark.parametrize("window", [True, False])  # False: the GPU's step (all slots, masked), run on the CPU
 def test_the_compiled_static_decode_step_gives_exactly_the_eager_tokens(window, monkeypatch):
-    monkeypatch.setattr(model, "CPU_WINDOW", window)
+    monkeypatch.setattr(compiled, "CPU_WINDOW", window)
     m = tiny_model()
     eager = model.generate(m, RAGGED, 20, temperature=0.0, stop_token=3).completions()
-    compiled = model.generate(m, RAGGED, 20, temperature=0.0, stop_token=3, compile=True).completions()
-    assert compiled == eager and len({tuple(c) for c in eager}) > 1
+    fused = model.generate(m, RAGGED, 20, temperature=0.0, stop_token=3, compile=True).completions()
+    assert fused == eager and len({tuple(c) for c in eager}) > 1
     deeper = tiny_model(seed=1, n_layer=3)  # each layer's cache of the same shape, one layer more: the kept buffers must not be reused
     eager = model.generate(deeper, RAGGED, 20, temperature=0.0, stop_token=3).completions()
     assert model.generate(deeper, RAGGED, 20, temperature=0.0, stop_token=3, compile=True).completions() == eager
-    assert len(model.StaticKVCache._buffers[0]) == 3
+    assert len(compiled.StaticKVCache._buffers[0]) == 3
     g = lambda: torch.Generator().manual_seed(7)
     sampled = model.generate(m, RAGGED, 15, temperature=1.0, generator=g(), num_samples=2, compile=True).completions()
     assert sampled == model.generate(m, RAGGED, 15, temperature=1.0, generator=g(), num_samples=2).completions()
