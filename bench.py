@@ -36,8 +36,85 @@ import time
 import torch
 
 import model
+import quietstar
 from loop import at_least
 from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# the slow references the fast paths are checked against (test_all.py) and timed against (here)
+
+
+@torch.no_grad()
+def generate_reference(gpt, prompts, max_new_tokens, *, temperature=1.0, top_k=None, stop_token=None, generator=None,
+                       vocab_limit=None, keys=None):
+    """
+    The plain path: no cache, the whole sequence re-run for every new token (O(T^2) work).
+    Same left padding and sampling as `generate`, so with the same seed it must give the same
+    tokens; kept as the independent reference for tests and bench.py. Returns generated lists.
+    """
+    device = gpt.lm_head.weight.device
+    stops, pad_id = model._stops(stop_token, device)
+    tokens, valid, pos, P = model._left_pad(prompts, pad_id, max_new_tokens, device)
+    model._check_length(gpt, P, max_new_tokens)
+    B, L = tokens.shape
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    eye = torch.eye(L, dtype=torch.bool, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = [[] for _ in range(B)]
+    for n in range(max_new_tokens):
+        T = P + n
+        mask = ((valid[:, None, :T] & causal[:T, :T]) | eye[:T, :T])[:, None]  # (B, 1, T, T)
+        with model.autocast(device):
+            logits, _ = gpt(tokens[:, :T], pos=pos[:, :T], mask=mask)
+        logits = model._limit(logits[:, -1], vocab_limit)
+        tok = model.sample_next_token(logits, generator, temperature, top_k, keys, n).masked_fill(done, pad_id)
+        tokens[:, T] = tok
+        valid[:, T] = True
+        pos[:, T] = pos[:, T - 1] + 1
+        for i in range(B):
+            if not done[i]:
+                out[i].append(tok[i].item())
+        if stops is not None:
+            done = done | torch.isin(tok, stops)
+            if done.all():
+                break
+    return [o[:-1] if (stops is not None and o and o[-1] in stops.tolist()) else o for o in out]
+
+
+# -----------------------------------------------------------------------------
+# quietstar.py's thoughts the slow way: one position and one row at a time, full forwards
+
+
+@torch.no_grad()
+def think_reference(gpt, head, x, args, tok, noise):
+    """The same thoughts and mixed logits as `think`, one position and one row at a time, full forwards."""
+    B, T = x.shape
+    N, L, K = args.n_thoughts, args.thought_len, args.n_talk
+    quietstar.check_context(gpt, T, args)
+    xr = x.repeat_interleave(N, dim=0)
+    R = xr.size(0)
+    V = gpt.config.vocab_size
+    thoughts = torch.zeros(R, T, L, dtype=torch.long)
+    talk = torch.zeros(R, T, K, V)
+    base_h = gpt.hidden(xr)
+    for r in range(R):
+        for t in range(T):
+            seq = xr[r, : t + 1].tolist() + [tok.start_thought]
+            for j in range(L):
+                pos = torch.tensor([list(range(len(seq)))])  # a thought continues its position's text
+                logits = gpt(torch.tensor([seq]), pos=pos)[0][0, -1].float()
+                z = int((logits / args.thought_temperature + noise[r, j, t]).argmax())
+                thoughts[r, t, j] = z
+                seq.append(z)
+            seq.append(tok.end_thought)
+            for k in range(1, K + 1):
+                pos = torch.tensor([list(range(len(seq)))])
+                h_th = gpt.hidden(torch.tensor([seq]), pos=pos)[0, -1]
+                h_b = base_h[r, min(t + k - 1, T - 1)]
+                talk[r, t, k - 1] = head.mix(gpt.lm_head, h_b, h_th)[0]
+                seq.append(int(xr[r, t + k]) if t + k < T else tok.eot)
+    return thoughts, talk
+
 
 # -----------------------------------------------------------------------------
 
@@ -106,7 +183,7 @@ def bench_sampler(args):
                 comp = timeit(lambda: model.generate(m, plist, N, temperature=0.0, compile=True), args.repeat)
                 row += f" {tps(comp):10.0f}"
             if si == 0 or args.full:
-                ref = timeit(lambda: model.generate_reference(m, plist, N, temperature=0.0), 1 if B > 1 else args.repeat)
+                ref = timeit(lambda: generate_reference(m, plist, N, temperature=0.0), 1 if B > 1 else args.repeat)
                 row += f" {tps(ref):10.0f}"
             else:
                 ref = None
@@ -295,7 +372,6 @@ def bench_thoughts(args):
     same thoughts (the test suite checks they match), and the activation memory of one
     training step as T and the thought length grow.
     """
-    import quietstar
     from data import Tokenizer
 
     tok = Tokenizer()
@@ -308,7 +384,7 @@ def bench_thoughts(args):
     noise = quietstar.gumbel((N, L, T, cfg.vocab_size), torch.Generator().manual_seed(0), "cpu")
     with torch.no_grad():
         par = timeit(lambda: quietstar.think(m, head, x, qargs, tok, noise), args.repeat)
-    ref = timeit(lambda: quietstar.think_reference(m, head, x, qargs, tok, noise), 1)
+    ref = timeit(lambda: think_reference(m, head, x, qargs, tok, noise), 1)
     print(f"thoughts: T={T}, {N} thoughts x {L} tokens, {K} lookahead, 3L x 96 model, batch 1")
     print(f"  parallel (diagonal mask, KV cache): {par * 1e3:8.1f} ms")
     print(f"  per-position reference loop:        {ref * 1e3:8.1f} ms   ({ref / par:.0f}x slower)")

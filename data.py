@@ -1,7 +1,8 @@
 """
-Text, and only text: the tokenizers, the tasks, the solution format, answer parsing and
-grading, encoding and batching. It never imports model.py and never reads an argparse
-namespace; the steps that run a model live in loop.py.
+Text, and only text: the byte-level tokenizer (a pretrained tokenizer.json is hf.py's), the
+tasks, the solution format, answer parsing and grading, encoding and batching. It never
+imports model.py and never reads an argparse namespace; the steps that run a model live in
+loop.py.
 
 Every task is a list of `Example(question, answer, rationale)` for train and test, and every
 task writes a solution the same way, so the scripts never special-case a task:

@@ -10,7 +10,6 @@ One small, self-contained transformer for nanostar, and everything the scripts d
   the prompt's cache, counter-based noise per row (`noise_keys`: the same samples in any
   batch) or a seeded generator, per-row stop at any of the stop ids or at a blank line; with
   compile=True the decode step of compiled.py.
-- `generate_reference`: the plain no-cache path (full forward per token), kept for tests/bench.
 - `sequence_logprobs`, `dpo_loss`, `dpo_sft_loss`: the log-prob and preference pieces shared
   by star.py's verifier and stepdpo.py.
 - `train`: the one fine-tuning loop every script calls; `save_checkpoint`/`load_checkpoint`.
@@ -564,43 +563,6 @@ def decode_step(model, tok, pos, cache):
     """One token per row through the cache: (B, 1) ids at (B, 1) positions -> (B, V) logits."""
     with autocast(pos.device):
         return model.lm_head(model.hidden(tok, pos=pos, cache=cache)[:, -1])
-
-
-@torch.no_grad()
-def generate_reference(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, stop_token=None, generator=None,
-                       vocab_limit=None, keys=None):
-    """
-    The plain path: no cache, the whole sequence re-run for every new token (O(T^2) work).
-    Same left padding and sampling as `generate`, so with the same seed it must give the same
-    tokens; kept as the independent reference for tests and bench.py. Returns generated lists.
-    """
-    device = model.lm_head.weight.device
-    stops, pad_id = _stops(stop_token, device)
-    tokens, valid, pos, P = _left_pad(prompts, pad_id, max_new_tokens, device)
-    _check_length(model, P, max_new_tokens)
-    B, L = tokens.shape
-    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-    eye = torch.eye(L, dtype=torch.bool, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    out = [[] for _ in range(B)]
-    for n in range(max_new_tokens):
-        T = P + n
-        mask = ((valid[:, None, :T] & causal[:T, :T]) | eye[:T, :T])[:, None]  # (B, 1, T, T)
-        with autocast(device):
-            logits, _ = model(tokens[:, :T], pos=pos[:, :T], mask=mask)
-        tok = sample_next_token(_limit(logits[:, -1], vocab_limit), generator, temperature, top_k, keys,
-                                n).masked_fill(done, pad_id)
-        tokens[:, T] = tok
-        valid[:, T] = True
-        pos[:, T] = pos[:, T - 1] + 1
-        for i in range(B):
-            if not done[i]:
-                out[i].append(tok[i].item())
-        if stops is not None:
-            done = done | torch.isin(tok, stops)
-            if done.all():
-                break
-    return [o[:-1] if (stops is not None and o and o[-1] in stops.tolist()) else o for o in out]
 
 
 # -----------------------------------------------------------------------------

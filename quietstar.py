@@ -369,41 +369,6 @@ def gumbel(shape, generator, device):
 
 
 # -----------------------------------------------------------------------------
-# the slow reference: one position at a time, no cache (kept for tests and bench.py)
-
-
-@torch.no_grad()
-def think_reference(gpt, head, x, args, tok, noise):
-    """The same thoughts and mixed logits as `think`, one position and one row at a time, full forwards."""
-    B, T = x.shape
-    N, L, K = args.n_thoughts, args.thought_len, args.n_talk
-    check_context(gpt, T, args)
-    xr = x.repeat_interleave(N, dim=0)
-    R = xr.size(0)
-    V = gpt.config.vocab_size
-    thoughts = torch.zeros(R, T, L, dtype=torch.long)
-    talk = torch.zeros(R, T, K, V)
-    base_h = gpt.hidden(xr)
-    for r in range(R):
-        for t in range(T):
-            seq = xr[r, : t + 1].tolist() + [tok.start_thought]
-            for j in range(L):
-                pos = torch.tensor([list(range(len(seq)))])  # a thought continues its position's text
-                logits = gpt(torch.tensor([seq]), pos=pos)[0][0, -1].float()
-                z = int((logits / args.thought_temperature + noise[r, j, t]).argmax())
-                thoughts[r, t, j] = z
-                seq.append(z)
-            seq.append(tok.end_thought)
-            for k in range(1, K + 1):
-                pos = torch.tensor([list(range(len(seq)))])
-                h_th = gpt.hidden(torch.tensor([seq]), pos=pos)[0, -1]
-                h_b = base_h[r, min(t + k - 1, T - 1)]
-                talk[r, t, k - 1] = head.mix(gpt.lm_head, h_b, h_th)[0]
-                seq.append(int(xr[r, t + k]) if t + k < T else tok.eot)
-    return thoughts, talk
-
-
-# -----------------------------------------------------------------------------
 # thinking while generating
 
 

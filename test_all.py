@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
 import compiled
 import data
 import hf
@@ -76,14 +77,14 @@ def test_greedy_generation_of_a_ragged_batch_equals_generating_each_prompt_alone
     batched = model.generate(m, RAGGED, 20, temperature=0.0).completions()
     assert len({tuple(c) for c in batched}) > 1, "degenerate test model: all rows generate the same"
     for p, got in zip(RAGGED, batched):
-        assert got == model.generate_reference(m, [p], 20, temperature=0.0)[0]  # the no-cache path
+        assert got == bench.generate_reference(m, [p], 20, temperature=0.0)[0]  # the no-cache path
         assert got == model.generate(m, [p], 20, temperature=0.0).completions()[0]
 
 
 def test_sampled_generation_matches_the_no_cache_path_with_the_same_seed():
     m = tiny_model()
     a = model.generate(m, RAGGED, 15, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
-    b = model.generate_reference(m, RAGGED, 15, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
+    b = bench.generate_reference(m, RAGGED, 15, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
     assert a.completions() == b
 
 
@@ -962,7 +963,7 @@ def test_q_values_with_a_forced_continuation_are_0_or_1_and_match_the_no_cache_p
         for i, v in enumerate(values[:-1]):
             assert v in (0.0, 1.0)  # greedy rollouts: K copies of one continuation
             prefix = data.prompt(q) + "".join(steps[: i + 1])
-            cont = model.generate_reference(m, [tok.encode(prefix)], 12, temperature=0.0, stop_token=tok.eot)[0]
+            cont = bench.generate_reference(m, [tok.encode(prefix)], 12, temperature=0.0, stop_token=tok.eot)[0]
             finished = len(cont) < 12 or (tok.eot in cont)
             assert v == float(data.sample_correct(prefix + tok.decode(cont), finished, a))
 
@@ -981,7 +982,7 @@ def test_sampled_q_values_strictly_between_0_and_1_match_the_no_cache_path(monke
     # the same Q values from the no-cache sampler: every prefix repeated K times, one batch, the same noise keys
     prefixes = [data.prompt(q) + "".join(steps[: i + 1]) for q, _, steps, _ in items for i in range(len(steps) - 1)]
     K = args.rollouts
-    conts = model.generate_reference(m, [tok.encode(p) for p in prefixes for _ in range(K)], 10, temperature=1.0,
+    conts = bench.generate_reference(m, [tok.encode(p) for p in prefixes for _ in range(K)], 10, temperature=1.0,
                                      stop_token=tok.eot, keys=model.noise_keys(4, range(len(prefixes)), K))
     want = [sum(data.sample_correct(p + tok.decode(c), True, "") for c in conts[n * K : (n + 1) * K]) / K for n, p in enumerate(prefixes)]
     assert [v for q in shared for v in q[:-1]] == want
@@ -1087,7 +1088,7 @@ def test_parallel_thoughts_equal_a_slow_per_position_reference(mode):
     noise = quietstar.gumbel((4, 3, 8, 260), torch.Generator().manual_seed(0), "cpu")
     with torch.no_grad():
         out = quietstar.think(m, head, x, args, tok, noise)
-    ref_thoughts, ref_talk = quietstar.think_reference(m, head, x, args, tok, noise)
+    ref_thoughts, ref_talk = bench.think_reference(m, head, x, args, tok, noise)
     assert torch.equal(out["thoughts"], ref_thoughts)
     assert len(set(ref_thoughts.flatten().tolist())) > 3, "thoughts should vary"
     torch.testing.assert_close(out["talk_logits"], ref_talk, atol=1e-4, rtol=1e-4)
@@ -1319,7 +1320,7 @@ def test_thoughts_that_would_run_past_the_context_raise_instead_of_reusing_a_pos
     with pytest.raises(ValueError, match="beyond the model's block_size of 13"):
         quietstar.think(m, head, x, args, Tokenizer(), noise)
     with pytest.raises(ValueError, match="block_size"):
-        quietstar.think_reference(m, head, x, args, Tokenizer(), noise)
+        bench.think_reference(m, head, x, args, Tokenizer(), noise)
     m, head, args = tiny_quiet(block_size=8 + 3 + 2 + 1)  # exactly enough
     quietstar.think(m, head, x, args, Tokenizer(), noise)
 
@@ -1899,7 +1900,7 @@ def test_counter_noise_gives_a_row_the_same_samples_in_any_batch():
     for i, p in enumerate(RAGGED):  # each prompt alone, with its own rows' keys
         alone = model.generate(m, [p], 12, temperature=1.0, num_samples=3, keys=keys[3 * i : 3 * i + 3]).completions()
         assert alone == together[3 * i : 3 * i + 3]
-    assert model.generate_reference(m, [p for p in RAGGED for _ in range(3)], 12, temperature=1.0, keys=keys) == together
+    assert bench.generate_reference(m, [p for p in RAGGED for _ in range(3)], 12, temperature=1.0, keys=keys) == together
     assert len({tuple(c) for c in together}) > len(RAGGED)  # the samples of one prompt differ from each other
     other = model.generate(m, RAGGED, 12, temperature=1.0, num_samples=3, keys=model.noise_keys(8, range(len(RAGGED)), 3))
     assert other.completions() != together
