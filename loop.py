@@ -42,8 +42,8 @@ import model
 def at_least(lo, kind=int, at_most=None):
     """
     An argparse type: a number of this kind in [lo, at_most]. A flag out of range is a usage
-    error before anything runs (--gen_batch 0 or --samples 0 used to fail after the warm start,
-    and a negative temperature sampled from the reversed distribution).
+    error before anything runs, not a failure after the warm start (--gen_batch 0) or a silent
+    misuse (a negative temperature samples from the reversed distribution).
     """
     need = f"at least {lo}" if at_most is None else f"between {lo} and {at_most}"
     return _number(kind, lambda x: lo <= x and (at_most is None or x <= at_most), need)  # written so that nan fails too
@@ -215,6 +215,25 @@ def barrier():
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def my_rows(n, what="a batch"):
+    """
+    The rows of a global micro-batch of n that this process trains on: row i on rank i mod N
+    (all of them in one process). Every rank draws the same batch, so nothing is sent.
+    """
+    rank, world = rank_world()
+    if n < world:
+        raise data.InputError(f"{what} of {n} cannot be split across {world} processes: pass a larger --batch_size")
+    return list(range(rank, n, world))
+
+
+def share(weights, rows):
+    """
+    What this process's loss is multiplied by, so that the mean over processes is the whole
+    batch's loss: N times its rows' part of the weights (scored tokens, pairs, rows). 1 alone.
+    """
+    return rank_world()[1] * sum(weights[i] for i in rows) / sum(weights)
 
 
 def init_distributed(device):
@@ -589,24 +608,16 @@ def fine_tune(base_state, config, pairs, *, steps, lr, batch_size, seed, device,
     pairs = data.fit(pairs, config.block_size)
     rng = random.Random(seed)
     order = []
-    rank, world = rank_world()
-    if batch_size < world:
-        raise data.InputError(f"--batch_size {batch_size} is smaller than the {world} processes it is split across")
-
     def get_batch(step, micro):
         batch = []
         while len(batch) < batch_size:
             if not order:  # shuffled epochs: every example is seen once before any is seen twice
                 order.extend(rng.sample(range(len(pairs)), len(pairs)))
             batch.append(pairs[order.pop()])
-        if world == 1:
-            return data.pack(batch, config.block_size, device)  # (x, y, pos, mask): short examples share rows
-        mine = batch[rank::world]  # the same global micro-batch on every rank, this rank's examples packed
-        share = world * sum(len(c) for _, c in mine) / sum(len(c)
-                                                           for _, c in batch)  # its share of the scored tokens, times N
-        return (*data.pack(mine, config.block_size, device), share)
+        rows = my_rows(len(batch), "a batch")  # packed: short examples share rows, (x, y, pos, mask)
+        return (*data.pack([batch[i] for i in rows], config.block_size, device), share([len(c) for _, c in batch], rows))
 
-    loss_fn = model.lm_loss if world == 1 else lambda m, b: (model.lm_loss(m, b[:4])[0] * b[4], {})
+    loss_fn = lambda m, b: (model.lm_loss(m, b[:4])[0] * b[4], {})
     cfg = model.TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), compile=compile, grad_accum=grad_accum,
                             parallel=parallel_mode(m, fsdp))
     losses = model.train(m, get_batch, cfg, loss_fn=loss_fn, desc=desc,
@@ -670,24 +681,18 @@ def dpo_train(base_state, config, pairs, *, steps, lr, beta, batch_size, seed, d
     m.load_state_dict(base_state)
     rng = random.Random(seed)
     n = max(1, min(batch_size // 2, len(pairs)))
-    rank, world = rank_world()
-    if n < world:
-        raise data.InputError(f"{n} pairs a step cannot be split across {world} processes: pass a larger --batch_size")
 
     def get_batch(step, micro):
-        idx = rng.sample(range(len(pairs)), n)  # the same global micro-batch on every rank
+        idx = rng.sample(range(len(pairs)), n)
         x, y = data.collate([pairs[i][0] for i in idx] + [pairs[i][1] for i in idx], config.block_size, device)
-        if world == 1:
-            return x, y, ref_lp[idx].to(device)
-        mine = list(range(rank, n, world))  # this rank's pairs: both sides of each
+        mine = my_rows(n, "DPO's pairs")  # both sides of each of this process's pairs
         rows = mine + [n + i for i in mine]
-        chosen_tokens = (y[:n] != -1).sum()
-        x, y = x[rows], y[rows]
-        scales = world * len(mine) / n, world * (y[: len(mine)] != -1).sum() / chosen_tokens
-        return x, y, ref_lp[[idx[i] for i in mine]].to(device), scales
+        # the loss's two means: over pairs (DPO) and over the chosen side's tokens (the SFT term)
+        scales = share([1] * n, mine), share([len(pairs[i][0][1]) for i in idx], mine)
+        return x[rows], y[rows], ref_lp[[idx[i] for i in mine]].to(device), scales
 
     def loss_fn(m, batch):
-        pair_scale, token_scale = batch[3] if world > 1 else (1.0, 1.0)
+        pair_scale, token_scale = batch[3]
         return model.dpo_sft_loss(m, *batch[:3], beta=beta, sft_weight=sft_weight, pair_scale=pair_scale,
                                   token_scale=token_scale)
 
@@ -907,7 +912,7 @@ def star_samples(rows, samples, rationalize):
     for r in rows[1:]:
         if "questions" in r:  # (answer-only rounds sample nothing and have no count)
             questions = r["questions"]
-        # runs before 42bf826 saved no count: recovered, and a round that solved nothing is missed
+        # a row without a count (older runs): recovered, and a round that solved nothing is missed
         elif r.get("solved_frac"):
             questions = round(r["solved"] / r["solved_frac"])
         else:

@@ -28,8 +28,8 @@ How it is done, as in the paper and its code:
 - mixing head: an MLP on [h_base, h_thought] giving w; the hidden fed to the LM head is
   (1 - w) h_base + w h_thought. w = tanh(mlp output) and the MLP's last layer starts at
   zero, so training starts exactly at the base model and the gradient on w is never cut off
-  (a first version clamped w to [0, 1]: it was pushed below 0 in the first steps and stayed
-  there with no gradient). w may go negative: the mix then leans away from the thought.
+  (w clamped to [0, 1] is pushed below 0 in the first steps and stays there with no gradient).
+  w may go negative: the mix then leans away from the thought.
   Not the paper: --mix probs mixes probabilities instead, (1 - w) p_base + w p_thought with
   w = sigmoid, starting at 1/2 (tried because a sure but wrong thought costs many nats in a
   mix of logits; at this scale its head switched thoughts off within 60 steps, see docs/record.md).
@@ -434,19 +434,14 @@ def train_arm(gpt, head, ids, mask, args, tok, *, steps, thoughts, seed, desc, l
     V = gpt.config.vocab_size
     params = list(gpt.parameters()) + (list(head.parameters()) if thoughts else [])
 
-    rank, world = loop.rank_world()
-    if batch_size < world:
-        raise data.InputError(f"a batch of {batch_size} is smaller than the {world} processes it is split across")
-
     def get_batch(step, micro):
         B, N = batch_size, args.n_thoughts
         x, _ = random_chunks(ids, mask, args.seq_len, B, rng)
         noise = gumbel((B * N, args.thought_len, args.seq_len, V), g, args.device) if thoughts else None
-        if world == 1:
-            return x.to(args.device), noise, 1.0
-        rows = list(range(rank, B, world))  # under torchrun: this rank's rows of the batch (and their thoughts' noise);
-        noise = noise.view(B, N, *noise.shape[1:])[rows].flatten(0, 1) if thoughts else None
-        return x[rows].to(args.device), noise, world * len(rows) / B  # every loss term is a mean over rows
+        rows = loop.my_rows(B)  # this process's rows of the batch, and their thoughts' noise
+        if thoughts and len(rows) < B:
+            noise = noise.view(B, N, *noise.shape[1:])[rows].flatten(0, 1)
+        return x[rows].to(args.device), noise, loop.share([1] * B, rows)  # every loss term is a mean over rows
 
     def loss_fn(m, batch):
         x, noise, share = batch
@@ -459,7 +454,7 @@ def train_arm(gpt, head, ids, mask, args, tok, *, steps, thoughts, seed, desc, l
             log.append(metrics)
         return loss * share, metrics
 
-    cfg = model.TrainConfig(steps=steps, lr=args.lr, warmup=min(50, steps // 10), parallel="ddp" if world > 1 else "")
+    cfg = model.TrainConfig(steps=steps, lr=args.lr, warmup=min(50, steps // 10), parallel=loop.parallel_mode(gpt, False))
     return model.train(gpt, get_batch, cfg, loss_fn=loss_fn, params=params, desc=desc, log_every=max(1, steps // 5)
                        if thoughts else 0)
 
