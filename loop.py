@@ -286,17 +286,17 @@ def write_atomic(path, text):
     barrier()
 
 
-def exists(path):
+def exists_and_wait(path):
     """os.path.exists for the run directory, after which every rank waits: no rank looks after rank 0 has written it."""
     found = os.path.exists(path)
     barrier()
     return found
 
 
-def save_checkpoint(path, m, **meta):
+def save_checkpoint(path, gpt, **meta):
     """model.save_checkpoint on rank 0; every rank waits for it."""
     if is_main():
-        model.save_checkpoint(path, m, **meta)
+        model.save_checkpoint(path, gpt, **meta)
     barrier()
 
 
@@ -329,7 +329,7 @@ class Run:
     def __init__(self, out_dir, settings, resume, name):
         self.out_dir = out_dir
         cfg_path = self.path("config.json")
-        if exists(cfg_path) and os.listdir(out_dir) != ["config.json"]:
+        if exists_and_wait(cfg_path) and os.listdir(out_dir) != ["config.json"]:
             if not resume:
                 raise data.InputError(f"{out_dir} already holds a run: pass --resume to continue it, or "
                                       "another --out_dir")
@@ -349,7 +349,7 @@ class Run:
         return os.path.join(self.out_dir, name)
 
     def exists(self, name):
-        return exists(self.path(name))
+        return exists_and_wait(self.path(name))
 
     def read(self, name):
         return read_rows(self.path(name))
@@ -357,8 +357,8 @@ class Run:
     def write(self, name, rows):
         write_rows(self.path(name), rows)
 
-    def save(self, name, m, **meta):
-        save_checkpoint(self.path(name), m, **meta)
+    def save(self, name, gpt, **meta):
+        save_checkpoint(self.path(name), gpt, **meta)
 
     def load(self, name, device):
         return model.load_checkpoint(self.path(name), device)[0]
@@ -516,7 +516,7 @@ def base_block_size(init, block_size, dataset):
 # sampling
 
 
-def sample(m, tok, prompts, k, *, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True,
+def sample(gpt, tok, prompts, k, *, temperature, max_new_tokens, batch_size, seed, top_k=None, share_prefix=True,
            desc="sample", stop_at_blank_line=False, compile=False):
     """
     k completions (decoded text) for each prompt text, KV-cached, batch_size sequences at a
@@ -530,8 +530,8 @@ def sample(m, tok, prompts, k, *, temperature, max_new_tokens, batch_size, seed,
     """
     from tqdm import tqdm
 
-    m = model.sampling_copy(m)  # bf16 weights on a GPU
-    device = m.lm_head.weight.device
+    gpt = model.sampling_copy(gpt)  # bf16 weights on a GPU
+    device = gpt.lm_head.weight.device
     rank, world = rank_world()
     mine = list(range(rank, len(prompts), world))  # this process's prompts
     ids = [tok.encode_prompt(prompts[i]) for i in mine]
@@ -541,13 +541,13 @@ def sample(m, tok, prompts, k, *, temperature, max_new_tokens, batch_size, seed,
     for i in tqdm(range(0, len(ids), per_batch), desc=desc, leave=False, disable=None):
         chunk = ids[i : i + per_batch]
         keys = model.noise_keys(seed, mine[i : i + per_batch], k, device)
-        max_new = min(max_new_tokens, m.config.block_size - max(len(p) for p in chunk))
+        max_new = min(max_new_tokens, gpt.config.block_size - max(len(p) for p in chunk))
         options = dict(temperature=temperature, top_k=top_k, stop_token=tok.stop_tokens, vocab_limit=tok.vocab_size,
                        compile=compile, keys=keys, blank_line=blank_line)
         if share_prefix:
-            s = model.generate(m, chunk, max_new, num_samples=k, **options)
+            s = model.generate(gpt, chunk, max_new, num_samples=k, **options)
         else:
-            s = model.generate(m, [p for p in chunk for _ in range(k)], max_new, **options)
+            s = model.generate(gpt, [p for p in chunk for _ in range(k)], max_new, **options)
         texts = [tok.decode(c) for c in s.completions()]
         fin = s.finished.tolist()
         if stop_at_blank_line:  # the row's last token may go on past the blank line ('7\n\nQ'): cut the text there
@@ -558,34 +558,34 @@ def sample(m, tok, prompts, k, *, temperature, max_new_tokens, batch_size, seed,
 
 
 @torch.no_grad()
-def score_pairs(m, pairs, batch_size, score):
+def score_pairs(gpt, pairs, batch_size, score):
     """
-    score(m, x, y) -> one value per row of a collated batch (x, y as from data.collate), for
+    score(gpt, x, y) -> one value per row of a collated batch (x, y as from data.collate), for
     every (prompt_ids, completion_ids) pair, in order. Pairs of similar lengths share a batch
     (less padding); split across processes like `sample` and gathered back in order, so
     every rank gets the same numbers.
     """
-    device = m.lm_head.weight.device
+    device = gpt.lm_head.weight.device
     rank, world = rank_world()
-    mine = data.fit(pairs[rank::world], m.config.block_size)
+    mine = data.fit(pairs[rank::world], gpt.config.block_size)
     order = sorted(range(len(mine)), key=lambda i: len(mine[i][0]) + len(mine[i][1]))
     out = [None] * len(mine)
     for i in range(0, len(order), batch_size):
         at = order[i : i + batch_size]
-        x, y = data.collate([mine[j] for j in at], m.config.block_size, device)
+        x, y = data.collate([mine[j] for j in at], gpt.config.block_size, device)
         with model.autocast(device):
-            values = score(m, x, y)
+            values = score(gpt, x, y)
         for j, v in zip(at, values):
             out[j] = v
     return gather_in_order(out, len(pairs))
 
 
-def completion_logprobs(m, pairs, batch_size):
+def completion_logprobs(gpt, pairs, batch_size):
     """(summed log-prob, number of tokens) of each completion given its prompt, for (prompt_ids, completion_ids)."""
-    def score(m, x, y):
-        return zip(model.sequence_logprobs(m, x, y).float().tolist(), (y != -1).sum(1).tolist())
+    def score(gpt, x, y):
+        return zip(model.sequence_logprobs(gpt, x, y).float().tolist(), (y != -1).sum(1).tolist())
 
-    return score_pairs(m, pairs, batch_size, score)
+    return score_pairs(gpt, pairs, batch_size, score)
 
 
 # -----------------------------------------------------------------------------
@@ -603,8 +603,8 @@ def fine_tune(base_state, config, pairs, *, steps, lr, batch_size, seed, device,
     on_step(step, model): called after every update.
     """
     torch.manual_seed(seed)
-    m = model.GPT(config).to(device)
-    m.load_state_dict(base_state)
+    gpt = model.GPT(config).to(device)
+    gpt.load_state_dict(base_state)
     pairs = data.fit(pairs, config.block_size)
     rng = random.Random(seed)
     order = []
@@ -615,18 +615,19 @@ def fine_tune(base_state, config, pairs, *, steps, lr, batch_size, seed, device,
                 order.extend(rng.sample(range(len(pairs)), len(pairs)))
             batch.append(pairs[order.pop()])
         rows = my_rows(len(batch), "a batch")  # packed: short examples share rows, (x, y, pos, mask)
-        return (*data.pack([batch[i] for i in rows], config.block_size, device), share([len(c) for _, c in batch], rows))
+        return (*data.pack([batch[i] for i in rows], config.block_size, device),
+                share([len(c) for _, c in batch], rows))
 
-    loss_fn = lambda m, b: (model.lm_loss(m, b[:4])[0] * b[4], {})
+    loss_fn = lambda gpt, b: (model.lm_loss(gpt, b[:4])[0] * b[4], {})
     cfg = model.TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), compile=compile, grad_accum=grad_accum,
-                            parallel=parallel_mode(m, fsdp))
-    losses = model.train(m, get_batch, cfg, loss_fn=loss_fn, desc=desc,
-                         on_step=on_step and (lambda step: on_step(step, m)))
-    return unsharded(m, config, fsdp), losses[-1] if losses else float("nan")
+                            parallel=parallel_mode(gpt, fsdp))
+    losses = model.train(gpt, get_batch, cfg, loss_fn=loss_fn, desc=desc,
+                         on_step=on_step and (lambda step: on_step(step, gpt)))
+    return unsharded(gpt, config, fsdp), losses[-1] if losses else float("nan")
 
 
-def parallel_mode(m, fsdp):
-    """How model.train runs across processes: "" alone, "ddp", or "fsdp" (m sharded in place: each block, the rest)."""
+def parallel_mode(gpt, fsdp):
+    """How model.train runs across processes: "" alone, "ddp", or "fsdp" (gpt sharded in place, FSDP2)."""
     if not distributed():
         return ""
     if not fsdp:
@@ -637,20 +638,20 @@ def parallel_mode(m, fsdp):
 
     # GPT.forward returns views (logits, per-token losses); nothing here writes into them in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    for block in m.layers:
+    for block in gpt.layers:
         fully_shard(block)
-    fully_shard(m)
+    fully_shard(gpt)
     return "fsdp"
 
 
-def unsharded(m, config, fsdp):
-    """After FSDP training: a plain model with the full weights on every rank (to sample and save); else m itself."""
+def unsharded(gpt, config, fsdp):
+    """After FSDP training: a plain model with the full weights on every rank (to sample and save); else gpt itself."""
     if not (fsdp and distributed()):
-        return m
+        return gpt
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True))
-    full = model.GPT(config).to(m.lm_head.weight.device)
+    state = get_model_state_dict(gpt, options=StateDictOptions(full_state_dict=True))
+    full = model.GPT(config).to(gpt.lm_head.weight.device)
     full.load_state_dict(state)
     return full.eval()
 
@@ -677,8 +678,8 @@ def dpo_train(base_state, config, pairs, *, steps, lr, beta, batch_size, seed, d
     ref_lp = reference_logprobs(ref, pairs, batch_size)
     del ref
     torch.manual_seed(seed)
-    m = model.GPT(config).to(device)
-    m.load_state_dict(base_state)
+    gpt = model.GPT(config).to(device)
+    gpt.load_state_dict(base_state)
     rng = random.Random(seed)
     n = max(1, min(batch_size // 2, len(pairs)))
 
@@ -691,15 +692,15 @@ def dpo_train(base_state, config, pairs, *, steps, lr, beta, batch_size, seed, d
         scales = share([1] * n, mine), share([len(pairs[i][0][1]) for i in idx], mine)
         return x[rows], y[rows], ref_lp[[idx[i] for i in mine]].to(device), scales
 
-    def loss_fn(m, batch):
+    def loss_fn(gpt, batch):
         pair_scale, token_scale = batch[3]
-        return model.dpo_sft_loss(m, *batch[:3], beta=beta, sft_weight=sft_weight, pair_scale=pair_scale,
+        return model.dpo_sft_loss(gpt, *batch[:3], beta=beta, sft_weight=sft_weight, pair_scale=pair_scale,
                                   token_scale=token_scale)
 
     cfg = model.TrainConfig(steps=steps, lr=lr, warmup=min(20, steps // 10), compile=compile, grad_accum=grad_accum,
-                            parallel=parallel_mode(m, fsdp))
-    losses = model.train(m, get_batch, cfg, loss_fn=loss_fn, desc=desc)
-    return unsharded(m, config, fsdp), losses[-1] if losses else float("nan")
+                            parallel=parallel_mode(gpt, fsdp))
+    losses = model.train(gpt, get_batch, cfg, loss_fn=loss_fn, desc=desc)
+    return unsharded(gpt, config, fsdp), losses[-1] if losses else float("nan")
 
 
 # -----------------------------------------------------------------------------
@@ -732,7 +733,7 @@ def tally(golds, greedy, samples=None, scores=None):
     return res
 
 
-def evaluate(m, tok, test, *, seed, max_new_tokens, batch_size, n_samples=0, temperature=0.7, prefix="", keep=None,
+def evaluate(gpt, tok, test, *, seed, max_new_tokens, batch_size, n_samples=0, temperature=0.7, prefix="", keep=None,
              compile=False):
     """
     Greedy test accuracy; with n_samples > 1 also maj@N and pass@N over N samples at
@@ -744,10 +745,10 @@ def evaluate(m, tok, test, *, seed, max_new_tokens, batch_size, n_samples=0, tem
     golds = [e.answer for e in test]
     stop = bool(prefix)
     gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, stop_at_blank_line=stop, compile=compile)
-    greedy = sample(m, tok, prompts, 1, temperature=0.0, seed=seed, desc="eval greedy", **gen)
+    greedy = sample(gpt, tok, prompts, 1, temperature=0.0, seed=seed, desc="eval greedy", **gen)
     if n_samples <= 1:
         return tally(golds, [o[0] for o in greedy])
-    outs = sample(m, tok, prompts, n_samples, temperature=temperature, seed=seed + 1, desc=f"eval {n_samples}", **gen)
+    outs = sample(gpt, tok, prompts, n_samples, temperature=temperature, seed=seed + 1, desc=f"eval {n_samples}", **gen)
     if keep is not None:
         keep.update(golds=golds, greedy=[o[0] for o in greedy], samples=outs)
     return tally(golds, [o[0] for o in greedy], outs)
@@ -815,7 +816,7 @@ def warm_start(path, tok, seed_set, config, *, steps, lr, batch_size, seed, devi
     a small model fine-tuned on a few hundred examples memorizes them and gets worse on others).
     """
     t0 = time.time()
-    if exists(path):
+    if exists_and_wait(path):
         print(f"resumed: warm-start model from {path}")
         return model.load_checkpoint(path, device)[0]
     if init and holdout:
@@ -842,14 +843,14 @@ def warm_start(path, tok, seed_set, config, *, steps, lr, batch_size, seed, devi
     best = {"nll": float("inf"), "step": 0, "state": None}
     curve = []
 
-    def keep_best(step, m):
+    def keep_best(step, gpt):
         if (step + 1) % max(1, steps // 20) and step + 1 != steps:
             return
-        lp = completion_logprobs(m, held, batch_size=256)
+        lp = completion_logprobs(gpt, held, batch_size=256)
         nll = -sum(v for v, _ in lp) / sum(n for _, n in lp)
         curve.append(f"{step + 1}:{nll:.3f}")
         if nll < best["nll"]:
-            best.update(nll=nll, step=step + 1, state={k: v.detach().clone() for k, v in m.state_dict().items()})
+            best.update(nll=nll, step=step + 1, state={k: v.detach().clone() for k, v in gpt.state_dict().items()})
 
     base, loss = fine_tune(init_state, config, pairs, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                            device=device, compile=compile, desc="warm start",
@@ -939,9 +940,9 @@ def table_rows(out_dir, seed):
         out[f"vstar_{key}"] = {"acc": curve[n][key], "samples": out["rft_vstar"]["samples"], "n": n}
     for v in ("rft", "plain", "perstep"):
         with open(p(f"stepdpo_{v}", "metrics.json")) as f:
-            m = json.load(f)
-        out[f"stepdpo_{v}"] = {"acc": m["acc"], "from": m["sft_acc"], "samples": m["synthetic_samples"],
-                               "trained_on": m["train_examples"], "kind": v}
+            gpt = json.load(f)
+        out[f"stepdpo_{v}"] = {"acc": gpt["acc"], "from": gpt["sft_acc"], "samples": gpt["synthetic_samples"],
+                               "trained_on": gpt["train_examples"], "kind": v}
         # where the first pit falls: the critical step (1-based) of each wrong solution, of its steps
         if v == "perstep":
             q = read_rows(p("stepdpo_perstep", "q_values.jsonl"))

@@ -131,7 +131,7 @@ def get_args(argv=None):
 # sampling, filtering, de-duplication
 
 
-def collect(m, tok, questions, args, it, shots=()):
+def collect(gpt, tok, questions, args, it, shots=()):
     """
     One generation round: sample, filter, de-duplicate, rationalize. Returns (kept rows,
     all sample rows for the verifier, stats). A kept row is a training example, never with a hint.
@@ -142,7 +142,7 @@ def collect(m, tok, questions, args, it, shots=()):
                stop_at_blank_line=bool(shots), compile=args.compile_sampler)
     prefix, hint_prefix = data.few_shot_prefix(shots), data.few_shot_prefix(shots, hint=True)
     t0 = time.time()
-    samples = loop.sample(m, tok, [prefix + data.prompt(e.question) for e in questions], args.samples,
+    samples = loop.sample(gpt, tok, [prefix + data.prompt(e.question) for e in questions], args.samples,
                           temperature=args.temperature, seed=base_seed, desc=f"iter {it} generate", **gen)
     t_generate, t0 = time.time() - t0, time.time()
     kept, every, failed = [], [], []
@@ -162,12 +162,12 @@ def collect(m, tok, questions, args, it, shots=()):
     n_rationalized = n_dropped = 0
     if failed and not args.no_rationalize:
         fq = [questions[i] for i in failed]
-        hinted = loop.sample(m, tok, [hint_prefix + data.hint_prompt(e.question, e.answer) for e in fq], 1,
+        hinted = loop.sample(gpt, tok, [hint_prefix + data.hint_prompt(e.question, e.answer) for e in fq], 1,
                              temperature=args.temperature, seed=base_seed + 1, desc=f"iter {it} rationalize", **gen)
         found = [(qi, e, outs[0][0]) for qi, e, outs in zip(failed, fq, hinted)
                  if data.sample_correct(*outs[0], e.answer)]
         filtered = args.max_hint_gain < float("inf")
-        gains = hint_gain(m, tok, found, prefix, hint_prefix, args.gen_batch) if filtered else [None] * len(found)
+        gains = hint_gain(gpt, tok, found, prefix, hint_prefix, args.gen_batch) if filtered else [None] * len(found)
         for (qi, e, text), gain in zip(found, gains):
             if not filtered or gain <= args.max_hint_gain:
                 # stored without the hint: the model learns to reach the answer from the question alone
@@ -188,7 +188,7 @@ def collect(m, tok, questions, args, it, shots=()):
     return kept, every, stats
 
 
-def hint_gain(m, tok, found, prefix, hint_prefix, batch_size):
+def hint_gain(gpt, tok, found, prefix, hint_prefix, batch_size):
     """
     How much each rationalized rationale leans on its hint: (log p(r | q, hint) - log p(r | q)) / tokens,
     under the model that wrote it. A rationale that copies the answer's digits from the hint
@@ -200,7 +200,7 @@ def hint_gain(m, tok, found, prefix, hint_prefix, batch_size):
     free = [(tok.encode_prompt(prefix + data.prompt(e.question)), tok.encode(t) + [tok.eot]) for _, e, t in found]
     hinted = [(tok.encode_prompt(hint_prefix + data.hint_prompt(e.question, e.answer)), c)
               for (_, e, _), (_, c) in zip(found, free)]
-    lp = loop.completion_logprobs(m, free + hinted, batch_size)
+    lp = loop.completion_logprobs(gpt, free + hinted, batch_size)
     n = len(found)
     return [(h - f) / max(1, k) for (f, k), (h, _) in zip(lp[:n], lp[n:])]
 
@@ -284,11 +284,11 @@ def train_verifier(generator, tok, pairs, args):
                           compile=args.compile, desc="verifier DPO", grad_accum=args.grad_accum, fsdp=args.fsdp)
 
 
-def orm_logits(m, head, x, y):
+def orm_logits(gpt, head, x, y):
     """The ORM's score of each row: its head on the hidden state of the last scored position (it has read it all)."""
     # the first position where the count of scored tokens peaks: the last one
     last = (y != -1).long().cumsum(1).argmax(1)
-    return head(m.hidden(x)[torch.arange(x.size(0), device=x.device), last]).squeeze(-1)
+    return head(gpt.hidden(x)[torch.arange(x.size(0), device=x.device), last]).squeeze(-1)
 
 
 def train_orm(generator, tok, examples, args):
@@ -299,9 +299,9 @@ def train_orm(generator, tok, examples, args):
     examples: (question, completion, correct) triples. Returns (model, head).
     """
     torch.manual_seed(args.seed + 8)
-    m = model.GPT(generator.config).to(args.device)
-    m.load_state_dict(generator.state_dict())
-    head = torch.nn.Linear(m.config.n_embd, 1).to(args.device)
+    gpt = model.GPT(generator.config).to(args.device)
+    gpt.load_state_dict(generator.state_dict())
+    head = torch.nn.Linear(gpt.config.n_embd, 1).to(args.device)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     enc = [(data.encode_example(tok, q, c), float(ok)) for q, c, ok in examples]
@@ -309,24 +309,25 @@ def train_orm(generator, tok, examples, args):
 
     def get_batch(step, micro):
         idx = rng.sample(range(len(enc)), min(args.batch_size, len(enc)))
-        x, y = data.collate([enc[i][0] for i in idx], m.config.block_size, args.device)
+        x, y = data.collate([enc[i][0] for i in idx], gpt.config.block_size, args.device)
         return x, y, torch.tensor([enc[i][1] for i in idx], device=args.device)
 
-    def loss_fn(m, batch):
+    def loss_fn(gpt, batch):
         x, y, label = batch
-        return torch.nn.functional.binary_cross_entropy_with_logits(orm_logits(m, head, x, y).float(), label), {}
+        return torch.nn.functional.binary_cross_entropy_with_logits(orm_logits(gpt, head, x, y).float(), label), {}
 
     cfg = model.TrainConfig(steps=args.orm_steps, lr=args.verifier_lr, warmup=min(20, args.orm_steps // 10),
-                            parallel=loop.parallel_mode(m, False))
-    model.train(m, get_batch, cfg, loss_fn=loss_fn, params=list(m.parameters()) + list(head.parameters()), desc="ORM")
-    return m, head
+                            parallel=loop.parallel_mode(gpt, False))
+    model.train(gpt, get_batch, cfg, loss_fn=loss_fn, params=list(gpt.parameters()) + list(head.parameters()),
+                desc="ORM")
+    return gpt, head
 
 
 @torch.no_grad()
-def orm_scores(m, head, tok, items, batch_size):
+def orm_scores(gpt, head, tok, items, batch_size):
     """The ORM's logit (higher: more likely right) of every completion of every (question, completions) item."""
     pairs = [data.encode_example(tok, q, c) for q, completions in items for c in completions]
-    out = loop.score_pairs(m, pairs, batch_size, lambda m, x, y: orm_logits(m, head, x, y).float().tolist())
+    out = loop.score_pairs(gpt, pairs, batch_size, lambda gpt, x, y: orm_logits(gpt, head, x, y).float().tolist())
     return per_question(out, items)
 
 
@@ -337,12 +338,13 @@ def orm_scores(m, head, tok, items, batch_size):
 def main(args):
     run, tok, init, task = loop.setup(args, "STaR", {"lr": (args.scratch_lr, loop.PRETRAINED_LR)}, few_shot=True)
     args.verifier_lr = args.verifier_lr or args.lr / 3  # the verifier's DPO and the ORM
-    grade = lambda m, split, n_samples=0, keep=None: loop.evaluate(
-        m, tok, split, seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
+    grade = lambda gpt, split, n_samples=0, keep=None: loop.evaluate(
+        gpt, tok, split, seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
         n_samples=n_samples,
         temperature=args.eval_temperature, prefix=data.few_shot_prefix(task.shots), keep=keep,
         compile=args.compile_sampler)
-    measure = lambda m: {**grade(m, task.test, args.eval_samples), "val_acc": grade(m, task.val)["acc"]}  # val: greedy
+    measure = lambda gpt: {**grade(gpt, task.test, args.eval_samples),
+                           "val_acc": grade(gpt, task.val)["acc"]}  # val: greedy
 
     # 0. the base model every iteration starts from: a warm start on the seed examples, or the pretrained weights
     t0 = time.time()
@@ -395,15 +397,15 @@ def main(args):
     return metrics
 
 
-def rationales(run, m, tok, task, args, it):
-    """Iteration it's kept rationales and stats, sampled with m (or read back if the round finished before)."""
+def rationales(run, gpt, tok, task, args, it):
+    """Iteration it's kept rationales and stats, sampled with gpt (or read back if the round finished before)."""
     if args.answer_only:  # the baseline: gold answers for every question, no rationale
         kept = [{"index": i, "question": e.question, "completion": data.completion("", e.answer), "rationalized": False}
                 for i, e in enumerate(task.train)]
         return kept, {"kept": len(kept)}
 
     def compute():
-        kept, every, stats = collect(m, tok, task.train, args, it, task.shots)
+        kept, every, stats = collect(gpt, tok, task.train, args, it, task.shots)
         return [every if args.verifier else None, [stats], kept]
 
     _, stats, kept = run.cached([f"iter{it}_samples.jsonl", f"iter{it}_stats.jsonl", f"iter{it}_kept.jsonl"], compute)

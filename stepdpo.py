@@ -89,7 +89,7 @@ def get_args(argv=None):
 # Monte-Carlo step values
 
 
-def mc_q_values(m, tok, items, args, seed, share_prefix=True):
+def mc_q_values(gpt, tok, items, args, seed, share_prefix=True):
     """
     items: list of (question, answer, steps, correct). Returns for each a list of Q values, one
     per step: Q[i] = fraction of K rollouts from prompt + steps[:i+1] that reach the answer.
@@ -103,7 +103,7 @@ def mc_q_values(m, tok, items, args, seed, share_prefix=True):
             prefixes.append(data.prompt(question) + "".join(steps[: i + 1]))
             owner.append((j, i))
     q_values = [[0.0] * (len(steps) - 1) + [float(ok)] for _, _, steps, ok in items]
-    rollouts = loop.sample(m, tok, prefixes, K, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+    rollouts = loop.sample(gpt, tok, prefixes, K, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                            batch_size=args.gen_batch, seed=seed, share_prefix=share_prefix, desc="rollouts",
                            compile=args.compile_sampler)
     for prefix, (j, i), outs in zip(prefixes, owner, rollouts):
@@ -170,7 +170,7 @@ def main(args):
     defaults = {"lr": (args.scratch_lr, loop.PRETRAINED_LR), **(DPO_DEFAULTS if args.variant != "rft" else {})}
     run, tok, init, task = loop.setup(args, "per-step DPO", defaults)
     questions = task.train[: args.n_questions]
-    accuracy = lambda m, split: loop.evaluate(m, tok, split, seed=args.seed, max_new_tokens=args.max_new_tokens,
+    accuracy = lambda gpt, split: loop.evaluate(gpt, tok, split, seed=args.seed, max_new_tokens=args.max_new_tokens,
                                              batch_size=args.gen_batch, compile=args.compile_sampler)["acc"]
 
     # 1. the SFT model, also DPO's reference
@@ -217,12 +217,12 @@ def main(args):
         print(f"already finished: {text}")
         return json.loads(text)
     t0 = time.time()
-    m, loss = train(base_state, config, tok, task.seed, rows, args)
-    run.save("model.pt", m, tokenizer_dir=tok.source)
-    base_acc, acc = accuracy(base, task.test), accuracy(m, task.test)
+    gpt, loss = train(base_state, config, tok, task.seed, rows, args)
+    run.save("model.pt", gpt, tokenizer_dir=tok.source)
+    base_acc, acc = accuracy(base, task.test), accuracy(gpt, task.test)
     res = {"variant": args.variant, "samples_per_question": args.samples, "synthetic_samples": len(samples),
            "steps": args.train_steps, "train_examples": len(rows), "sft_acc": base_acc, "acc": acc,
-           "sft_val_acc": accuracy(base, task.val), "val_acc": accuracy(m, task.val), "loss": loss,
+           "sft_val_acc": accuracy(base, task.val), "val_acc": accuracy(gpt, task.val), "loss": loss,
            "train_time": time.time() - t0}
     loop.write_atomic(run.path("metrics.json"), json.dumps(res))
     print(f"{args.variant}: test acc {base_acc:.3f} (SFT model) -> {acc:.3f}, validation {res['sft_val_acc']:.3f} -> "
@@ -232,10 +232,11 @@ def main(args):
     return res
 
 
-def solutions(m, tok, questions, args):
+def solutions(gpt, tok, questions, args):
     """args.samples solutions of every question, graded."""
     t0 = time.time()
-    outs = loop.sample(m, tok, [data.prompt(e.question) for e in questions], args.samples, temperature=args.temperature,
+    outs = loop.sample(gpt, tok, [data.prompt(e.question) for e in questions], args.samples,
+                       temperature=args.temperature,
                        max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, seed=args.seed, desc="sample",
                        compile=args.compile_sampler)
     samples = [{"index": i, "question": e.question, "answer": e.answer, "completion": t, "finished": f,
@@ -245,12 +246,12 @@ def solutions(m, tok, questions, args):
     return samples
 
 
-def q_value_rows(m, tok, samples, args):
+def q_value_rows(gpt, tok, samples, args):
     """A row per wrong sample: its steps, the Q value of each step prefix, and its critical step."""
     t0 = time.time()
     wrong = [(n, s) for n, s in enumerate(samples) if not s["correct"]]
     items = [(s["question"], s["answer"], data.split_steps(s["completion"]), False) for _, s in wrong]
-    qv = mc_q_values(m, tok, items, args, args.seed + 1, share_prefix=not args.no_share_prefix)
+    qv = mc_q_values(gpt, tok, items, args, args.seed + 1, share_prefix=not args.no_share_prefix)
     n_prefixes = sum(len(it[2]) - 1 for it in items)
     dt = time.time() - t0
     print(f"{n_prefixes * args.rollouts} rollouts from {n_prefixes} step prefixes in {dt:.0f}s "
