@@ -938,11 +938,16 @@ def table_rows(out_dir, seed):
     n = max(curve)
     for key in ("maj", "reward", "pass"):
         out[f"vstar_{key}"] = {"acc": curve[n][key], "samples": out["rft_vstar"]["samples"], "n": n}
+    import star  # V-STaR's diagnosis, on the validation split's samples
+
+    beta = json.loads(Path(p("rft_vstar", "config.json")).read_text())["beta"]
+    val_samples = read_rows(p("rft_vstar", "verifier_val_samples.jsonl"))
+    out["vstar_reward"]["diagnosis"] = star.verifier_diagnosis(val_samples, beta)
     for v in ("rft", "plain", "perstep"):
         with open(p(f"stepdpo_{v}", "metrics.json")) as f:
-            gpt = json.load(f)
-        out[f"stepdpo_{v}"] = {"acc": gpt["acc"], "from": gpt["sft_acc"], "samples": gpt["synthetic_samples"],
-                               "trained_on": gpt["train_examples"], "kind": v}
+            res = json.load(f)
+        out[f"stepdpo_{v}"] = {"acc": res["acc"], "from": res["sft_acc"], "samples": res["synthetic_samples"],
+                               "trained_on": res["train_examples"], "kind": v}
         # where the first pit falls: the critical step (1-based) of each wrong solution, of its steps
         if v == "perstep":
             q = read_rows(p("stepdpo_perstep", "q_values.jsonl"))
@@ -995,6 +1000,12 @@ def spread(values, fmt, unit=""):
 def trained_on(vals):
     """What a row's last training saw, over seeds: RFT's distinct paths, DPO's pairs, per-step DPO's critical steps."""
     num = lambda x: f"{x:,.0f}"
+    if "diagnosis" in vals[0]:  # on validation pairs (right, wrong) of one question: how often each score ranks right
+        d = [v["diagnosis"] for v in vals]
+        ranked = lambda key: spread([x.get(key, 0.5) for x in d], lambda v: f"{v:.2f}")
+        return (f"validation pairs ranked right: reward {ranked('pairwise_reward')}, generator/token "
+                f"{ranked('pairwise_generator_per_token')} (random 0.50); reward-length r "
+                f"{spread([x.get('reward_length_r', 0.0) for x in d], lambda v: f'{v:+.2f}')}")
     if "distinct" in vals[0]:
         return spread([v["distinct"] for v in vals], lambda x: f"{x:.2f}") + " distinct right paths a question"
     if "trained_on" not in vals[0]:

@@ -222,6 +222,37 @@ SCORES = {
 }
 
 
+def verifier_diagnosis(rows, beta):
+    """
+    Why the verifier ranks as it does, from saved samples (rows of verifier_val_samples.jsonl):
+    over every (right, wrong) pair of samples of one question, how often each score in SCORES
+    ranks the right one higher (a tie counts half, so a random choice scores 0.5), and how the
+    reward follows completion length (Pearson r over all samples; mean length right and wrong).
+    """
+    wins, rewards, lengths, by_outcome = {k: [] for k in SCORES}, [], [], {True: [], False: []}
+    for r in rows:
+        terms = list(zip(r["logprob_verifier"], r["logprob_generator"], r["tokens"]))
+        ok = [data.sample_correct(t, f, r["answer"]) for t, f in zip(r["samples"], r["finished"])]
+        for (v, g, n), right in zip(terms, ok):
+            rewards.append(beta * (v - g))
+            lengths.append(n)
+            by_outcome[right].append(n)
+        for kind, f in SCORES.items():
+            s = [f(*t, beta) for t in terms]
+            wins[kind] += [float(s[i] > s[j]) + 0.5 * (s[i] == s[j]) for i in range(len(s)) for j in range(len(s))
+                           if ok[i] and not ok[j]]
+    out = {f"pairwise_{k}": sum(w) / len(w) for k, w in wins.items() if w}
+    out["pairs"] = len(wins["reward"])
+    out["tokens_right"], out["tokens_wrong"] = (sum(x) / len(x) if x else None
+                                                for x in (by_outcome[True], by_outcome[False]))
+    if len(set(rewards)) > 1 and len(set(lengths)) > 1:
+        mr, ml = sum(rewards) / len(rewards), sum(lengths) / len(lengths)
+        cov = sum((a - mr) * (b - ml) for a, b in zip(rewards, lengths))
+        spread_r, spread_l = sum((a - mr) ** 2 for a in rewards), sum((b - ml) ** 2 for b in lengths)
+        out["reward_length_r"] = cov / (spread_r * spread_l) ** 0.5
+    return out
+
+
 def per_question(flat, items):
     """A flat list, an entry per completion of every (question, completions) item, cut back into a list per question."""
     it = iter(flat)

@@ -865,6 +865,20 @@ def test_a_sample_that_grows_when_encoded_again_is_still_scored_and_trained_on()
     loop.dpo_train(m.state_dict(), m.config, [((p, c), (p, c[:3]))], steps=1, lr=1e-3, beta=0.1, batch_size=2, seed=0, device="cpu")
 
 
+def test_the_verifier_diagnosis_counts_right_over_wrong_pairs_by_hand():
+    rows = [{"answer": "5", "samples": ["#### 5", "#### 4", "#### 3", "#### 5"], "finished": [True, True, True, False],
+             "logprob_verifier": [-1.0, -2.0, -0.5, -9.0], "logprob_generator": [-2.0, -1.0, -1.0, -1.0], "tokens": [2, 4, 6, 8]},
+            {"answer": "7", "samples": ["#### 7", "#### 7"], "finished": [True, True],  # no wrong sample: no pair
+             "logprob_verifier": [0.0, 0.0], "logprob_generator": [0.0, 0.0], "tokens": [3, 3]}]
+    d = star.verifier_diagnosis(rows, beta=0.5)
+    # one right sample (rewards 0.5), three wrong (-0.5, 0.25, -4.0; the last cut at the limit): it beats all three
+    assert d["pairs"] == 3 and d["pairwise_reward"] == 1.0
+    assert d["pairwise_verifier"] == 2 / 3  # v: -1 against -2, -0.5, -9
+    assert d["pairwise_generator_per_token"] == 0.0  # g/n: -1 against -0.25, -1/6, -1/8
+    assert d["tokens_right"] == (2 + 3 + 3) / 3 and d["tokens_wrong"] == (4 + 6 + 8) / 3
+    assert -1 <= d["reward_length_r"] < 0  # here the longer samples have the lower rewards
+
+
 def test_answers_read_as_what_they_say_or_not_at_all():
     assert data.extract_answer("#### - 18") == -18 and data.answer_correct("#### - 18", "-18")  # a sign, then a space
     assert not data.answer_correct("#### - 18", "18")
@@ -1396,6 +1410,7 @@ def test_the_one_table_runs_every_method_from_one_base_and_reports_what_its_runs
     table_md = open(out / "table.md").read()
     assert table_md.count("\n| ") == len(loop.TABLE_LABELS) + 2 and "python stepdpo.py" in table_md
     assert "distinct right paths a question |" in table_md and " pairs; critical step " in table_md
+    assert "validation pairs ranked right: reward " in table_md and 0 <= rows["vstar_reward"]["diagnosis"]["pairs"]
     line = [l for l in table_md.splitlines() if l.startswith("| STaR without rationalization |")][0]
     assert f"| {100 * (rows['star_no_rationalize']['acc'] - rows['star']['acc']):+.1f} vs STaR |" in line  # the paired difference
     # the same command again resumes: every run is done, nothing is run again, the same table
