@@ -1115,7 +1115,7 @@ if __name__ == "__main__":
     ap.add_argument("--dataset", default="arithmetic", choices=list(TABLE_TASKS),
                     help="the task of every star.py and stepdpo.py "
                     "run (word_problems: with the seed examples and warm-start steps it needs; no Quiet-STaR rows)")
-    ap.add_argument("--out_dir", default=None, help="where the runs, table.md and table.json go (default: out/table, "
+    ap.add_argument("--out_dir", default=None, help="where the runs, table.md and table.json go (None: out/table, or "
                     "out/table_word_problems)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2],
                     help="one full set of runs per seed, one seed after "
