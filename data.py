@@ -387,8 +387,7 @@ def _reading(r):
     a, b, c, d = r.randint(2, 12), r.randint(2, 9), r.randint(2, 12), r.randint(2, 9)
     e = a * b + c * d + r.randint(1, 60)
     return (f"{name}'s book has {e} pages. {name} reads {a} pages a day for {b} days, then {c} pages a day "
-            f"for {d} days. "
-            f"How many pages are left?", [[e], ["-", a, "*", b], ["-", c, "*", d]])
+            f"for {d} days. How many pages are left?", [[e], ["-", a, "*", b], ["-", c, "*", d]])
 
 
 WORD_TEMPLATES = [_buy_give, _bakery, _wages, _groups, _farm, _reading]

@@ -116,10 +116,9 @@ PRETRAINED_N_SEED = 256
 def add_warm_start_args(parser):
     g = parser.add_argument_group("warm start and sampling")
     g.add_argument("--n_seed", type=at_least(0), default=None,
-                   help="worked examples, taken from the train set: the warm start's data "
-                   f"and in every fine-tune (a model from scratch, default {SCRATCH_N_SEED}), or the few-shot "
-                   "prompt's pool "
-                   f"(pretrained, default {PRETRAINED_N_SEED})")
+                   help="worked examples, taken from the train set: the warm start's data and in every fine-tune "
+                   f"(a model from scratch, default {SCRATCH_N_SEED}), or the few-shot prompt's pool (pretrained, "
+                   f"default {PRETRAINED_N_SEED})")
     g.add_argument("--warm_steps", type=at_least(0), default=1000, help="fine-tuning steps of the warm start")
     g.add_argument("--warm_lr", type=more_than(0), default=None,
                    help="peak learning rate of the warm start (default: --lr)")
@@ -310,9 +309,9 @@ def read_rows(path):
 
 
 # settings that may change when a run is resumed: where and how it runs, not what it computes
+# iters: a finished run may be continued for more iterations
 MAY_DIFFER_ON_RESUME = {"resume", "out_dir", "device", "threads", "gen_batch", "compile", "compile_sampler",
-                        "generate", "n_generate",
-                        "hide_thoughts", "fsdp", "iters"}  # iters: a finished run may be continued for more iterations
+                        "generate", "n_generate", "hide_thoughts", "fsdp", "iters"}
 
 
 class Run:
@@ -418,9 +417,8 @@ def resolve_init(init, dataset):
                               "hub repo id")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     if offline or not data.hub_reachable():
-        raise data.InputError(f"cannot reach {data.HUB_HOST} to download {init}; pass --init DIR, a local "
-                              "directory with "
-                              "config.json, *.safetensors, tokenizer.json (and generation_config.json), or "
+        raise data.InputError(f"cannot reach {data.HUB_HOST} to download {init}; pass --init DIR, a local directory "
+                              "with config.json, *.safetensors, tokenizer.json (and generation_config.json), or "
                               "--init scratch")
     from huggingface_hub import snapshot_download
 
@@ -491,8 +489,9 @@ def setup(args, name, defaults, few_shot=False):
     block_size = base_block_size(init, args.block_size, args.dataset)
     # a pretrained model is prompted with worked examples (STaR's few-shot prompt); a model
     # trained here from scratch is fine-tuned on them instead (the warm start)
-    n_shots = min(args.n_seed, (4 if is_pretrained(init) else 0)
-                  if args.few_shot < 0 else args.few_shot) if few_shot else 0
+    n_shots = 0
+    if few_shot:
+        n_shots = min(args.n_seed, (4 if is_pretrained(init) else 0) if args.few_shot < 0 else args.few_shot)
     seed_set, train, test, args.max_new_tokens = prepare_task(
         *task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset, n_shots)
     val, train = split_validation(train, args.n_val)
@@ -773,10 +772,10 @@ def prepare_task(train, test, tok, block_size, n_seed, max_new_tokens=0, dataset
     n_shots: the first n_shots seed examples make a few-shot prompt, which every other
     question must fit beside. Returns (seed_set, questions, test, max_new_tokens).
     """
-    length = {}  # id(example) -> tokens of its hinted prompt, solution and end token
+    length = {}  # id(example) -> tokens of its hinted prompt (with the BOS), solution and end token
     for e in train + test:
-        length[id(e)] = len(tok.encode(data.hint_prompt(e.question,
-                                                        e.answer) + data.completion(e.rationale, e.answer))) + 1
+        text = data.hint_prompt(e.question, e.answer) + data.completion(e.rationale, e.answer)
+        length[id(e)] = len(tok.encode_prompt(text)) + 1
 
     def keep(name, split, extra=0, why=""):
         kept = [e for e in split if extra + length[id(e)] <= block_size]
@@ -799,9 +798,9 @@ def prepare_task(train, test, tok, block_size, n_seed, max_new_tokens=0, dataset
         longest = max(len(tok.encode(data.completion(e.rationale, e.answer))) for e in train)
         max_new_tokens = min(int(longest * 1.25) + 8, block_size)
     seed_set, questions = train[:n_seed], train[n_seed:]
+    shots = f"; {n_shots}-shot prompt of {extra} tokens" if n_shots else ""
     print(f"task {dataset}: {len(seed_set)} seed, {len(questions)} train questions, {len(test)} test; "
-          f"generations cut at {max_new_tokens} tokens" + (f"; {n_shots}-shot prompt of {extra} tokens"
-                                                           if n_shots else ""))
+          f"generations cut at {max_new_tokens} tokens{shots}")
     return seed_set, questions, test, max_new_tokens
 
 
@@ -1001,11 +1000,14 @@ def trained_on(vals):
     """What a row's last training saw, over seeds: RFT's distinct paths, DPO's pairs, per-step DPO's critical steps."""
     num = lambda x: f"{x:,.0f}"
     if "diagnosis" in vals[0]:  # on validation pairs (right, wrong) of one question: how often each score ranks right
-        d = [v["diagnosis"] for v in vals]
-        ranked = lambda key: spread([x.get(key, 0.5) for x in d], lambda v: f"{v:.2f}")
-        return (f"validation pairs ranked right: reward {ranked('pairwise_reward')}, generator/token "
-                f"{ranked('pairwise_generator_per_token')} (random 0.50); reward-length r "
-                f"{spread([x.get('reward_length_r', 0.0) for x in d], lambda v: f'{v:+.2f}')}")
+        def over(key, fmt):  # over the seeds that have it (none without a right and a wrong sample of one question)
+            got = [v["diagnosis"][key] for v in vals if key in v["diagnosis"]]
+            return spread(got, fmt) if got else "none"
+
+        pct = lambda v: f"{v:.2f}"
+        return (f"validation pairs ranked right: reward {over('pairwise_reward', pct)}, generator/token "
+                f"{over('pairwise_generator_per_token', pct)} (random 0.50); reward-length r "
+                f"{over('reward_length_r', lambda v: f'{v:+.2f}')}")
     if "distinct" in vals[0]:
         return spread([v["distinct"] for v in vals], lambda x: f"{x:.2f}") + " distinct right paths a question"
     if "trained_on" not in vals[0]:

@@ -454,7 +454,8 @@ def train_arm(gpt, head, ids, mask, args, tok, *, steps, thoughts, seed, desc, l
             log.append(metrics)
         return loss * share, metrics
 
-    cfg = model.TrainConfig(steps=steps, lr=args.lr, warmup=min(50, steps // 10), parallel=loop.parallel_mode(gpt, False))
+    cfg = model.TrainConfig(steps=steps, lr=args.lr, warmup=min(50, steps // 10),
+                            parallel=loop.parallel_mode(gpt, False))
     return model.train(gpt, get_batch, cfg, loss_fn=loss_fn, params=params, desc=desc, log_every=max(1, steps // 5)
                        if thoughts else 0)
 

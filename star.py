@@ -234,7 +234,7 @@ def verifier_diagnosis(rows, beta):
         terms = list(zip(r["logprob_verifier"], r["logprob_generator"], r["tokens"]))
         ok = [data.sample_correct(t, f, r["answer"]) for t, f in zip(r["samples"], r["finished"])]
         for (v, g, n), right in zip(terms, ok):
-            rewards.append(beta * (v - g))
+            rewards.append(SCORES["reward"](v, g, n, beta))
             lengths.append(n)
             by_outcome[right].append(n)
         for kind, f in SCORES.items():
