@@ -911,13 +911,7 @@ def star_samples(rows, samples, rationalize):
     n = 0
     for r in rows[1:]:
         if "questions" in r:  # (answer-only rounds sample nothing and have no count)
-            questions = r["questions"]
-        # a row without a count (older runs): recovered, and a round that solved nothing is missed
-        elif r.get("solved_frac"):
-            questions = round(r["solved"] / r["solved_frac"])
-        else:
-            continue
-        n += questions * samples + (questions - r["solved"] if rationalize else 0)
+            n += r["questions"] * samples + (r["questions"] - r["solved"] if rationalize else 0)
     return n
 
 
