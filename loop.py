@@ -147,6 +147,12 @@ def add_run_args(parser, out_dir, compile_flag=True, scratch_lr=3e-3):
     g.add_argument("--batch_size", type=at_least(1), default=32,
                    help="sequences per training step (under torchrun: split across the processes)")
     g.add_argument("--grad_accum", type=at_least(1), default=1, help="micro-batches of --batch_size per optimizer step")
+    g.add_argument("--lora_rank", type=at_least(0), default=0,
+                   help="train low-rank adapters of this rank on a frozen base instead of every weight (0 = off)")
+    g.add_argument("--lora_alpha", type=more_than(0), default=None, help="LoRA's scale is alpha / rank (default: 2 x "
+                   "rank)")
+    g.add_argument("--lora_targets", default=",".join(model.LORA_TARGETS),
+                   help="the projections that get adapters, comma-separated")
     if compile_flag:
         g.add_argument("--fsdp", action="store_true",
                        help="under torchrun: shard the model being fine-tuned across the GPUs "
@@ -495,6 +501,8 @@ def setup(args, name, defaults, few_shot=False):
     seed_set, train, test, args.max_new_tokens = prepare_task(
         *task_from_args(args), tok, block_size, args.n_seed, args.max_new_tokens, args.dataset, n_shots)
     val, train = split_validation(train, args.n_val)
+    # LoRA's frozen base: the run's base.pt (made by the warm start, or copied from --init), or the pretrained directory
+    args.lora = lora_options(args, init if is_pretrained(init) else run.path("base.pt"))
     task = SimpleNamespace(seed=seed_set, shots=seed_set[:n_shots], train=train, val=val, test=test,
                            block_size=block_size)
     return run, tok, init, task
@@ -591,19 +599,40 @@ def completion_logprobs(gpt, pairs, batch_size):
 # training from the base weights: SFT and DPO
 
 
+def lora_options(args, base):
+    """--lora_rank's adapters as fine_tune and dpo_train take them (None: every weight trains); base: the frozen
+    weights' source, a nanostar checkpoint or a Hugging Face directory."""
+    if not args.lora_rank:
+        return None
+    if getattr(args, "fsdp", False):
+        raise data.InputError("--fsdp shards a full fine-tune; with --lora_rank only the adapters train and every "
+                              "process holds the frozen base: leave out --fsdp")
+    targets = args.lora_targets.split(",")
+    if not targets or set(targets) - set(model.LORA_TARGETS):
+        raise data.InputError(f"--lora_targets {args.lora_targets}: choose from {','.join(model.LORA_TARGETS)}")
+    return {"rank": args.lora_rank, "alpha": args.lora_alpha or 2 * args.lora_rank, "targets": targets,
+            "base": base and os.path.abspath(base)}
+
+
+def new_model(base_state, config, device, lora=None):
+    """A fresh copy of the base weights; lora (from lora_options): frozen, with fresh adapters."""
+    gpt = model.GPT(config).to(device)
+    gpt.load_state_dict(base_state)
+    return model.add_lora(gpt, **lora) if lora else gpt
+
+
 def fine_tune(base_state, config, pairs, *, steps, lr, batch_size, seed, device, compile=False, desc="fine-tune",
-              grad_accum=1, fsdp=False, on_step=None):
+              grad_accum=1, fsdp=False, on_step=None, lora=None):
     """
     A fresh copy of the base weights fine-tuned on (prompt_ids, completion_ids) pairs, in
     random batches, packed (data.pack). Returns (model, last loss). Under torchrun every
     micro-batch of batch_size is split across the processes (examples rank, rank + N, ...,
     each process packing its own), so the global batch is the same for any N; fsdp: the
-    model is sharded over them (FSDP2) while it trains.
+    model is sharded over them (FSDP2) while it trains. lora: only fresh adapters train.
     on_step(step, model): called after every update.
     """
     torch.manual_seed(seed)
-    gpt = model.GPT(config).to(device)
-    gpt.load_state_dict(base_state)
+    gpt = new_model(base_state, config, device, lora)
     pairs = data.fit(pairs, config.block_size)
     rng = random.Random(seed)
     order = []
@@ -663,22 +692,24 @@ def reference_logprobs(ref, pairs, batch_size):
 
 
 def dpo_train(base_state, config, pairs, *, steps, lr, beta, batch_size, seed, device, sft_weight=0.0, compile=False,
-              desc="DPO", grad_accum=1, fsdp=False):
+              desc="DPO", grad_accum=1, fsdp=False, lora=None):
     """
     DPO from the base weights; the frozen base model is the reference, its log-probs computed
     once before training. pairs: (chosen, rejected), each a (prompt_ids, completion_ids) as
     from data.encode_example (a completion without <|endoftext|> is a partial solution).
     batch_size sequences a step (half the pairs' sides), split across processes by pairs
-    under torchrun. Returns (model, last loss).
+    under torchrun. lora: only fresh adapters train, and the reference is the policy before
+    its first step (adapters at zero: the base), so there is no second copy. Returns (model, last loss).
     """
     pairs = [tuple(data.fit(pair, config.block_size)) for pair in pairs]
-    ref = model.GPT(config).to(device)
-    ref.load_state_dict(base_state)
-    ref_lp = reference_logprobs(ref, pairs, batch_size)
-    del ref
-    torch.manual_seed(seed)
-    gpt = model.GPT(config).to(device)
-    gpt.load_state_dict(base_state)
+    if lora:
+        torch.manual_seed(seed)
+        gpt = new_model(base_state, config, device, lora)
+        ref_lp = reference_logprobs(gpt, pairs, batch_size)
+    else:  # a copy of the base, freed before the policy is made
+        ref_lp = reference_logprobs(new_model(base_state, config, device), pairs, batch_size)
+        torch.manual_seed(seed)
+        gpt = new_model(base_state, config, device)
     rng = random.Random(seed)
     n = max(1, min(batch_size // 2, len(pairs)))
 
@@ -827,7 +858,7 @@ def warm_start(path, tok, seed_set, config, *, steps, lr, batch_size, seed, devi
         print(f"pretrained {init}: {base.num_params():,} parameters, context {config.block_size}")
         return base
     if init:
-        base, _ = model.load_checkpoint(init, device)
+        base = model.load_base(init, device)  # a LoRA checkpoint: its adapters merged in
         save_checkpoint(path, base, tokenizer_dir=tok.source)
         return base
     if not seed_set:

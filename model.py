@@ -22,6 +22,7 @@ import os
 import weakref
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from torch.utils.checkpoint import checkpoint
 
 import torch
 import torch.nn as nn
@@ -56,6 +57,11 @@ class GPTConfig:
         assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
         if self.intermediate_size == 0:
             self.intermediate_size = 32 * math.ceil(8 * self.n_embd / 3 / 32)
+
+
+# most logits (B x T x vocab) that exist at once in a loss: 2^28 fp32 values are 1 GiB (a Qwen vocab of 151,936 at
+# 8 x 1,024 positions would be 5 GB before its gradient); nanostar's own small vocab never reaches it
+LOGITS_CHUNK = 2**28
 
 
 def autodetect_device(device="auto"):
@@ -295,20 +301,92 @@ class GPT(nn.Module):
         Returns (logits, loss).
         logits: (B, T, vocab). loss: None without targets; with targets (B, T, ids, -1 = ignore) the
         per-token cross-entropy, reduction='none', shape (B, T), 0 where ignored. Every log-prob
-        in nanostar (SFT, DPO, verifier scores, REINFORCE) is minus this number.
+        in nanostar (SFT, DPO, verifier scores) is minus this number. Where B x T x vocab is
+        above LOGITS_CHUNK the loss is computed in chunks of positions and logits is None.
         """
         h = self.hidden(idx, pos, cache, mask)
-        logits = self.lm_head(h)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
-            loss = loss.view(targets.shape)
-        return logits, loss
+        if targets is None:
+            return self.lm_head(h), None
+        B, T = targets.shape
+        chunk = max(1, LOGITS_CHUNK // (B * self.config.vocab_size))  # positions whose logits exist at once
+        if chunk >= T:
+            logits = self.lm_head(h)
+            return logits, self._token_losses(logits, targets)
+        # a wide vocab: the head and its loss run a chunk of positions at a time, and backward computes each chunk's
+        # logits again (checkpoint), so (B, T, vocab) never exists; no logits are returned
+        losses = [checkpoint(lambda h, t: self._token_losses(self.lm_head(h), t), h[:, i : i + chunk],
+                             targets[:, i : i + chunk], use_reentrant=False) for i in range(0, T, chunk)]
+        return None, torch.cat(losses, dim=1)
+
+    @staticmethod
+    def _token_losses(logits, targets):
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+        return loss.view(targets.shape)
 
     def new_cache(self, batch_size, max_len):
         p = self.lm_head.weight
         dtype = torch.bfloat16 if p.device.type == "cuda" else p.dtype
         return KVCache(self.config, batch_size, max_len, p.device, dtype)
+
+
+# -----------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): low-rank adapters on a frozen model
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """
+    A frozen linear layer plus a trainable low-rank update, y = x W^T + b + (alpha / r) x A^T B^T.
+    It holds the layer's own weight and bias, so the state dict's names do not change. B starts
+    at zero: a fresh adapter leaves the layer exactly as it was. The update is applied on the fly
+    (see add_lora) in the adapters' dtype, fp32.
+    """
+
+    def __init__(self, layer, rank, alpha):
+        super().__init__()
+        self.weight, self.bias = layer.weight, layer.bias
+        self.lora_A = nn.Parameter(torch.empty(rank, layer.in_features, device=layer.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(layer.out_features, rank, device=layer.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        update = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale
+        return F.linear(x, self.weight, self.bias) + update.to(x.dtype)
+
+
+def add_lora(gpt, rank, alpha, targets=LORA_TARGETS, base=None):
+    """
+    Freeze gpt (bf16 on a GPU) and give the target projections fresh adapters, in place; only the
+    adapters train. base: where the frozen weights come from (a nanostar checkpoint or a Hugging
+    Face directory), saved with the adapters. Sampling runs the adapters on the fly rather than
+    merged into a copy: no second copy of the weights (15 GB for a 7B model), the frozen base
+    stays bit for bit the base, and a resumed run rebuilds exactly the model it stopped with.
+    """
+    if gpt.lm_head.weight.is_cuda:
+        gpt.to(torch.bfloat16)
+    gpt.requires_grad_(False)
+    for block in gpt.layers:
+        for part in (block.self_attn, block.mlp):
+            for name, layer in list(part.named_children()):
+                if name in targets:
+                    setattr(part, name, LoRALinear(layer, rank, alpha))
+    gpt.lora = {"rank": rank, "alpha": alpha, "targets": list(targets), "base": base}
+    return gpt
+
+
+def merge_lora(gpt):
+    """A plain GPT with every adapter folded into its weight, W + (alpha / r) B A; a model without adapters itself."""
+    if not getattr(gpt, "lora", None):
+        return gpt
+    state = {k: v for k, v in gpt.state_dict().items() if ".lora_" not in k}
+    for name, layer in gpt.named_modules():
+        if isinstance(layer, LoRALinear):
+            state[f"{name}.weight"] = layer.weight.float() + layer.scale * layer.lora_B @ layer.lora_A
+    plain = GPT(gpt.config).to(gpt.lm_head.weight.device)
+    plain.load_state_dict(state)
+    return plain.eval()
 
 
 # -----------------------------------------------------------------------------
@@ -737,9 +815,15 @@ def atomic_save(obj, path):
 
 
 def save_checkpoint(path, model, **extra):
-    """Weights + the config they belong to (as a plain dict) + any extra plain data."""
-    state = {k: v for k, v in model.state_dict().items()}
-    atomic_save({"config": asdict(model.config), "model": state, "extra": extra}, path)
+    """
+    Weights + the config they belong to (as a plain dict) + any extra plain data. A LoRA model
+    saves its adapters and where its frozen base comes from: megabytes, not the whole model.
+    """
+    state, lora = model.state_dict(), getattr(model, "lora", None)
+    if lora:
+        state = {k: v for k, v in state.items() if ".lora_" in k}
+    atomic_save({"config": asdict(model.config), "model": state, "extra": extra, **({"lora": lora} if lora else {})},
+                path)
 
 
 class CheckpointError(RuntimeError):
@@ -767,11 +851,27 @@ def checkpoint_config(path):
 def load_checkpoint(path, device="cpu"):
     """Rebuild the model from a checkpoint. Returns (model, extra). Clear errors for bad files."""
     ckpt, config = _read_checkpoint(path, device)
+    lora = ckpt.get("lora")
+    if lora:  # the frozen base, then the saved adapters on it
+        model = add_lora(load_base(lora["base"], device, config.block_size), lora["rank"], lora["alpha"],
+                         lora["targets"], lora["base"])
     try:
-        model = GPT(config)
-        model.load_state_dict(ckpt["model"])
+        if not lora:
+            model = GPT(config)
+        model.load_state_dict(ckpt["model"], strict=not lora)
+        if lora and set(ckpt["model"]) != {k for k in model.state_dict() if ".lora_" in k}:
+            raise KeyError(f"adapters saved {sorted(ckpt['model'])[:4]}..., the model has other ones")
     except Exception as e:  # missing keys, wrong shapes...
         raise CheckpointError(f"could not load checkpoint {path}: it is corrupt or not a nanostar "
                               f"checkpoint ({e})") from e
     model.to(device).eval()
     return model, ckpt.get("extra", {})
+
+
+def load_base(source, device="cpu", block_size=0):
+    """A plain model from a nanostar checkpoint (adapters merged in) or a Hugging Face directory."""
+    if os.path.isdir(source):
+        import hf
+
+        return hf.load_pretrained(source, device, block_size)
+    return merge_lora(load_checkpoint(source, device)[0])

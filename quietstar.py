@@ -238,17 +238,18 @@ def add_thought_tokens(gpt, tok):
         gpt.config.vocab_size = rows
 
 
-def init_thought_embeddings(gpt, tok, scale):
+def init_thought_embeddings(gpt, tok, scale, others=1.0):
     """
     Start/end thought embeddings start as the embedding of a pause: the em dash for a
     pretrained tokenizer (as the paper does), '-' for the byte-level one (the em dash is three
-    bytes there). Their gradient is multiplied by `scale`.
+    bytes there). Their gradient is multiplied by `scale`, every other row's by `others`
+    (0 with LoRA: the frozen matrix trains only its thought rows, though AdamW keeps state for all of it).
     """
     with torch.no_grad():
         dash = tok.encode("-" if isinstance(tok, data.Tokenizer) else "\u2014")[0]
         for t in (tok.start_thought, tok.end_thought):
             gpt.embed_tokens.weight[t] = gpt.embed_tokens.weight[dash]
-    rows = torch.ones(gpt.config.vocab_size, 1)
+    rows = torch.full((gpt.config.vocab_size, 1), others)
     rows[[tok.start_thought, tok.end_thought]] = scale
     gpt.embed_tokens.weight.register_hook(lambda g: g * rows.to(g.device))
 
@@ -601,7 +602,7 @@ def base_lm(run, init, cfg, corpus, args, tok):
 
         return hf.load_pretrained(init, args.device, cfg.block_size)
     if init:
-        base, _ = model.load_checkpoint(init, args.device)
+        base = model.load_base(init, args.device)
     else:
         torch.manual_seed(args.seed)
         base = GPT(cfg).to(args.device)
@@ -628,11 +629,12 @@ def skill(base, cfg, state, tok, corpus, args):
 def train_and_evaluate(run, arm, thoughts, cfg, state, tok, corpus, args):
     """One arm from the base weights: --steps of training (with thoughts: and the mixing head), then held-out NLL."""
     torch.manual_seed(args.seed + 1)
-    gpt = GPT(cfg).to(args.device)
-    gpt.load_state_dict(state)
+    lora = loop.lora_options(args, None)  # only the adapters train (and with thoughts the head and thought rows)
+    gpt = loop.new_model(state, cfg, args.device, lora)
     head = MixingHead(cfg.n_embd, args.mix).to(args.device) if thoughts else None
     if thoughts:
-        init_thought_embeddings(gpt, tok, args.embed_grad_scale)
+        gpt.embed_tokens.weight.requires_grad_(True)
+        init_thought_embeddings(gpt, tok, args.embed_grad_scale, others=0.0 if lora else 1.0)
     log = []
     t0 = time.time()
     train_arm(gpt, head, corpus.ids, corpus.mask, args, tok, steps=args.steps, thoughts=thoughts, seed=args.seed + 1,
@@ -643,7 +645,9 @@ def train_and_evaluate(run, arm, thoughts, cfg, state, tok, corpus, args):
         k = max(1, len(log) // 5)
         res["trajectory"] = [{key: float(sum(r[key] for r in log[i : i + k]) / len(log[i : i + k])) for key in log[0]}
                              | {"step": i} for i in range(0, len(log), k)]
-        run.save("thoughts.pt", gpt, head=head.state_dict(), thought_tokens=[tok.start_thought, tok.end_thought])
+        # the whole model, adapters merged: with LoRA its thought rows trained too
+        run.save("thoughts.pt", model.merge_lora(gpt), head=head.state_dict(),
+                 thought_tokens=[tok.start_thought, tok.end_thought])
         res["sample"] = generate_thinking(gpt, head, tok, corpus.sample_prompt, SAMPLE_TOKENS, args,
                                           torch.Generator().manual_seed(args.seed))
         print(f"thinking sample: {res['sample']!r}")

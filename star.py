@@ -307,12 +307,17 @@ def preference_pairs(questions, sample_rows, per_question, seed):
     return out
 
 
-def train_verifier(generator, tok, pairs, args):
-    """DPO from the generator after its last fine-tune (the paper's SFT model), which is also the frozen reference."""
+def train_verifier(generator, tok, pairs, args, lora=None):
+    """
+    DPO from the generator after its last fine-tune (the paper's SFT model), which is also the
+    frozen reference. lora: adapters on the generator (its own adapters merged in).
+    """
     enc = [(data.encode_example(tok, q, g), data.encode_example(tok, q, b)) for q, g, b in pairs]
+    generator = model.merge_lora(generator)
     return loop.dpo_train(generator.state_dict(), generator.config, enc, steps=args.verifier_steps, lr=args.verifier_lr,
                           beta=args.beta, batch_size=args.batch_size, seed=args.seed + 7, device=args.device,
-                          compile=args.compile, desc="verifier DPO", grad_accum=args.grad_accum, fsdp=args.fsdp)
+                          compile=args.compile, desc="verifier DPO", grad_accum=args.grad_accum, fsdp=args.fsdp,
+                          lora=lora)
 
 
 def orm_logits(gpt, head, x, y):
@@ -322,7 +327,7 @@ def orm_logits(gpt, head, x, y):
     return head(gpt.hidden(x)[torch.arange(x.size(0), device=x.device), last]).squeeze(-1)
 
 
-def train_orm(generator, tok, examples, args):
+def train_orm(generator, tok, examples, args, lora=None):
     """
     An outcome reward model (the baseline the V-STaR paper compares its verifier with): the
     generator's weights plus a linear head (starting at zero) that reads the last hidden state of
@@ -330,8 +335,7 @@ def train_orm(generator, tok, examples, args):
     examples: (question, completion, correct) triples. Returns (model, head).
     """
     torch.manual_seed(args.seed + 8)
-    gpt = model.GPT(generator.config).to(args.device)
-    gpt.load_state_dict(generator.state_dict())
+    gpt = loop.new_model(model.merge_lora(generator).state_dict(), generator.config, args.device, lora)
     head = torch.nn.Linear(gpt.config.n_embd, 1).to(args.device)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
@@ -411,7 +415,8 @@ def main(args):
         t1 = time.time()
         current, loss = loop.fine_tune(base_state, config, pairs, steps=steps, lr=args.lr, batch_size=args.batch_size,
                                        seed=args.seed + it, device=args.device, compile=args.compile,
-                                       desc=f"iter {it} fine-tune", grad_accum=args.grad_accum, fsdp=args.fsdp)
+                                       desc=f"iter {it} fine-tune", grad_accum=args.grad_accum, fsdp=args.fsdp,
+                                       lora=args.lora)
         # 4. evaluate on the test set and the validation split (which decides when to stop)
         t2 = time.time()
         res = measure(current)
@@ -492,12 +497,14 @@ def vstar(run, generator, tok, task, args, grade):
     if not prefs:
         print("V-STaR: no question has both a correct and an incorrect sample; no verifier trained")
         return
-    verifier, loss = train_verifier(generator, tok, prefs, args)
+    # with LoRA the verifier's and the ORM's adapters sit on the generator: its checkpoint (or the base's) is their base
+    lora = args.lora and {**args.lora, "base": run.path("model.pt") if run.exists("model.pt") else args.lora["base"]}
+    verifier, loss = train_verifier(generator, tok, prefs, args, lora)
     run.save("verifier.pt", verifier, tokenizer_dir=tok.source)
     orm = None
     if args.orm_steps > 0:  # the ORM baseline, on every sample (not only the paired ones)
         orm = train_orm(generator, tok,
-                        [(task.train[r["index"]].question, r["completion"], r["correct"]) for r in rows], args)
+                        [(task.train[r["index"]].question, r["completion"], r["correct"]) for r in rows], args, lora)
         run.save("orm.pt", orm[0], tokenizer_dir=tok.source, head={k: v.cpu() for k, v in orm[1].state_dict().items()})
     result = {"pairs": len(prefs), "loss": loss, "score": args.verifier_score}
     for name, split in (("val", task.val), ("test", task.test)):  # a score is chosen on validation, then read on test

@@ -269,7 +269,7 @@ def train(base_state, config, tok, seed_set, rows, args):
         print(f"{args.train_epochs} epochs over {len(rows)} {'solutions' if args.variant == 'rft' else 'pairs'}: "
               f"{args.train_steps} steps")
     common = dict(steps=args.train_steps, batch_size=args.batch_size, seed=args.seed + 2, device=args.device,
-                  compile=args.compile, grad_accum=args.grad_accum, fsdp=args.fsdp)
+                  compile=args.compile, grad_accum=args.grad_accum, fsdp=args.fsdp, lora=args.lora)
     if args.variant == "rft":
         enc = data.seed_pairs(tok, seed_set) + [data.encode_example(tok, r["question"], r["completion"]) for r in rows]
         return loop.fine_tune(base_state, config, enc, lr=args.lr, desc="RFT", **common)

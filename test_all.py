@@ -2047,3 +2047,154 @@ def test_the_sampling_copy_is_made_once_per_model_and_remade_after_training():
     opt.step()  # an in-place update: the old copy is stale
     b = model.cached_copy(m, torch.bfloat16)
     assert b is not a and torch.equal(b.lm_head.weight, m.lm_head.weight.to(torch.bfloat16))
+
+
+# -----------------------------------------------------------------------------
+# LoRA and the chunked LM head
+
+LORA = {"rank": 4, "alpha": 8, "targets": list(model.LORA_TARGETS), "base": None}
+
+
+def arithmetic_pairs(n=24):
+    tok = Tokenizer()
+    return [data.encode_example(tok, f"{a}+{a % 7}", f"#### {a + a % 7}") for a in range(n)]
+
+
+def test_a_fresh_lora_model_is_its_base_and_training_moves_only_the_adapters():
+    m = tiny_model(vocab_size=260, block_size=64)
+    base_state = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randint(0, 260, (3, 20))
+    fresh = loop.new_model(base_state, m.config, "cpu", LORA)
+    assert torch.equal(fresh(x)[0], m(x)[0])  # B = 0: step 0 is the base model, bit for bit
+    tuned, _ = loop.fine_tune(base_state, m.config, arithmetic_pairs(), steps=8, lr=1e-2, batch_size=8, seed=0,
+                              device="cpu", lora=LORA)
+    assert {n for n, p in tuned.named_parameters() if p.requires_grad} == {n for n, _ in tuned.named_parameters()
+                                                                          if ".lora_" in n}
+    assert len([n for n, _ in tuned.named_parameters() if ".lora_B" in n]) == 7 * m.config.n_layer
+    state = tuned.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in base_state.items())  # the frozen base, bitwise
+    assert all(state[k].abs().sum() > 0 for k in state if ".lora_B" in k)  # every adapter moved off zero
+    with torch.no_grad():
+        merged, adapted = model.merge_lora(tuned)(x)[0], tuned(x)[0]
+    assert not torch.allclose(adapted, m(x)[0], atol=1e-3)
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)  # W + s B A = the adapter path
+    assert not hasattr(model.merge_lora(tuned), "lora") and model.merge_lora(m) is m
+
+
+def test_lora_dpo_takes_its_reference_log_probs_from_the_base_and_leaves_it_alone(monkeypatch):
+    m = tiny_model(vocab_size=260, block_size=64)
+    base_state = {k: v.clone() for k, v in m.state_dict().items()}
+    pairs = list(zip(arithmetic_pairs(6), arithmetic_pairs(12)[6:]))
+    seen = []
+    real = loop.reference_logprobs
+    monkeypatch.setattr(loop, "reference_logprobs", lambda *a: seen.append(real(*a)) or seen[-1])
+    trained, _ = loop.dpo_train(base_state, m.config, pairs, steps=4, lr=1e-2, beta=0.1, batch_size=4, seed=0,
+                                device="cpu", lora=LORA)
+    assert torch.equal(seen[0], real(m, pairs, 4))  # the policy before its first step, adapters at zero: the base
+    assert all(torch.equal(trained.state_dict()[k], v) for k, v in base_state.items())
+    assert len({id(p) for p in trained.parameters()} & {id(p) for p in m.parameters()}) == 0  # no shared tensors
+
+
+def test_the_chunked_lm_head_gives_the_unchunked_loss_and_gradients(monkeypatch):
+    m = tiny_model(vocab_size=300, block_size=64)
+    x, y = torch.randint(0, 300, (2, 23)), torch.randint(0, 300, (2, 23))
+    y[0, :5] = -1  # ignored positions
+
+    def loss_and_grads():
+        m.zero_grad()
+        logits, loss = m(x, targets=y)
+        loss.sum().backward()
+        return logits, loss.detach(), [p.grad.clone() for p in m.parameters()]
+
+    logits, loss, grads = loss_and_grads()
+    assert logits is not None
+    monkeypatch.setattr(model, "LOGITS_CHUNK", 2 * 300 * 4)  # 4 positions at a time: 6 chunks, the last of 3
+    no_logits, chunked, chunked_grads = loss_and_grads()
+    assert no_logits is None and chunked[0, :5].eq(0).all()
+    torch.testing.assert_close(chunked, loss)
+    for a, b in zip(chunked_grads, grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_lora_flags_refuse_fsdp_and_unknown_projections():
+    args = star.get_args(["--lora_rank", "4", "--lora_targets", "q_proj,v_proj"])
+    assert loop.lora_options(args, "b.pt") == {"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"],
+                                               "base": os.path.abspath("b.pt")}
+    assert loop.lora_options(star.get_args([]), "b.pt") is None
+    with pytest.raises(data.InputError, match="--fsdp"):
+        loop.lora_options(star.get_args(["--lora_rank", "4", "--fsdp"]), "b.pt")
+    with pytest.raises(data.InputError, match="--lora_targets"):
+        loop.lora_options(star.get_args(["--lora_rank", "4", "--lora_targets", "q_proj,lm_head"]), "b.pt")
+
+
+def test_a_lora_star_run_saves_adapters_and_resumes_to_the_same_outputs(monkeypatch, tmp_path):
+    monkeypatch.setattr(loop, "sample", lucky(loop.sample))
+    args = TINY_STAR + ["--lora_rank", "4", "--lr", "1e-2", "--verifier", "--eval_samples", "2", "--verifier_steps", "2"]
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    star.main(star.get_args(args + ["--out_dir", str(full)]))
+    real = star.collect
+
+    def crash_on_iter2(m, tok, questions, a, it, shots=()):
+        if it == 2:
+            raise KeyboardInterrupt("simulated crash while sampling iteration 2")
+        return real(m, tok, questions, a, it, shots)
+
+    monkeypatch.setattr(star, "collect", crash_on_iter2)
+    with pytest.raises(KeyboardInterrupt):
+        star.main(star.get_args(args + ["--out_dir", str(crashed)]))
+    monkeypatch.setattr(star, "collect", real)
+    star.main(star.get_args(args + ["--out_dir", str(crashed), "--resume"]))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]
+    for name in ("iter1_kept.jsonl", "iter2_kept.jsonl", "metrics.jsonl", "verifier.jsonl"):
+        assert strip(loop.read_rows(str(crashed / name))) == strip(loop.read_rows(str(full / name)))
+    ckpt = torch.load(str(full / "model.pt"), weights_only=True)
+    assert ckpt["lora"]["base"] == str(full / "base.pt") and all(".lora_" in k for k in ckpt["model"])
+    assert torch.load(str(full / "verifier.pt"), weights_only=True)["lora"]["base"] == str(full / "model.pt")
+    assert os.path.getsize(full / "model.pt") < os.path.getsize(full / "base.pt") / 3
+    tuned, _ = model.load_checkpoint(str(full / "model.pt"))  # rebuilt: the base, then the adapters
+    again, _ = model.load_checkpoint(str(crashed / "model.pt"))
+    x = torch.randint(0, 260, (2, 12))
+    assert torch.equal(tuned(x)[0], again(x)[0]) and tuned.lora["rank"] == 4
+    base, _ = model.load_checkpoint(str(full / "base.pt"))
+    assert not torch.allclose(tuned(x)[0], base(x)[0])
+
+
+def test_star_on_gsm8k_from_a_pretrained_directory_with_lora_end_to_end(monkeypatch, tmp_path):
+    import zlib
+
+    _, d = hf_model_dir(tmp_path, "qwen2", vocab_size=440, max_pos=1024)
+    hf_tokenizer_dir(d, "qwen2")
+    gsm = tmp_path / "gsm"
+    gsm.mkdir()
+    write_jsonl(gsm / "train.jsonl", GSM8K_RECORDS * 3)
+    write_jsonl(gsm / "test.jsonl", GSM8K_RECORDS)
+    monkeypatch.setattr(data, "sample_correct", lambda text, finished, answer: zlib.crc32(text.encode()) % 2 == 0)
+    out = tmp_path / "run"
+    metrics = star.main(star.get_args([
+        "--dataset", "gsm8k", "--data_dir", str(gsm), "--init", d, "--lora_rank", "4", "--n_seed", "2", "--iters", "1",
+        "--steps", "3", "--lr", "1e-2", "--batch_size", "4", "--max_new_tokens", "12", "--block_size", "1024",
+        "--threads", "2", "--n_val", "2", "--out_dir", str(out)]))
+    assert [r["iter"] for r in metrics] == [0, 1] and metrics[1]["kept"] > 0
+    tuned, extra = model.load_checkpoint(str(out / "model.pt"))
+    assert tuned.lora["base"] == d and extra["tokenizer_dir"] == d and tuned.config.vocab_size == 440
+    pretrained = hf.load_pretrained(d, block_size=1024)
+    x = torch.randint(0, 440, (2, 10))
+    assert all(torch.equal(v, pretrained.state_dict()[k]) for k, v in tuned.state_dict().items() if ".lora_" not in k)
+    assert not torch.allclose(tuned(x)[0], pretrained(x)[0])
+
+
+def test_quietstar_with_lora_trains_only_the_adapters_the_head_and_the_thought_rows(tmp_path):
+    argv = ["--n_train", "60", "--n_test", "20", "--max_digits", "2", "--n_layer", "1", "--n_embd", "32", "--seq_len", "16",
+            "--thought_len", "2", "--n_talk", "2", "--scratchpad", "0", "--batch_size", "4", "--pretrain_steps", "3",
+            "--steps", "2", "--eval_chunks", "4", "--threads", "2", "--lora_rank", "2", "--out_dir", str(tmp_path / "q")]
+    res = quietstar.main(quietstar.get_args(argv))
+    assert all(math.isfinite(r["nll"]) for r in res.values())
+    base, _ = model.load_checkpoint(str(tmp_path / "q" / "pretrained.pt"))
+    thinker, extra = model.load_checkpoint(str(tmp_path / "q" / "thoughts.pt"))  # saved merged: a plain model
+    tok = Tokenizer()
+    emb, emb0 = thinker.embed_tokens.weight, base.embed_tokens.weight
+    others = [i for i in range(emb.size(0)) if i not in (tok.start_thought, tok.end_thought)]
+    assert torch.equal(emb[others], emb0[others])  # the frozen rows stay, the thought rows moved
+    assert not torch.equal(emb[tok.start_thought], emb0[tok.encode("-")[0]])  # they started as '-'s row
+    assert not torch.equal(thinker.layers[0].mlp.down_proj.weight, base.layers[0].mlp.down_proj.weight)
+    assert torch.equal(thinker.layers[0].input_layernorm.weight, base.layers[0].input_layernorm.weight)
