@@ -10,6 +10,7 @@ this file shows ratios.
     python bench.py --sections pretrained       # Qwen2.5-0.5B's shape: sampler vs generate(), training step (GPU: MFU)
     python bench.py --sections training         # SFT step of the default model: padded vs packed, eager vs torch.compile
     python bench.py --sections fewshot          # few-shot sampling: the blank-line stop in the sampler vs a text cut after
+    python bench.py --sections memory           # GPU memory of a training step, full vs LoRA, 0.5B-8B (computed)
 
 Sections:
 - sampler: tokens/s of nanostar's KV-cached batched sampler against its own no-cache path,
@@ -468,11 +469,89 @@ def bench_pretrained(args):
     print(line)
 
 
+# shapes from the models' config.json files (hidden, layers, heads, key/value heads, MLP width, vocab, tied head)
+MEMORY_MODELS = {
+    "Qwen2.5-0.5B": dict(n_embd=896, n_layer=24, n_head=14, n_kv_head=2, intermediate_size=4864, vocab_size=151936,
+                         qkv_bias=True, tie_embeddings=True),
+    "Qwen2.5-1.5B": dict(n_embd=1536, n_layer=28, n_head=12, n_kv_head=2, intermediate_size=8960, vocab_size=151936,
+                         qkv_bias=True, tie_embeddings=True),
+    "Qwen2.5-7B": dict(n_embd=3584, n_layer=28, n_head=28, n_kv_head=4, intermediate_size=18944, vocab_size=152064,
+                       qkv_bias=True, tie_embeddings=False),
+    "Llama-3.1-8B": dict(n_embd=4096, n_layer=32, n_head=32, n_kv_head=8, intermediate_size=14336, vocab_size=128256,
+                         tie_embeddings=False),
+}
+
+
+def block_activation_bytes(cfg, lora_rank, T=64):
+    """
+    Bytes per token that autograd saves for backward in one transformer block, bf16, measured on
+    the CPU on one block: tensors counted once (by storage), weights not counted; the slope
+    between T and 2T tokens, as the bf16 copies of the adapters do not grow with tokens.
+    """
+    block = model.Block(cfg).to(torch.bfloat16)
+    if lora_rank:
+        block.requires_grad_(False)
+        for part in (block.self_attn, block.mlp):
+            for name, layer in list(part.named_children()):
+                if name in model.LORA_TARGETS:
+                    setattr(part, name, model.LoRALinear(layer, lora_rank, 2 * lora_rank))
+    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+
+    def saved(T):
+        angles = torch.outer(torch.arange(T).float(), model.rope_frequencies(cfg))
+        cos, sin = [f(torch.cat((angles, angles), -1))[None, None].to(torch.bfloat16) for f in (torch.cos, torch.sin)]
+        seen = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in weights:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(1, T, cfg.n_embd, dtype=torch.bfloat16, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(x, cos, sin, None).float().sum()
+        return sum(seen.values())
+
+    return (saved(2 * T) - saved(T)) / T
+
+
+def bench_memory(args):
+    """
+    GPU memory of one training step, full fine-tune against LoRA, computed: weights, gradients
+    and AdamW state from the parameter counts; activations per token from one block measured
+    here (block_activation_bytes), times layers and tokens, plus the LM head's chunk.
+    """
+    rank, rows, T = args.lora_rank, 8, 1024  # 8 x 1,024 tokens: about the default --batch_size 32 of GSM8K, packed
+    gib = lambda b: f"{b / 2**30:.1f}"
+    print(f"memory of one training step at {rows} x {T} tokens, GiB (computed): full fine-tune (fp32 weights, "
+          f"bf16 autocast) | LoRA r={rank} on {', '.join(model.LORA_TARGETS)} (bf16 frozen base)")
+    print("| model | params | full: weights + grads + AdamW | full: activations | full: total | LoRA: adapters | "
+          "LoRA: base + adapters + grads + AdamW | LoRA: activations | LoRA: total |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, shape in MEMORY_MODELS.items():
+        cfg = model.GPTConfig(block_size=T, **shape)
+        with torch.device("meta"):
+            n = model.GPT(cfg).num_params()
+        per_proj = {"q_proj": (cfg.n_embd, cfg.n_head * cfg.head_dim), "k_proj": (cfg.n_embd, cfg.n_kv_head * cfg.head_dim),
+                    "v_proj": (cfg.n_embd, cfg.n_kv_head * cfg.head_dim), "o_proj": (cfg.n_head * cfg.head_dim, cfg.n_embd),
+                    "gate_proj": (cfg.n_embd, cfg.intermediate_size), "up_proj": (cfg.n_embd, cfg.intermediate_size),
+                    "down_proj": (cfg.intermediate_size, cfg.n_embd)}
+        adapters = cfg.n_layer * sum(rank * (i + o) for i, o in per_proj.values())
+        tokens = rows * T
+        head = 2 * 4 * min(rows * T * cfg.vocab_size, model.LOGITS_CHUNK)  # one chunk's fp32 logits and their gradient
+        act_full = cfg.n_layer * tokens * block_activation_bytes(cfg, 0) + head
+        act_lora = cfg.n_layer * tokens * block_activation_bytes(cfg, rank) + head
+        full_state, lora_state = 16 * n, 2 * n + 16 * adapters
+        print(f"| {name} | {n / 1e9:.2f}B | {gib(full_state)} | {gib(act_full)} | {gib(full_state + act_full)} | "
+              f"{adapters / 1e6:.1f}M | {gib(lora_state)} | {gib(act_lora)} | {gib(lora_state + act_lora)} |")
+
+
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["sampler"], choices=["sampler", "rollouts", "thoughts", "pretrained", "training", "fewshot"], help="what to time")
+    parser.add_argument("--sections", nargs="+", default=["sampler"], choices=["sampler", "rollouts", "thoughts", "pretrained", "training", "fewshot", "memory"], help="what to time (memory: computed)")
     parser.add_argument("--train_steps", type=at_least(1), default=3, help="pretrained: timed training steps")
     parser.add_argument("--compiled", action="store_true", help="sampler, pretrained: also time generate(compile=True), and transformers' generate() with a static cache and compile")
     parser.add_argument("--batches", type=at_least(1), nargs="+", default=[1, 64], help="sampler batch sizes")
@@ -490,6 +569,7 @@ if __name__ == "__main__":
     parser.add_argument("--thought_T", type=at_least(1), default=128, help="thoughts: sequence length")
     parser.add_argument("--fewshot_steps", type=at_least(1), default=600, help="fewshot: training steps of its base LM")
     parser.add_argument("--threads", type=at_least(0), default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--lora_rank", type=at_least(1), default=16, help="memory: the LoRA rank")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -506,3 +586,5 @@ if __name__ == "__main__":
         bench_training(args)
     if "fewshot" in args.sections:
         bench_fewshot(args)
+    if "memory" in args.sections:
+        bench_memory(args)

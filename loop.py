@@ -836,11 +836,12 @@ def prepare_task(train, test, tok, block_size, n_seed, max_new_tokens=0, dataset
 
 
 def warm_start(path, tok, seed_set, config, *, steps, lr, batch_size, seed, device, init=None, compile=False,
-               answer_only=False, holdout=0):
+               answer_only=False, holdout=0, lora=None):
     """
     The base model every iteration starts from: loaded from `path` if this run already made
     it, else from the checkpoint `init`, else a fresh model of `config` fine-tuned for `steps`
     on the seed set (each example plain and with its hint). Saved to `path` either way.
+    lora: a pretrained base or one from --init stays frozen, so on a GPU it is kept in bf16.
     holdout: the last `holdout` seed examples are not trained on; their NLL is measured 20
     times over the run and the weights where it was lowest are the warm start (early stopping:
     a small model fine-tuned on a few hundred examples memorizes them and gets worse on others).
@@ -856,11 +857,11 @@ def warm_start(path, tok, seed_set, config, *, steps, lr, batch_size, seed, devi
 
         base = hf.load_pretrained(init, device, config.block_size)
         print(f"pretrained {init}: {base.num_params():,} parameters, context {config.block_size}")
-        return base
+        return base.to(torch.bfloat16) if lora and base.lm_head.weight.is_cuda else base
     if init:
         base = model.load_base(init, device)  # a LoRA checkpoint: its adapters merged in
         save_checkpoint(path, base, tokenizer_dir=tok.source)
-        return base
+        return base.to(torch.bfloat16) if lora and base.lm_head.weight.is_cuda else base
     if not seed_set:
         raise data.InputError("a model from scratch learns the solution format from its --n_seed worked examples: "
                               "need at least 1")

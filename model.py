@@ -340,7 +340,7 @@ class LoRALinear(nn.Module):
     A frozen linear layer plus a trainable low-rank update, y = x W^T + b + (alpha / r) x A^T B^T.
     It holds the layer's own weight and bias, so the state dict's names do not change. B starts
     at zero: a fresh adapter leaves the layer exactly as it was. The update is applied on the fly
-    (see add_lora) in the adapters' dtype, fp32.
+    (see add_lora); the adapters are kept in fp32.
     """
 
     def __init__(self, layer, rank, alpha):
@@ -351,9 +351,9 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.scale = alpha / rank
 
-    def forward(self, x):
-        update = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale
-        return F.linear(x, self.weight, self.bias) + update.to(x.dtype)
+    def forward(self, x):  # the adapters cast to x's dtype: no fp32 copy of the activations is made and saved
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A.to(x.dtype)),
+                                                               self.lora_B.to(x.dtype)) * self.scale
 
 
 def add_lora(gpt, rank, alpha, targets=LORA_TARGETS, base=None):

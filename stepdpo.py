@@ -178,7 +178,7 @@ def main(args):
                              n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
     base = loop.warm_start(run.path("base.pt"), tok, task.seed, config, steps=args.warm_steps, lr=args.warm_lr,
                            batch_size=args.batch_size, seed=args.seed, device=args.device, init=init,
-                           compile=args.compile, holdout=args.warm_holdout)
+                           compile=args.compile, holdout=args.warm_holdout, lora=args.lora)
     config, base_state = base.config, {k: v.to("cpu", copy=True)
                                        for k, v in base.state_dict().items()}  # kept off the GPU
 
