@@ -1994,28 +1994,30 @@ FIT_SCRIPT = """
 import sys, torch
 import data, loop, model
 out, fsdp = sys.argv[1], sys.argv[2] == "fsdp"
+lora = {"rank": 4, "alpha": 8, "targets": list(model.LORA_TARGETS), "base": None} if sys.argv[2] == "lora" else None
 loop.setup_device("cpu", 1)
 tok = data.Tokenizer()
 pairs = data.seed_pairs(tok, data.arithmetic_task(40, 4, 1, 3, 0)[0])
 cfg = model.GPTConfig(block_size=128, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
 torch.manual_seed(0)
 base = model.GPT(cfg).state_dict()
-m, loss = loop.fine_tune(base, cfg, pairs, steps=6, lr=3e-3, batch_size=10, seed=1, device="cpu", grad_accum=2, fsdp=fsdp)
+m, loss = loop.fine_tune(base, cfg, pairs, steps=6, lr=3e-3, batch_size=10, seed=1, device="cpu", grad_accum=2, fsdp=fsdp,
+                         lora=lora)
 dpo_pairs = [(pairs[i], pairs[i + 1]) for i in range(0, len(pairs) - 1, 2)]
 d, dpo_loss = loop.dpo_train(base, cfg, dpo_pairs, steps=5, lr=1e-3, beta=0.1, batch_size=10, seed=1, device="cpu", sft_weight=0.5,
-                             fsdp=fsdp)
+                             fsdp=fsdp, lora=lora)
 if loop.is_main():
     torch.save({"sft": m.state_dict(), "sft_loss": loss, "dpo": d.state_dict(), "dpo_loss": dpo_loss}, out)
 loop.run_cli(lambda args: None, None)
 """
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "lora"])
 def test_data_parallel_and_sharded_training_match_one_process(tmp_path, mode):
     script = tmp_path / "fit.py"
     script.write_text(FIT_SCRIPT)
     # the one-process run in a process of its own too: its set_num_threads(1) stays out of pytest's
-    for p in (torchrun([str(script), str(tmp_path / "one.pt"), "none"], tmp_path, nproc=1),
+    for p in (torchrun([str(script), str(tmp_path / "one.pt"), "lora" if mode == "lora" else "none"], tmp_path, nproc=1),
               torchrun([str(script), str(tmp_path / "two.pt"), mode], tmp_path)):
         assert p.returncode == 0, p.stderr[-3000:]
     one, two = (torch.load(tmp_path / f, weights_only=True) for f in ("one.pt", "two.pt"))
@@ -2023,6 +2025,7 @@ def test_data_parallel_and_sharded_training_match_one_process(tmp_path, mode):
         assert two[f"{kind}_loss"] == pytest.approx(one[f"{kind}_loss"], rel=1e-5)
         for k in one[kind]:
             torch.testing.assert_close(two[kind][k], one[kind][k], rtol=0, atol=1e-4)
+        assert (mode == "lora") == any(".lora_" in k for k in one[kind])  # LoRA: the adapters, all-reduced, agree
 
 
 def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
