@@ -329,6 +329,20 @@ class GPT(nn.Module):
         return KVCache(self.config, batch_size, max_len, p.device, dtype)
 
 
+def target_logprobs(head, h, targets):
+    """
+    log_softmax(head(h))[targets] for hidden states h (..., C): where the logits of all rows
+    would pass LOGITS_CHUNK, a chunk of rows at a time, computed again in backward (checkpoint).
+    """
+    lp = lambda h, t: F.log_softmax(head(h).float(), -1).gather(-1, t[..., None]).squeeze(-1)
+    rows = max(1, LOGITS_CHUNK // head.weight.size(0))
+    if targets.numel() <= rows:
+        return lp(h, targets)
+    h, t = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+    parts = [checkpoint(lp, h[i : i + rows], t[i : i + rows], use_reentrant=False) for i in range(0, len(t), rows)]
+    return torch.cat(parts).view(targets.shape)
+
+
 # -----------------------------------------------------------------------------
 # LoRA (Hu et al. 2021): low-rank adapters on a frozen model
 

@@ -215,6 +215,14 @@ class MixingHead(nn.Module):
         lp_base, lp_thought = F.log_softmax(lm_head(h_base).float(), -1), F.log_softmax(lm_head(h_thought).float(), -1)
         return torch.logaddexp(torch.log1p(-w.float()) + lp_base, torch.log(w.float()) + lp_thought), w
 
+    def target_logprobs(self, lm_head, h_base, h_thought, w, targets):
+        """log p_mixed(targets) at weights w (..., 1), the LM head in chunks (model.target_logprobs): no full logits."""
+        if self.mode == "hidden":
+            return model.target_logprobs(lm_head, (1 - w) * h_base + w * h_thought, targets)
+        w = w.float().squeeze(-1)
+        return torch.logaddexp(torch.log1p(-w) + model.target_logprobs(lm_head, h_base, targets),
+                               torch.log(w) + model.target_logprobs(lm_head, h_thought, targets))
+
 
 def add_thought_tokens(gpt, tok):
     """
@@ -277,7 +285,7 @@ def diagonal_mask(T, j, device):
     return torch.cat([text] + [own] * (j + 1), dim=1)[None, None]
 
 
-def think(gpt, head, x, args, tok, noise):
+def think(gpt, head, x, args, tok, noise, full_logits=True):
     """
     Thoughts for every position of x (B, T), n_thoughts each, all generated in parallel.
     noise: (B * n_thoughts, L, T, V) Gumbel noise; thought token j at (row, t) is
@@ -285,8 +293,9 @@ def think(gpt, head, x, args, tok, noise):
     made reproducible across implementations.
     Returns a dict with (R = B * n_thoughts rows, K = n_talk):
       thoughts (R, T, L); thought_logp (R, T) summed log-probs of the sampled thought tokens;
-      base_logits (R, T, V); talk_logits (R, T, K, V) mixed logits for x[t+k], k = 1..K;
-      thought_logits (R, T, K, V) the same without mixing; w (R, T, K); valid (T, K).
+      base_logits (R, T, V); h_base, h_thought (R, T, K, C) the hidden states that predict x[t+k],
+      k = 1..K, without and after the thought; w (R, T, K); valid (T, K); and with full_logits:
+      talk_logits (R, T, K, V) the mixed logits, thought_logits (R, T, K, V) the same without mixing.
     """
     B, T = x.shape
     N, L, K = args.n_thoughts, args.thought_len, args.n_talk
@@ -320,14 +329,15 @@ def think(gpt, head, x, args, tok, noise):
     h_thought = torch.stack(talk_h, dim=2)  # (R, T, K, C): after thought, predicting x[t+1..t+K]
     # the base hidden that predicts x[t+k] is the text hidden at t+k-1
     h_base = torch.stack([torch.cat([h_text[:, k:], h_text[:, -1:].expand(R, k, -1)], dim=1) for k in range(K)], dim=2)
-    talk_logits, w = head.mix(gpt.lm_head, h_base, h_thought)  # (R, T, K, V), (R, T, K, 1)
     valid = (t_pos[:, None] + torch.arange(1, K + 1, device=dev)[None, :]) < T  # (T, K): x[t+k] inside the chunk
-    return {
+    out = {
         "thoughts": torch.stack(thoughts, dim=2) if thoughts else xr.new_zeros(R, T, 0),
-        "thought_logp": thought_logp, "base_logits": base_logits,
-        "talk_logits": talk_logits, "thought_logits": gpt.lm_head(h_thought),
-        "w": w.squeeze(-1), "valid": valid,
+        "thought_logp": thought_logp, "base_logits": base_logits, "h_base": h_base, "h_thought": h_thought,
+        "w": head(h_base, h_thought).squeeze(-1), "valid": valid,
     }
+    if full_logits:  # the whole (R, T, K, V) predictions, for evaluation; training needs only the targets' log-probs
+        out["talk_logits"], out["thought_logits"] = head.mix(gpt.lm_head, h_base, h_thought)[0], gpt.lm_head(h_thought)
+    return out
 
 
 def talk_targets(x, K, pad):
@@ -342,12 +352,12 @@ def quietstar_loss(gpt, head, x, args, tok, noise, out=None):
     reward(thought) = sum_k log p_mixed(x[t+k]) - mean of the same over the other thoughts at t.
     """
     N, K = args.n_thoughts, args.n_talk
-    out = think(gpt, head, x, args, tok, noise) if out is None else out
+    out = think(gpt, head, x, args, tok, noise, full_logits=False) if out is None else out
     R, T = out["thought_logp"].shape
     xr = x.repeat_interleave(N, dim=0)
     nll_base = F.cross_entropy(out["base_logits"][:, :-1].flatten(0, 1).float(), xr[:, 1:].flatten())
     tgt = talk_targets(xr, K, tok.eot)  # (R, T, K)
-    logp = F.log_softmax(out["talk_logits"].float(), -1).gather(-1, tgt[..., None]).squeeze(-1)  # (R, T, K)
+    logp = head.target_logprobs(gpt.lm_head, out["h_base"], out["h_thought"], out["w"][..., None], tgt)  # (R, T, K)
     valid = out["valid"][None].expand(R, T, K).float()
     nll_mixed = -(logp * valid).sum() / valid.sum()
     ll = (logp * valid).sum(-1).detach().view(-1, N, T)  # (B, N, T): a thought's log-likelihood of the truth

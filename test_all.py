@@ -1174,13 +1174,13 @@ def test_reinforce_gradient_reaches_thought_logprobs_and_not_the_reward():
         grads[weight] = m.lm_head.weight.grad.clone()
     assert not torch.allclose(grads[0.0], grads[1.0])  # the REINFORCE term reaches the weights
     # the REINFORCE term (loss at weight 1 minus loss at weight 0, one forward) has a gradient on
-    # the thought log-probs and none on the mixed logits the reward is computed from
+    # the thought log-probs and none on the hidden states after the thoughts, which the reward is computed from
     out = quietstar.think(m, head, x, args, tok, noise)
     args.reinforce_weight = 1.0
     with_rl = quietstar.quietstar_loss(m, head, x, args, tok, noise, out=out)[0]
     args.reinforce_weight = 0.0
     without = quietstar.quietstar_loss(m, head, x, args, tok, noise, out=out)[0]
-    g_logp, g_talk = torch.autograd.grad(with_rl - without, [out["thought_logp"], out["talk_logits"]], allow_unused=True)
+    g_logp, g_talk = torch.autograd.grad(with_rl - without, [out["thought_logp"], out["h_thought"]], allow_unused=True)
     assert g_logp.abs().sum() > 0
     assert g_talk is None or g_talk.abs().sum() == 0
     assert metrics["reward_abs"] > 0 and 0 < metrics["w"] < 1
@@ -2201,3 +2201,31 @@ def test_quietstar_with_lora_trains_only_the_adapters_the_head_and_the_thought_r
     assert not torch.equal(emb[tok.start_thought], emb0[tok.encode("-")[0]])  # they started as '-'s row
     assert not torch.equal(thinker.layers[0].mlp.down_proj.weight, base.layers[0].mlp.down_proj.weight)
     assert torch.equal(thinker.layers[0].input_layernorm.weight, base.layers[0].input_layernorm.weight)
+
+
+@pytest.mark.parametrize("mode", ["hidden", "probs"])
+def test_quietstars_loss_with_its_talk_heads_in_chunks_equals_the_full_logits_path(monkeypatch, mode):
+    m, head, args = tiny_quiet(mode=mode)
+    with torch.no_grad():
+        head.out.weight.normal_(0, 0.5)
+    x = torch.randint(0, 256, (2, 8))
+    noise = quietstar.gumbel((4, 3, 8, 260), torch.Generator().manual_seed(0), "cpu")
+    out = quietstar.think(m, head, x, args, Tokenizer(), noise)
+    tgt = quietstar.talk_targets(x.repeat_interleave(2, 0), args.n_talk, Tokenizer().eot)
+    full = F.log_softmax(out["talk_logits"].float(), -1).gather(-1, tgt[..., None]).squeeze(-1)  # the whole (R, T, K, V)
+
+    def loss_and_grads():
+        m.zero_grad()
+        head.zero_grad()
+        loss = quietstar.quietstar_loss(m, head, x, args, Tokenizer(), noise)[0]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in [*m.parameters(), *head.parameters()]]
+
+    loss, grads = loss_and_grads()
+    monkeypatch.setattr(model, "LOGITS_CHUNK", 260 * 5)  # 5 rows of logits at a time
+    w = out["w"][..., None]
+    torch.testing.assert_close(head.target_logprobs(m.lm_head, out["h_base"], out["h_thought"], w, tgt), full)
+    chunked, chunked_grads = loss_and_grads()
+    torch.testing.assert_close(chunked, loss)
+    for a, b in zip(chunked_grads, grads):
+        torch.testing.assert_close(a, b)
