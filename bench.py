@@ -112,7 +112,7 @@ def think_reference(gpt, head, x, args, tok, noise):
                 pos = torch.tensor([list(range(len(seq)))])
                 h_th = gpt.hidden(torch.tensor([seq]), pos=pos)[0, -1]
                 h_b = base_h[r, min(t + k - 1, T - 1)]
-                talk[r, t, k - 1] = head.mix(gpt.lm_head, h_b, h_th)[0]
+                talk[r, t, k - 1] = head.mix(gpt.lm_head, h_b, h_th, xr[r, t])[0]
                 seq.append(int(xr[r, t + k]) if t + k < T else tok.eot)
     return thoughts, talk
 

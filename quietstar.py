@@ -87,6 +87,10 @@ def get_args(argv=None):
     g.add_argument("--mix", default="hidden", choices=["hidden", "probs"],
                    help="how the mixing head combines the predictions "
                    "with and without the thought: hidden states (the paper) or probabilities (see MixingHead)")
+    g.add_argument("--token_gate", action="store_true",
+                   help="add to the mixing head a learned logit for each token a thought follows (starts at 0)")
+    g.add_argument("--head_steps", type=loop.at_least(0), default=0,
+                   help="steps training the mixing head alone on the frozen model before the thought arm's --steps")
     g.add_argument("--reinforce_weight", type=loop.at_least(0.0, float), default=1.0,
                    help="weight of the REINFORCE term")
     g.add_argument("--embed_grad_scale", type=loop.at_least(0.0, float), default=10.0,
@@ -96,6 +100,9 @@ def get_args(argv=None):
     g.add_argument("--pretrain_batch_size", type=loop.at_least(1), default=32, help="chunks per pretraining step")
     g.add_argument("--steps", type=loop.at_least(0), default=300, help="training steps of each arm")
     g.add_argument("--eval_chunks", type=loop.at_least(1), default=64, help="held-out chunks for the NLL comparison")
+    g.add_argument("--n_val", type=loop.at_least(0), default=0,
+                   help="training questions held out of the corpus, whose lines give --eval_chunks validation chunks "
+                   "for choosing settings (0 = none)")
     g.add_argument("--generate", default=None, help="after training, continue this text, thinking before each token")
     g.add_argument("--n_generate", type=loop.at_least(0), default=12, help="tokens to write for --generate")
     g.add_argument("--hide_thoughts", action="store_true", help="print --generate's text without its thoughts")
@@ -191,9 +198,11 @@ class MixingHead(nn.Module):
     lm_head((1 - w) h_base + w h_thought), a mix of logits. mode "probs": w = sigmoid(z),
     starting at 1/2, and the prediction is (1 - w) p_base + w p_thought, a mix of probabilities,
     in which a wrong thought costs at most -log(1 - w) nats.
+    With vocab_size, z also has a learned term for the token the thought follows (zero at the
+    start): a gate that can open after `=` without opening anywhere else.
     """
 
-    def __init__(self, n_embd, mode="hidden"):
+    def __init__(self, n_embd, mode="hidden", vocab_size=0):
         super().__init__()
         if mode not in ("hidden", "probs"):
             raise ValueError(f"mixing mode {mode!r}: hidden or probs")
@@ -202,14 +211,20 @@ class MixingHead(nn.Module):
         self.out = nn.Linear(n_embd, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        self.token = nn.Embedding(vocab_size, 1) if vocab_size else None
+        if self.token is not None:
+            nn.init.zeros_(self.token.weight)
 
-    def forward(self, h_base, h_thought):
+    def forward(self, h_base, h_thought, x=None):
+        """w (..., 1); x: the token each thought follows, shaped as h_base without its last dim(s)."""
         z = self.out(F.gelu(self.fc(torch.cat([h_base, h_thought], dim=-1))))
+        if self.token is not None:
+            z = z + self.token(x).view(*x.shape, *[1] * (z.dim() - x.dim()))
         return torch.tanh(z) if self.mode == "hidden" else torch.sigmoid(z)  # (..., 1)
 
-    def mix(self, lm_head, h_base, h_thought):
+    def mix(self, lm_head, h_base, h_thought, x=None):
         """(logits of the mixed prediction, w); for "probs" the logits are the mixture's log-probabilities."""
-        w = self(h_base, h_thought)
+        w = self(h_base, h_thought, x)
         if self.mode == "hidden":
             return lm_head((1 - w) * h_base + w * h_thought), w
         lp_base, lp_thought = F.log_softmax(lm_head(h_base).float(), -1), F.log_softmax(lm_head(h_thought).float(), -1)
@@ -333,10 +348,10 @@ def think(gpt, head, x, args, tok, noise, full_logits=True):
     out = {
         "thoughts": torch.stack(thoughts, dim=2) if thoughts else xr.new_zeros(R, T, 0),
         "thought_logp": thought_logp, "base_logits": base_logits, "h_base": h_base, "h_thought": h_thought,
-        "w": head(h_base, h_thought).squeeze(-1), "valid": valid,
+        "w": head(h_base, h_thought, xr).squeeze(-1), "valid": valid,
     }
     if full_logits:  # the whole (R, T, K, V) predictions, for evaluation; training needs only the targets' log-probs
-        out["talk_logits"], out["thought_logits"] = head.mix(gpt.lm_head, h_base, h_thought)[0], gpt.lm_head(h_thought)
+        out["talk_logits"], out["thought_logits"] = head.mix(gpt.lm_head, h_base, h_thought, xr)[0], gpt.lm_head(h_thought)
     return out
 
 
@@ -409,7 +424,7 @@ def generate_thinking(gpt, head, tok, text, n_new, args, generator, show_thought
     cache = gpt.new_cache(1, need)
     cache.valid[:] = True
     h = gpt.hidden(torch.tensor([ids], device=dev), cache=cache)[:, -1]
-    out = []
+    out, last = [], torch.tensor([ids[-1]], device=dev)  # last: the token the next thought follows
     for _ in range(n_new):
         n_text = cache.length  # text tokens so far: the thought starts at position n_text
         tok_in, thought = tok.start_thought, []
@@ -422,7 +437,8 @@ def generate_thinking(gpt, head, tok, text, n_new, args, generator, show_thought
                 thought.append(tok_in)
             elif j == L:
                 tok_in = tok.end_thought
-        nxt = int(head.mix(gpt.lm_head, h, hj)[0].argmax(-1))  # hj: the hidden after <|endthought|>
+        nxt = int(head.mix(gpt.lm_head, h, hj, last)[0].argmax(-1))  # hj: the hidden after <|endthought|>
+        last = torch.tensor([nxt], device=dev)
         cache.length = n_text  # drop the thought: the next text token overwrites its slots
         h = gpt.hidden(torch.tensor([[nxt]], device=dev), pos=torch.tensor([[n_text]], device=dev), cache=cache)[:, -1]
         if show_thoughts:
@@ -557,7 +573,7 @@ def main(args):
     if args.generate:  # think while writing, with the trained thought model
         gpt, extra = model.load_checkpoint(run.path("thoughts.pt"), args.device)
         tok.start_thought, tok.end_thought = extra["thought_tokens"]
-        head = MixingHead(gpt.config.n_embd, args.mix).to(args.device)
+        head = MixingHead(gpt.config.n_embd, args.mix, gpt.config.vocab_size * args.token_gate).to(args.device)
         head.load_state_dict(extra["head"])
         text = generate_thinking(gpt, head, tok, args.generate, args.n_generate, args,
                                  torch.Generator().manual_seed(args.seed), show_thoughts=not args.hide_thoughts)
@@ -577,6 +593,9 @@ def setup(args):
     tok = loop.tokenizer_for(init)
     args.lr = loop.learning_rate(args.lr, tok, args.scratch_lr)
     train_set, test = loop.task_from_args(args)
+    if args.n_val >= len(train_set):
+        raise data.InputError(f"--n_val {args.n_val} leaves no training questions of {len(train_set)}")
+    train_set, val = train_set[: len(train_set) - args.n_val], train_set[len(train_set) - args.n_val :]
     # the scratchpad is one digit a token: a pretrained tokenizer's digit groups would not fill a thought's length
     scratchpad = args.scratchpad if args.dataset == "arithmetic" and isinstance(tok, data.Tokenizer) else 0.0
     if scratchpad and max(len(e.answer) for e in train_set + test) > args.thought_len:
@@ -586,6 +605,10 @@ def setup(args):
     ids, mask = encode_corpus(tok, corpus_text(train_set, args.dataset, scratchpad, args.thought_len, args.seed))
     tids, tmask = encode_corpus(tok, corpus_text(test, args.dataset))
     eval_x, eval_m = random_chunks(tids, tmask, args.seq_len, args.eval_chunks, random.Random(args.seed + 99))
+    val_x = val_m = None
+    if val:
+        vids, vmask = encode_corpus(tok, corpus_text(val, args.dataset))
+        val_x, val_m = random_chunks(vids, vmask, args.seq_len, args.eval_chunks, random.Random(args.seed + 98))
     print(f"corpus: {len(ids):,} train tokens ({int(mask.sum()):,} computed), {len(tids):,} held-out tokens")
     need = [args.seq_len + args.thought_len + 2 + args.n_talk]  # a chunk, a thought and its lookahead
     if scratchpad:  # the skill test reads whole scratchpad lines
@@ -597,7 +620,7 @@ def setup(args):
     block = args.block_size or max(need)
     cfg = GPTConfig(block_size=block, vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
                     n_kv_head=args.n_head, n_embd=args.n_embd)
-    corpus = SimpleNamespace(ids=ids, mask=mask, eval_x=eval_x, eval_m=eval_m, test=test, scratchpad=scratchpad,
+    corpus = SimpleNamespace(ids=ids, mask=mask, eval_x=eval_x, eval_m=eval_m, val_x=val_x, val_m=val_m, test=test, scratchpad=scratchpad,
                              sample_prompt=sample_prompt)
     return run, tok, init, corpus, cfg
 
@@ -641,15 +664,25 @@ def train_and_evaluate(run, arm, thoughts, cfg, state, tok, corpus, args):
     torch.manual_seed(args.seed + 1)
     lora = loop.lora_options(args, None)  # only the adapters train (and with thoughts the head and thought rows)
     gpt = loop.new_model(state, cfg, args.device, lora)
-    head = MixingHead(cfg.n_embd, args.mix).to(args.device) if thoughts else None
+    head = MixingHead(cfg.n_embd, args.mix, cfg.vocab_size * args.token_gate).to(args.device) if thoughts else None
     if thoughts:
         gpt.embed_tokens.weight.requires_grad_(True)
         init_thought_embeddings(gpt, tok, args.embed_grad_scale, others=0.0 if lora else 1.0)
     log = []
     t0 = time.time()
+    if thoughts and args.head_steps:  # the head alone first, on the frozen model and its thoughts
+        frozen = [p for p in gpt.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        train_arm(gpt, head, corpus.ids, corpus.mask, args, tok, steps=args.head_steps, thoughts=True,
+                  seed=args.seed + 3, desc="mixing head alone", log=log)
+        for p in frozen:
+            p.requires_grad_(True)
     train_arm(gpt, head, corpus.ids, corpus.mask, args, tok, steps=args.steps, thoughts=thoughts, seed=args.seed + 1,
               desc=arm, log=log)
     res = evaluate(gpt, head, corpus.eval_x, corpus.eval_m, args, tok, thoughts=thoughts, seed=args.seed + 2)
+    if corpus.val_x is not None:
+        res["val"] = evaluate(gpt, head, corpus.val_x, corpus.val_m, args, tok, thoughts=thoughts, seed=args.seed + 4)
     res["time"] = time.time() - t0
     if thoughts:
         k = max(1, len(log) // 5)
@@ -665,7 +698,8 @@ def train_and_evaluate(run, arm, thoughts, cfg, state, tok, corpus, args):
     own = (f" (the same model without its thoughts {res['nll_computed_base']:.4f}, mean w there "
            f"{res['w_computed']:.4f})"
            if thoughts else "")
-    print(f"{arm}: held-out NLL {res['nll']:.4f}, on computed tokens {res['nll_computed']:.4f}{own} "
+    val = f"; validation: on computed tokens {res['val']['nll_computed']:.4f}" if "val" in res else ""
+    print(f"{arm}: held-out NLL {res['nll']:.4f}, on computed tokens {res['nll_computed']:.4f}{own}{val} "
           f"({res['time']:.0f}s)")
     return res
 

@@ -1084,16 +1084,19 @@ import quietstar  # noqa: E402
 def tiny_quiet(std=0.3, **kw):
     argv = ["--n_thoughts", "2", "--thought_len", "3", "--n_talk", "2", "--seq_len", "8", "--batch_size", "2", "--device", "cpu"]
     args = quietstar.get_args(argv)
-    mode = kw.pop("mode", "hidden")
+    mode, gate = kw.pop("mode", "hidden"), kw.pop("gate", False)
     m = tiny_model(vocab_size=260, **{"block_size": 8 + 3 + 2 + 2, "std": std, **kw})
     torch.manual_seed(1)
-    head = quietstar.MixingHead(m.config.n_embd, mode)
+    head = quietstar.MixingHead(m.config.n_embd, mode, 260 if gate else 0)
+    if gate:
+        with torch.no_grad():
+            head.token.weight.normal_(0, 1.0)
     return m, head, args
 
 
-@pytest.mark.parametrize("mode", ["hidden", "probs"])
-def test_parallel_thoughts_equal_a_slow_per_position_reference(mode):
-    m, head, args = tiny_quiet(mode=mode)
+@pytest.mark.parametrize("mode,gate", [("hidden", False), ("probs", False), ("probs", True)])
+def test_parallel_thoughts_equal_a_slow_per_position_reference(mode, gate):
+    m, head, args = tiny_quiet(mode=mode, gate=gate)
     with torch.no_grad():  # a mixing head away from its zero start, so the mix is exercised
         head.out.weight.normal_(0, 0.5)
         head.out.bias.fill_(0.3)
@@ -1290,9 +1293,9 @@ def test_the_hand_gated_thought_nll_is_the_plain_nll_at_0_and_the_thoughts_alone
     assert thoughts_only != pytest.approx(plain, rel=1e-3)
 
 
-@pytest.mark.parametrize("mode", ["hidden", "probs"])
-def test_thinking_generation_equals_a_no_cache_path(mode):
-    m, head, args = tiny_quiet(block_size=64, mode=mode)
+@pytest.mark.parametrize("mode,gate", [("hidden", False), ("probs", False), ("probs", True)])
+def test_thinking_generation_equals_a_no_cache_path(mode, gate):
+    m, head, args = tiny_quiet(block_size=64, mode=mode, gate=gate)
     with torch.no_grad():
         head.out.weight.normal_(0, 0.5)
         head.out.bias.fill_(0.3)
@@ -1313,7 +1316,7 @@ def test_thinking_generation_equals_a_no_cache_path(mode):
                 seq.append(z)
             h_thought = m.hidden(torch.tensor([seq + [tok.end_thought]]))[0, -1]
             h_text = m.hidden(torch.tensor([ids]))[0, -1]
-            w = head(h_text, h_thought)
+            w = head(h_text, h_thought, torch.tensor(ids[-1]))  # the gate reads the token the thought follows
             if mode == "hidden":
                 nxt = int(m.lm_head((1 - w) * h_text + w * h_thought).argmax(-1))
             else:
@@ -2201,6 +2204,31 @@ def test_quietstar_with_lora_trains_only_the_adapters_the_head_and_the_thought_r
     assert not torch.equal(emb[tok.start_thought], emb0[tok.encode("-")[0]])  # they started as '-'s row
     assert not torch.equal(thinker.layers[0].mlp.down_proj.weight, base.layers[0].mlp.down_proj.weight)
     assert torch.equal(thinker.layers[0].input_layernorm.weight, base.layers[0].input_layernorm.weight)
+
+
+def test_quietstar_head_steps_train_the_mixing_head_alone_and_n_val_holds_questions_out(tmp_path, capsys):
+    argv = ["--n_train", "60", "--n_test", "20", "--max_digits", "2", "--n_layer", "1", "--n_embd", "32", "--seq_len", "16",
+            "--thought_len", "2", "--n_talk", "2", "--scratchpad", "0", "--batch_size", "4", "--pretrain_steps", "3",
+            "--steps", "0", "--head_steps", "3", "--token_gate", "--n_val", "10", "--eval_chunks", "4", "--threads", "2",
+            "--out_dir", str(tmp_path / "q")]
+    res = quietstar.main(quietstar.get_args(argv))
+    assert all(math.isfinite(res[arm]["val"]["nll_computed"]) for arm in ("no_thoughts", "thoughts"))
+    base, _ = model.load_checkpoint(str(tmp_path / "q" / "pretrained.pt"))
+    thinker, extra = model.load_checkpoint(str(tmp_path / "q" / "thoughts.pt"))
+    tok = Tokenizer()
+    dash = base.embed_tokens.weight[tok.encode("-")[0]]
+    for name, p in thinker.state_dict().items():  # the model is frozen: only the thought rows differ, set to '-'
+        if name == "embed_tokens.weight" or (name == "lm_head.weight" and thinker.config.tie_embeddings):
+            others = [i for i in range(p.size(0)) if i not in (tok.start_thought, tok.end_thought)]
+            assert torch.equal(p[others], base.embed_tokens.weight[others])
+            assert torch.equal(p[tok.start_thought], dash) and torch.equal(p[tok.end_thought], dash)
+        else:
+            assert torch.equal(p, base.state_dict()[name]), name
+    assert extra["head"]["out.weight"].abs().sum() > 0 and extra["head"]["token.weight"].abs().sum() > 0
+    # the held-out questions are not in the corpus the base trained on: its first 50 questions are
+    train, _ = data.arithmetic_task(60, 20, 1, 2, 0)
+    n_tokens = len(tok.encode(quietstar.corpus_text(train[:50], "arithmetic")))
+    assert f"corpus: {n_tokens:,} train tokens" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("mode", ["hidden", "probs"])
