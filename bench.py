@@ -108,12 +108,13 @@ def think_reference(gpt, head, x, args, tok, noise):
                 thoughts[r, t, j] = z
                 seq.append(z)
             seq.append(tok.end_thought)
+            h_b, h_th = [], []
             for k in range(1, K + 1):
                 pos = torch.tensor([list(range(len(seq)))])
-                h_th = gpt.hidden(torch.tensor([seq]), pos=pos)[0, -1]
-                h_b = base_h[r, min(t + k - 1, T - 1)]
-                talk[r, t, k - 1] = head.mix(gpt.lm_head, h_b, h_th, xr[r, t])[0]
+                h_th.append(gpt.hidden(torch.tensor([seq]), pos=pos)[0, -1])
+                h_b.append(base_h[r, min(t + k - 1, T - 1)])
                 seq.append(int(xr[r, t + k]) if t + k < T else tok.eot)
+            talk[r, t] = head.mix(gpt.lm_head, torch.stack(h_b), torch.stack(h_th), xr[r, t])[0]  # (K, V)
     return thoughts, talk
 
 

@@ -88,7 +88,7 @@ def get_args(argv=None):
                    help="how the mixing head combines the predictions "
                    "with and without the thought: hidden states (the paper) or probabilities (see MixingHead)")
     g.add_argument("--token_gate", action="store_true",
-                   help="add to the mixing head a learned logit for each token a thought follows (starts at 0)")
+                   help="add to the mixing head a learned logit for each token a thought follows and each lookahead (starts at 0)")
     g.add_argument("--head_steps", type=loop.at_least(0), default=0,
                    help="steps training the mixing head alone on the frozen model before the thought arm's --steps")
     g.add_argument("--reinforce_weight", type=loop.at_least(0.0, float), default=1.0,
@@ -198,11 +198,12 @@ class MixingHead(nn.Module):
     lm_head((1 - w) h_base + w h_thought), a mix of logits. mode "probs": w = sigmoid(z),
     starting at 1/2, and the prediction is (1 - w) p_base + w p_thought, a mix of probabilities,
     in which a wrong thought costs at most -log(1 - w) nats.
-    With vocab_size, z also has a learned term for the token the thought follows (zero at the
-    start): a gate that can open after `=` without opening anywhere else.
+    With vocab_size, z also has a learned term for the token the thought follows and the
+    lookahead k = 1..n_talk (zero at the start): a gate that can open for the token right after
+    `=` without opening anywhere else.
     """
 
-    def __init__(self, n_embd, mode="hidden", vocab_size=0):
+    def __init__(self, n_embd, mode="hidden", vocab_size=0, n_talk=1):
         super().__init__()
         if mode not in ("hidden", "probs"):
             raise ValueError(f"mixing mode {mode!r}: hidden or probs")
@@ -211,15 +212,19 @@ class MixingHead(nn.Module):
         self.out = nn.Linear(n_embd, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        self.token = nn.Embedding(vocab_size, 1) if vocab_size else None
+        self.token = nn.Embedding(vocab_size, n_talk) if vocab_size else None
         if self.token is not None:
             nn.init.zeros_(self.token.weight)
 
     def forward(self, h_base, h_thought, x=None):
-        """w (..., 1); x: the token each thought follows, shaped as h_base without its last dim(s)."""
+        """
+        w (..., 1). x: the token each thought follows, shaped as h_base without its last dim, or
+        without its last two when h_base has a lookahead dim K; without it the prediction is k = 1.
+        """
         z = self.out(F.gelu(self.fc(torch.cat([h_base, h_thought], dim=-1))))
         if self.token is not None:
-            z = z + self.token(x).view(*x.shape, *[1] * (z.dim() - x.dim()))
+            g = self.token(x)  # (*x.shape, n_talk)
+            z = z + (g[..., : z.size(-2), None] if z.dim() == x.dim() + 2 else g[..., :1])
         return torch.tanh(z) if self.mode == "hidden" else torch.sigmoid(z)  # (..., 1)
 
     def mix(self, lm_head, h_base, h_thought, x=None):
@@ -573,7 +578,7 @@ def main(args):
     if args.generate:  # think while writing, with the trained thought model
         gpt, extra = model.load_checkpoint(run.path("thoughts.pt"), args.device)
         tok.start_thought, tok.end_thought = extra["thought_tokens"]
-        head = MixingHead(gpt.config.n_embd, args.mix, gpt.config.vocab_size * args.token_gate).to(args.device)
+        head = MixingHead(gpt.config.n_embd, args.mix, gpt.config.vocab_size * args.token_gate, args.n_talk).to(args.device)
         head.load_state_dict(extra["head"])
         text = generate_thinking(gpt, head, tok, args.generate, args.n_generate, args,
                                  torch.Generator().manual_seed(args.seed), show_thoughts=not args.hide_thoughts)
@@ -664,7 +669,7 @@ def train_and_evaluate(run, arm, thoughts, cfg, state, tok, corpus, args):
     torch.manual_seed(args.seed + 1)
     lora = loop.lora_options(args, None)  # only the adapters train (and with thoughts the head and thought rows)
     gpt = loop.new_model(state, cfg, args.device, lora)
-    head = MixingHead(cfg.n_embd, args.mix, cfg.vocab_size * args.token_gate).to(args.device) if thoughts else None
+    head = MixingHead(cfg.n_embd, args.mix, cfg.vocab_size * args.token_gate, args.n_talk).to(args.device) if thoughts else None
     if thoughts:
         gpt.embed_tokens.weight.requires_grad_(True)
         init_thought_embeddings(gpt, tok, args.embed_grad_scale, others=0.0 if lora else 1.0)

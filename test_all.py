@@ -1087,7 +1087,7 @@ def tiny_quiet(std=0.3, **kw):
     mode, gate = kw.pop("mode", "hidden"), kw.pop("gate", False)
     m = tiny_model(vocab_size=260, **{"block_size": 8 + 3 + 2 + 2, "std": std, **kw})
     torch.manual_seed(1)
-    head = quietstar.MixingHead(m.config.n_embd, mode, 260 if gate else 0)
+    head = quietstar.MixingHead(m.config.n_embd, mode, 260 if gate else 0, args.n_talk)
     if gate:
         with torch.no_grad():
             head.token.weight.normal_(0, 1.0)
@@ -1116,6 +1116,21 @@ def test_parallel_thoughts_equal_a_slow_per_position_reference(mode, gate):
         w = out["w"][..., None]
         want = ((1 - w) * F.softmax(base.float(), -1) + w * F.softmax(out["thought_logits"].float(), -1)).log()
         torch.testing.assert_close(out["talk_logits"], want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_token_gate_adds_a_logit_for_the_token_a_thought_follows_and_its_lookahead():
+    torch.manual_seed(0)
+    gated, plain = quietstar.MixingHead(8, "probs", 20, 3), quietstar.MixingHead(8, "probs")
+    with torch.no_grad():
+        plain.out.weight.normal_(0, 0.5)
+        gated.load_state_dict(plain.state_dict(), strict=False)
+        gated.token.weight.normal_(0, 1.0)
+    h_b, h_t, x = torch.randn(2, 5, 3, 8), torch.randn(2, 5, 3, 8), torch.randint(0, 20, (2, 5))
+    z = torch.logit(plain(h_b, h_t))[..., 0]  # (2, 5, 3): the MLP's term alone
+    want = torch.sigmoid(z + torch.stack([gated.token.weight[x, k] for k in range(3)], dim=-1))
+    torch.testing.assert_close(gated(h_b, h_t, x)[..., 0], want)
+    # one position without a lookahead dim is the next-token (k = 1) prediction, as thinking generation uses it
+    torch.testing.assert_close(gated(h_b[0, 0, 0][None], h_t[0, 0, 0][None], x[0, 0][None])[0, 0], want[0, 0, 0])
 
 
 def test_the_diagonal_mask_hides_later_text_and_other_positions_thoughts():
