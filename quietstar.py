@@ -87,8 +87,9 @@ def get_args(argv=None):
     g.add_argument("--mix", default="hidden", choices=["hidden", "probs"],
                    help="how the mixing head combines the predictions "
                    "with and without the thought: hidden states (the paper) or probabilities (see MixingHead)")
-    g.add_argument("--token_gate", action="store_true",
-                   help="add to the mixing head a learned logit for each token a thought follows and each lookahead (starts at 0)")
+    g.add_argument("--gate", default="hidden", choices=["hidden", "token", "both"],
+                   help="what the mixing head reads: the hidden states with and without the thought (the paper), "
+                   "the token the thought follows (a learned logit per token and lookahead, 0 at the start), or both")
     g.add_argument("--head_steps", type=loop.at_least(0), default=0,
                    help="steps training the mixing head alone on the frozen model before the thought arm's --steps")
     g.add_argument("--reinforce_weight", type=loop.at_least(0.0, float), default=1.0,
@@ -200,18 +201,19 @@ class MixingHead(nn.Module):
     in which a wrong thought costs at most -log(1 - w) nats.
     With vocab_size, z also has a learned term for the token the thought follows and the
     lookahead k = 1..n_talk (zero at the start): a gate that can open for the token right after
-    `=` without opening anywhere else.
+    `=` without opening anywhere else; with mlp=False it is the whole of z.
     """
 
-    def __init__(self, n_embd, mode="hidden", vocab_size=0, n_talk=1):
+    def __init__(self, n_embd, mode="hidden", vocab_size=0, n_talk=1, mlp=True):
         super().__init__()
         if mode not in ("hidden", "probs"):
             raise ValueError(f"mixing mode {mode!r}: hidden or probs")
         self.mode = mode
-        self.fc = nn.Linear(2 * n_embd, n_embd)
-        self.out = nn.Linear(n_embd, 1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        self.fc = nn.Linear(2 * n_embd, n_embd) if mlp else None
+        self.out = nn.Linear(n_embd, 1) if mlp else None
+        if mlp:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
         self.token = nn.Embedding(vocab_size, n_talk) if vocab_size else None
         if self.token is not None:
             nn.init.zeros_(self.token.weight)
@@ -221,7 +223,10 @@ class MixingHead(nn.Module):
         w (..., 1). x: the token each thought follows, shaped as h_base without its last dim, or
         without its last two when h_base has a lookahead dim K; without it the prediction is k = 1.
         """
-        z = self.out(F.gelu(self.fc(torch.cat([h_base, h_thought], dim=-1))))
+        if self.fc is not None:
+            z = self.out(F.gelu(self.fc(torch.cat([h_base, h_thought], dim=-1))))
+        else:
+            z = h_base.new_zeros(*h_base.shape[:-1], 1)
         if self.token is not None:
             g = self.token(x)  # (*x.shape, n_talk)
             z = z + (g[..., : z.size(-2), None] if z.dim() == x.dim() + 2 else g[..., :1])
@@ -242,6 +247,13 @@ class MixingHead(nn.Module):
         w = w.float().squeeze(-1)
         return torch.logaddexp(torch.log1p(-w) + model.target_logprobs(lm_head, h_base, targets),
                                torch.log(w) + model.target_logprobs(lm_head, h_thought, targets))
+
+
+def mixing_head(cfg, args):
+    """The --mix / --gate head for a model of config cfg."""
+    token = args.gate != "hidden"
+    return MixingHead(cfg.n_embd, args.mix, cfg.vocab_size if token else 0, args.n_talk, mlp=args.gate != "token").to(
+        args.device)
 
 
 def add_thought_tokens(gpt, tok):
@@ -578,7 +590,7 @@ def main(args):
     if args.generate:  # think while writing, with the trained thought model
         gpt, extra = model.load_checkpoint(run.path("thoughts.pt"), args.device)
         tok.start_thought, tok.end_thought = extra["thought_tokens"]
-        head = MixingHead(gpt.config.n_embd, args.mix, gpt.config.vocab_size * args.token_gate, args.n_talk).to(args.device)
+        head = mixing_head(gpt.config, args)
         head.load_state_dict(extra["head"])
         text = generate_thinking(gpt, head, tok, args.generate, args.n_generate, args,
                                  torch.Generator().manual_seed(args.seed), show_thoughts=not args.hide_thoughts)
@@ -669,7 +681,7 @@ def train_and_evaluate(run, arm, thoughts, cfg, state, tok, corpus, args):
     torch.manual_seed(args.seed + 1)
     lora = loop.lora_options(args, None)  # only the adapters train (and with thoughts the head and thought rows)
     gpt = loop.new_model(state, cfg, args.device, lora)
-    head = MixingHead(cfg.n_embd, args.mix, cfg.vocab_size * args.token_gate, args.n_talk).to(args.device) if thoughts else None
+    head = mixing_head(cfg, args) if thoughts else None
     if thoughts:
         gpt.embed_tokens.weight.requires_grad_(True)
         init_thought_embeddings(gpt, tok, args.embed_grad_scale, others=0.0 if lora else 1.0)

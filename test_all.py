@@ -1131,6 +1131,9 @@ def test_the_token_gate_adds_a_logit_for_the_token_a_thought_follows_and_its_loo
     torch.testing.assert_close(gated(h_b, h_t, x)[..., 0], want)
     # one position without a lookahead dim is the next-token (k = 1) prediction, as thinking generation uses it
     torch.testing.assert_close(gated(h_b[0, 0, 0][None], h_t[0, 0, 0][None], x[0, 0][None])[0, 0], want[0, 0, 0])
+    alone = quietstar.MixingHead(8, "probs", 20, 3, mlp=False)  # --gate token: the token's logit is all of z
+    alone.token.weight.data.copy_(gated.token.weight.data)
+    torch.testing.assert_close(alone(h_b, h_t, x)[..., 0], torch.sigmoid(torch.stack([gated.token.weight[x, k] for k in range(3)], -1)))
 
 
 def test_the_diagonal_mask_hides_later_text_and_other_positions_thoughts():
@@ -2224,7 +2227,7 @@ def test_quietstar_with_lora_trains_only_the_adapters_the_head_and_the_thought_r
 def test_quietstar_head_steps_train_the_mixing_head_alone_and_n_val_holds_questions_out(tmp_path, capsys):
     argv = ["--n_train", "60", "--n_test", "20", "--max_digits", "2", "--n_layer", "1", "--n_embd", "32", "--seq_len", "16",
             "--thought_len", "2", "--n_talk", "2", "--scratchpad", "0", "--batch_size", "4", "--pretrain_steps", "3",
-            "--steps", "0", "--head_steps", "3", "--token_gate", "--n_val", "10", "--eval_chunks", "4", "--threads", "2",
+            "--steps", "0", "--head_steps", "3", "--gate", "both", "--n_val", "10", "--eval_chunks", "4", "--threads", "2",
             "--out_dir", str(tmp_path / "q")]
     res = quietstar.main(quietstar.get_args(argv))
     assert all(math.isfinite(res[arm]["val"]["nll_computed"]) for arm in ("no_thoughts", "thoughts"))
