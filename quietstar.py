@@ -470,8 +470,11 @@ def generate_thinking(gpt, head, tok, text, n_new, args, generator, show_thought
 # training and evaluation
 
 
-def train_arm(gpt, head, ids, mask, args, tok, *, steps, thoughts, seed, desc, log=None, batch_size=None):
-    """`steps` of training: with thoughts (Quiet-STaR's loss) or without (the LM loss), batch_size chunks a step."""
+def train_arm(gpt, head, ids, mask, args, tok, *, steps, thoughts, seed, desc, log=None, batch_size=None, log_every=0):
+    """
+    `steps` of training: with thoughts (Quiet-STaR's loss) or without (the LM loss), batch_size chunks a step.
+    Prints progress 5 times with thoughts, else every log_every steps (0: never).
+    """
     batch_size = batch_size or args.batch_size
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
@@ -500,8 +503,8 @@ def train_arm(gpt, head, ids, mask, args, tok, *, steps, thoughts, seed, desc, l
 
     cfg = model.TrainConfig(steps=steps, lr=args.lr, warmup=min(50, steps // 10),
                             parallel=loop.parallel_mode(gpt, False))
-    return model.train(gpt, get_batch, cfg, loss_fn=loss_fn, params=params, desc=desc, log_every=max(1, steps // 5)
-                       if thoughts else 0)
+    return model.train(gpt, get_batch, cfg, loss_fn=loss_fn, params=params, desc=desc,
+                       log_every=max(1, steps // 5) if thoughts else log_every)
 
 
 @torch.no_grad()
@@ -658,7 +661,8 @@ def base_lm(run, init, cfg, corpus, args, tok):
         base = GPT(cfg).to(args.device)
         t0 = time.time()
         train_arm(base, None, corpus.ids, corpus.mask, args, tok, steps=args.pretrain_steps, thoughts=False,
-                  seed=args.seed, desc="pretrain", batch_size=args.pretrain_batch_size)
+                  seed=args.seed, desc="pretrain", batch_size=args.pretrain_batch_size,
+                  log_every=max(1, args.pretrain_steps // 10))
         print(f"pretrained {base.num_params():,} parameters for {args.pretrain_steps} steps in {time.time() - t0:.0f}s")
     run.save("pretrained.pt", base)
     return base
