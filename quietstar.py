@@ -368,7 +368,8 @@ def think(gpt, head, x, args, tok, noise, full_logits=True):
         "w": head(h_base, h_thought, xr).squeeze(-1), "valid": valid,
     }
     if full_logits:  # the whole (R, T, K, V) predictions, for evaluation; training needs only the targets' log-probs
-        out["talk_logits"], out["thought_logits"] = head.mix(gpt.lm_head, h_base, h_thought, xr)[0], gpt.lm_head(h_thought)
+        out["talk_logits"] = head.mix(gpt.lm_head, h_base, h_thought, xr)[0]
+        out["thought_logits"] = gpt.lm_head(h_thought)
     return out
 
 
@@ -640,8 +641,8 @@ def setup(args):
     block = args.block_size or max(need)
     cfg = GPTConfig(block_size=block, vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
                     n_kv_head=args.n_head, n_embd=args.n_embd)
-    corpus = SimpleNamespace(ids=ids, mask=mask, eval_x=eval_x, eval_m=eval_m, val_x=val_x, val_m=val_m, test=test, scratchpad=scratchpad,
-                             sample_prompt=sample_prompt)
+    corpus = SimpleNamespace(ids=ids, mask=mask, eval_x=eval_x, eval_m=eval_m, val_x=val_x, val_m=val_m, test=test,
+                             scratchpad=scratchpad, sample_prompt=sample_prompt)
     return run, tok, init, corpus, cfg
 
 
