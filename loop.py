@@ -243,7 +243,8 @@ def share(weights, rows):
 
 def init_distributed(device):
     """Join torchrun's process group: NCCL with one GPU per rank, else gloo on CPU. Returns this rank's device."""
-    import torch.distributed as dist
+    import torch._dynamo  # noqa: F401  before the group: imported after it (as AdamW does), it keeps the group alive
+    import torch.distributed as dist  # past destroy_process_group, and gloo's threads can then abort the exit
 
     rank, world = rank_world()
     local = int(os.environ.get("LOCAL_RANK", rank))
