@@ -374,9 +374,8 @@ def main(args):
     run, tok, init, task = loop.setup(args, "STaR", {"lr": (args.scratch_lr, loop.PRETRAINED_LR)}, few_shot=True)
     args.verifier_lr = args.verifier_lr or args.lr / 3  # the verifier's DPO and the ORM
     grade = lambda gpt, split, n_samples=0, keep=None: loop.evaluate(
-        gpt, tok, split, seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
-        n_samples=n_samples,
-        temperature=args.eval_temperature, prefix=data.few_shot_prefix(task.shots), keep=keep,
+        gpt, tok, split, seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, keep=keep,
+        n_samples=n_samples, temperature=args.eval_temperature, prefix=data.few_shot_prefix(task.shots),
         compile=args.compile_sampler)
     measure = lambda gpt: {**grade(gpt, task.test, args.eval_samples),
                            "val_acc": grade(gpt, task.val)["acc"]}  # val: greedy
@@ -389,8 +388,7 @@ def main(args):
                            batch_size=args.batch_size, seed=args.seed, device=args.device, init=init,
                            compile=args.compile, answer_only=args.answer_only, holdout=args.warm_holdout,
                            lora=args.lora)
-    config, base_state = base.config, {k: v.to("cpu", copy=True)
-                                       for k, v in base.state_dict().items()}  # kept off the GPU
+    config, base_state = base.config, {k: v.to("cpu", copy=True) for k, v in base.state_dict().items()}  # off the GPU
     t_warm, t0 = time.time() - t0, time.time()
     (metrics,) = run.cached(["metrics.jsonl"], lambda b=base: [[{"iter": 0, **measure(b), "time_warm_start": t_warm,
                                                           "time_evaluate": time.time() - t0,

@@ -33,6 +33,7 @@ import argparse
 import json
 import random
 import time
+from pathlib import Path
 
 import data
 import loop
@@ -179,8 +180,7 @@ def main(args):
     base = loop.warm_start(run.path("base.pt"), tok, task.seed, config, steps=args.warm_steps, lr=args.warm_lr,
                            batch_size=args.batch_size, seed=args.seed, device=args.device, init=init,
                            compile=args.compile, holdout=args.warm_holdout, lora=args.lora)
-    config, base_state = base.config, {k: v.to("cpu", copy=True)
-                                       for k, v in base.state_dict().items()}  # kept off the GPU
+    config, base_state = base.config, {k: v.to("cpu", copy=True) for k, v in base.state_dict().items()}  # off the GPU
 
     # 2. N solutions per question from the SFT model, graded: the synthetic data
     (samples,) = run.cached(["samples.jsonl"], lambda: [solutions(base, tok, questions, args)])
@@ -212,10 +212,9 @@ def main(args):
 
     # 5. DPO (RFT: SFT) from the SFT model, 6. both models evaluated on test and validation
     if run.exists("metrics.json"):
-        with open(run.path("metrics.json")) as f:
-            text = f.read()
-        print(f"already finished: {text}")
-        return json.loads(text)
+        res = json.loads(Path(run.path("metrics.json")).read_text())
+        print(f"already finished: {json.dumps(res)}")
+        return res
     t0 = time.time()
     gpt, loss = train(base_state, config, tok, task.seed, rows, args)
     run.save("model.pt", gpt, tokenizer_dir=tok.source)
@@ -226,9 +225,7 @@ def main(args):
            "train_time": time.time() - t0}
     loop.write_atomic(run.path("metrics.json"), json.dumps(res))
     print(f"{args.variant}: test acc {base_acc:.3f} (SFT model) -> {acc:.3f}, validation {res['sft_val_acc']:.3f} -> "
-          f"{res['val_acc']:.3f}, after {args.train_steps} steps on {len(rows)} "
-          f"{'solutions' if args.variant == 'rft' else 'pairs'} "
-          f"from {len(samples)} samples")
+          f"{res['val_acc']:.3f}, {args.train_steps} steps on {len(rows)} examples from {len(samples)} samples")
     return res
 
 
