@@ -75,6 +75,9 @@ def get_args(argv=None):
                    help="arithmetic, byte-level tokenizer: fraction of training lines "
                    "written with a scratchpad the length of a thought (scratchpad_line), so the base model has a "
                    "skill a thought can draw on")
+    g.add_argument("--arm_scratchpad", type=loop.at_least(0.0, float, at_most=1.0), default=None,
+                   help="the same fraction in the two arms' training text (default: --scratchpad); 0: plain lines "
+                   "only, as in the held-out text")
     g.add_argument("--seq_len", type=loop.at_least(1), default=48, help="T: tokens per training chunk")
     g.add_argument("--n_thoughts", type=loop.at_least(1), default=2,
                    help="thoughts sampled per position (REINFORCE needs 2 or more: "
@@ -624,6 +627,9 @@ def setup(args):
                               f"{args.thought_len} tokens: "
                               f"sums of --max_digits {args.max_digits} numbers need up to {args.max_digits + 1}")
     ids, mask = encode_corpus(tok, corpus_text(train_set, args.dataset, scratchpad, args.thought_len, args.seed))
+    arm = scratchpad if args.arm_scratchpad is None or not scratchpad else args.arm_scratchpad  # the arms' text
+    arm_ids, arm_mask = (ids, mask) if arm == scratchpad else encode_corpus(
+        tok, corpus_text(train_set, args.dataset, arm, args.thought_len, args.seed))
     tids, tmask = encode_corpus(tok, corpus_text(test, args.dataset))
     eval_x, eval_m = random_chunks(tids, tmask, args.seq_len, args.eval_chunks, random.Random(args.seed + 99))
     val_x = val_m = None
@@ -641,8 +647,8 @@ def setup(args):
     block = args.block_size or max(need)
     cfg = GPTConfig(block_size=block, vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
                     n_kv_head=args.n_head, n_embd=args.n_embd)
-    corpus = SimpleNamespace(ids=ids, mask=mask, eval_x=eval_x, eval_m=eval_m, val_x=val_x, val_m=val_m, test=test,
-                             scratchpad=scratchpad, sample_prompt=sample_prompt)
+    corpus = SimpleNamespace(ids=ids, mask=mask, arm_ids=arm_ids, arm_mask=arm_mask, eval_x=eval_x, eval_m=eval_m,
+                             val_x=val_x, val_m=val_m, test=test, scratchpad=scratchpad, sample_prompt=sample_prompt)
     return run, tok, init, corpus, cfg
 
 
@@ -696,12 +702,12 @@ def train_and_evaluate(run, arm, thoughts, cfg, state, tok, corpus, args):
         frozen = [p for p in gpt.parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
-        train_arm(gpt, head, corpus.ids, corpus.mask, args, tok, steps=args.head_steps, thoughts=True,
+        train_arm(gpt, head, corpus.arm_ids, corpus.arm_mask, args, tok, steps=args.head_steps, thoughts=True,
                   seed=args.seed + 3, desc="mixing head alone", log=log)
         for p in frozen:
             p.requires_grad_(True)
-    train_arm(gpt, head, corpus.ids, corpus.mask, args, tok, steps=args.steps, thoughts=thoughts, seed=args.seed + 1,
-              desc=arm, log=log)
+    train_arm(gpt, head, corpus.arm_ids, corpus.arm_mask, args, tok, steps=args.steps, thoughts=thoughts,
+              seed=args.seed + 1, desc=arm, log=log)
     res = evaluate(gpt, head, corpus.eval_x, corpus.eval_m, args, tok, thoughts=thoughts, seed=args.seed + 2)
     if corpus.val_x is not None:
         res["val"] = evaluate(gpt, head, corpus.val_x, corpus.val_m, args, tok, thoughts=thoughts, seed=args.seed + 4)

@@ -1280,6 +1280,19 @@ def test_scratchpad_corpus_and_its_skill_measure_against_completion_logprobs(tmp
                                                           "--out_dir", str(tmp_path / "q")]))
 
 
+def test_the_arms_train_on_their_own_share_of_scratchpad_lines(tmp_path):
+    # --arm_scratchpad: the base LM's text keeps --scratchpad's share, the two arms' text has its own (default: the same)
+    argv = ["--n_train", "60", "--n_test", "20", "--max_digits", "2", "--thought_len", "3", "--scratchpad", "0.5",
+            "--seq_len", "8", "--eval_chunks", "2", "--threads", "1"]
+    train, tok = data.arithmetic_task(60, 20, 1, 2, 0)[0], Tokenizer()
+    for arm, share in ((None, 0.5), ("0", 0.0), ("1", 1.0)):
+        args = quietstar.get_args(argv + (["--arm_scratchpad", arm] if arm else []) + ["--out_dir", str(tmp_path / str(arm))])
+        corpus = quietstar.setup(args)[3]
+        assert tok.decode(corpus.ids.tolist()) == quietstar.corpus_text(train, "arithmetic", 0.5, 3, args.seed)
+        assert tok.decode(corpus.arm_ids.tolist()) == quietstar.corpus_text(train, "arithmetic", share, 3, args.seed)
+        assert (arm is None) == (corpus.arm_ids is corpus.ids)
+
+
 def test_thought_evaluation_reports_the_same_models_plain_nll_and_its_mixing_weight():
     m, head, args = tiny_quiet()
     with torch.no_grad():
