@@ -626,10 +626,13 @@ def setup(args):
         raise data.InputError("--scratchpad writes the sum's digits in a thought of --thought_len "
                               f"{args.thought_len} tokens: "
                               f"sums of --max_digits {args.max_digits} numbers need up to {args.max_digits + 1}")
-    ids, mask = encode_corpus(tok, corpus_text(train_set, args.dataset, scratchpad, args.thought_len, args.seed))
-    arm = scratchpad if args.arm_scratchpad is None or not scratchpad else args.arm_scratchpad  # the arms' text
-    arm_ids, arm_mask = (ids, mask) if arm == scratchpad else encode_corpus(
-        tok, corpus_text(train_set, args.dataset, arm, args.thought_len, args.seed))
+
+    def train_text(share):  # the training questions' text with this share of scratchpad lines, encoded
+        return encode_corpus(tok, corpus_text(train_set, args.dataset, share, args.thought_len, args.seed))
+
+    ids, mask = train_text(scratchpad)  # the base LM's
+    arm = scratchpad if args.arm_scratchpad is None or not scratchpad else args.arm_scratchpad  # the arms' share
+    arm_ids, arm_mask = (ids, mask) if arm == scratchpad else train_text(arm)
     tids, tmask = encode_corpus(tok, corpus_text(test, args.dataset))
     eval_x, eval_m = random_chunks(tids, tmask, args.seq_len, args.eval_chunks, random.Random(args.seed + 99))
     val_x = val_m = None
