@@ -358,10 +358,16 @@ class Run:
         return exists_and_wait(self.path(name))
 
     def read(self, name):
+        """A .jsonl file's rows, or a .json file's one object."""
+        if name.endswith(".json"):
+            return json.loads(Path(self.path(name)).read_text())
         return read_rows(self.path(name))
 
     def write(self, name, rows):
-        write_rows(self.path(name), rows)
+        if name.endswith(".json"):
+            write_atomic(self.path(name), json.dumps(rows))
+        else:
+            write_rows(self.path(name), rows)
 
     def save(self, name, gpt, **meta):
         save_checkpoint(self.path(name), gpt, **meta)
@@ -370,7 +376,8 @@ class Run:
         return model.load_checkpoint(self.path(name), device)[0]
 
     def cached(self, names, compute):
-        """compute() -> one list of rows per name (None: no file); read back instead when the last file exists."""
+        """compute() -> what each named file holds (rows, one .json object, or None: no file); read back instead
+        when the last file exists."""
         if self.exists(names[-1]):
             print(f"resumed: {', '.join(names)}")
             return [self.read(n) if self.exists(n) else None for n in names]
@@ -764,25 +771,27 @@ def tally(golds, greedy, samples=None, scores=None):
     return res
 
 
-def evaluate(gpt, tok, test, *, seed, max_new_tokens, batch_size, n_samples=0, temperature=0.7, prefix="", keep=None,
-             compile=False):
+def evaluate(gpt, tok, test, **options):
+    """Greedy test accuracy; with n_samples > 1 also maj@N and pass@N (options: as `outputs` takes them)."""
+    return tally(*outputs(gpt, tok, test, **options))
+
+
+def outputs(gpt, tok, test, *, seed, max_new_tokens, batch_size, n_samples=0, temperature=0.7, prefix="",
+            compile=False):
     """
-    Greedy test accuracy; with n_samples > 1 also maj@N and pass@N over N samples at
-    `temperature`.
+    What evaluation grades: (golds, greedy, samples). greedy: one (text, finished) per question;
+    samples: n_samples of them per question at `temperature` when n_samples > 1, else None.
     prefix: a few-shot prompt put before every question (completions then stop at a blank line).
-    keep: a dict that receives what was tallied (golds, greedy, samples), to score and re-tally.
     """
     prompts = [prefix + data.prompt(e.question) for e in test]
     golds = [e.answer for e in test]
-    stop = bool(prefix)
-    gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, stop_at_blank_line=stop, compile=compile)
-    greedy = sample(gpt, tok, prompts, 1, temperature=0.0, seed=seed, desc="eval greedy", **gen)
+    gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, stop_at_blank_line=bool(prefix), compile=compile)
+    greedy = [o[0] for o in sample(gpt, tok, prompts, 1, temperature=0.0, seed=seed, desc="eval greedy", **gen)]
     if n_samples <= 1:
-        return tally(golds, [o[0] for o in greedy])
-    outs = sample(gpt, tok, prompts, n_samples, temperature=temperature, seed=seed + 1, desc=f"eval {n_samples}", **gen)
-    if keep is not None:
-        keep.update(golds=golds, greedy=[o[0] for o in greedy], samples=outs)
-    return tally(golds, [o[0] for o in greedy], outs)
+        return golds, greedy, None
+    samples = sample(gpt, tok, prompts, n_samples, temperature=temperature, seed=seed + 1, desc=f"eval {n_samples}",
+                     **gen)
+    return golds, greedy, samples
 
 
 # -----------------------------------------------------------------------------

@@ -211,10 +211,9 @@ class MixingHead(nn.Module):
         super().__init__()
         if mode not in ("hidden", "probs"):
             raise ValueError(f"mixing mode {mode!r}: hidden or probs")
-        self.mode = mode
-        self.fc = nn.Linear(2 * n_embd, n_embd) if mlp else None
-        self.out = nn.Linear(n_embd, 1) if mlp else None
+        self.mode, self.fc, self.out = mode, None, None
         if mlp:
+            self.fc, self.out = nn.Linear(2 * n_embd, n_embd), nn.Linear(n_embd, 1)
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
         self.token = nn.Embedding(vocab_size, n_talk) if vocab_size else None
@@ -494,7 +493,7 @@ def train_arm(gpt, head, ids, mask, args, tok, *, steps, thoughts, seed, desc, l
             noise = noise.view(B, N, *noise.shape[1:])[rows].flatten(0, 1)
         return x[rows].to(args.device), noise, loop.share([1] * B, rows)  # every loss term is a mean over rows
 
-    def loss_fn(m, batch):
+    def loss_fn(_, batch):  # gpt itself: these steps are never compiled
         x, noise, share = batch
         if not thoughts:
             logits, _ = gpt(x)
@@ -588,11 +587,8 @@ def main(args):
     # 3. the two arms, same steps, same data order: without thoughts, and with thoughts after every token
     #    (generated in parallel), a mixing head, and REINFORCE on the thoughts
     for arm, thoughts in (("no_thoughts", False), ("thoughts", True)):
-        if run.exists(f"{arm}.json"):
-            with open(run.path(f"{arm}.json")) as f:
-                results[arm] = json.load(f)
-            continue
-        results[arm] = train_and_evaluate(run, arm, thoughts, cfg, state, tok, corpus, args)
+        (results[arm],) = run.cached([f"{arm}.json"],
+                                     lambda: [train_and_evaluate(run, arm, thoughts, cfg, state, tok, corpus, args)])
     loop.write_atomic(run.path("results.json"), json.dumps(results, indent=1))
     if args.generate:  # think while writing, with the trained thought model
         gpt, extra = model.load_checkpoint(run.path("thoughts.pt"), args.device)
@@ -631,6 +627,9 @@ def setup(args):
         return encode_corpus(tok, corpus_text(train_set, args.dataset, share, args.thought_len, args.seed))
 
     ids, mask = train_text(scratchpad)  # the base LM's
+    if args.arm_scratchpad is not None and not scratchpad:
+        print(f"--arm_scratchpad {args.arm_scratchpad:g} has nothing to do: no text here has scratchpad lines "
+              "(--scratchpad 0, another dataset, or a pretrained tokenizer)")
     arm = scratchpad if args.arm_scratchpad is None or not scratchpad else args.arm_scratchpad  # the arms' share
     arm_ids, arm_mask = (ids, mask) if arm == scratchpad else train_text(arm)
     tids, tmask = encode_corpus(tok, corpus_text(test, args.dataset))
@@ -725,7 +724,6 @@ def train_and_evaluate(run, arm, thoughts, cfg, state, tok, corpus, args):
         res["sample"] = generate_thinking(gpt, head, tok, corpus.sample_prompt, SAMPLE_TOKENS, args,
                                           torch.Generator().manual_seed(args.seed))
         print(f"thinking sample: {res['sample']!r}")
-    loop.write_atomic(run.path(f"{arm}.json"), json.dumps(res))
     own = (f" (the same model without its thoughts {res['nll_computed_base']:.4f}, mean w there "
            f"{res['w_computed']:.4f})"
            if thoughts else "")

@@ -270,14 +270,13 @@ def verifier_logprobs(verifier, ref, tok, items, batch_size):
     return per_question([(a, b, n) for (a, n), (b, _) in zip(v, g)], items)
 
 
-def best_of_n_curve(kept, terms, beta, n_max, extra=None):
+def best_of_n_curve(golds, greedy, samples, terms, beta, n_max, extra=None):
     """
     The paper's figure, accuracy against N, from the first n of the N samples: maj@n, pass@n and
-    best-of-n under every score in SCORES. kept: what loop.evaluate tallied (golds, greedy,
-    samples); terms: (v, g, n) per sample, as samples; extra: {name: scores per sample, as samples},
-    more scores to rank by (the ORM's).
+    best-of-n under every score in SCORES. golds, greedy, samples: as loop.outputs returns them;
+    terms: (v, g, n) per sample, as samples; extra: {name: scores per sample, as samples}, more
+    scores to rank by (the ORM's).
     """
-    golds, greedy, samples = kept["golds"], kept["greedy"], kept["samples"]
     scores = {kind: [[f(*t, beta) for t in q] for q in terms] for kind, f in SCORES.items()}
     scores.update(extra or {})
     curve, n = [], 1
@@ -373,12 +372,11 @@ def orm_scores(gpt, head, tok, items, batch_size):
 def main(args):
     run, tok, init, task = loop.setup(args, "STaR", {"lr": (args.scratch_lr, loop.PRETRAINED_LR)}, few_shot=True)
     args.verifier_lr = args.verifier_lr or args.lr / 3  # the verifier's DPO and the ORM
-    grade = lambda gpt, split, n_samples=0, keep=None: loop.evaluate(
-        gpt, tok, split, seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, keep=keep,
-        n_samples=n_samples, temperature=args.eval_temperature, prefix=data.few_shot_prefix(task.shots),
-        compile=args.compile_sampler)
-    measure = lambda gpt: {**grade(gpt, task.test, args.eval_samples),
-                           "val_acc": grade(gpt, task.val)["acc"]}  # val: greedy
+    sampling = dict(seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
+                    temperature=args.eval_temperature, prefix=data.few_shot_prefix(task.shots),
+                    compile=args.compile_sampler)  # how every evaluation samples
+    measure = lambda gpt: {**loop.evaluate(gpt, tok, task.test, n_samples=args.eval_samples, **sampling),
+                           "val_acc": loop.evaluate(gpt, tok, task.val, **sampling)["acc"]}  # val: greedy
 
     # 0. the base model every iteration starts from: a warm start on the seed examples, or the pretrained weights
     t0 = time.time()
@@ -428,7 +426,7 @@ def main(args):
     report_end(metrics, run.path("model.pt") if metrics[-1]["iter"] else run.path("base.pt")
                if os.path.exists(run.path("base.pt")) else init)
     if args.verifier:  # V-STaR: a verifier trained on every sample of every iteration ranks N test samples
-        vstar(run, current, tok, task, args, grade)
+        vstar(run, current, tok, task, args, sampling)
     return metrics
 
 
@@ -482,21 +480,36 @@ def report_end(metrics, final):
           f"model (test {last['acc']:.3f})")
 
 
-def vstar(run, generator, tok, task, args, grade):
+def vstar(run, generator, tok, task, args, sampling):
     """
     V-STaR: a DPO verifier trained on (correct, incorrect) pairs of every iteration's samples
     ranks N samples of each question; best-of-N under every score, on validation and test.
     """
-    if run.exists("verifier.jsonl"):
-        print(f"V-STaR already evaluated: {run.read('verifier.jsonl')[0]}")
+    names = ["verifier_val_samples.jsonl", "verifier_test_samples.jsonl", "verifier.jsonl"]
+    *_, result = run.cached(names, lambda: verify_and_rank(run, generator, tok, task, args, sampling))
+    if result is None:
         return
+    result = result[0]
+    print(f"V-STaR ({result['pairs']} pairs, DPO loss {result['loss']:.4f}); best-of-N by --verifier_score "
+          f"{args.verifier_score}, then every score (maj@N and pass@N for comparison):")
+    for name in ("val", "test"):
+        print(f"  {name}: greedy {result[name]['acc']:.3f}")
+        for c in result[name]["curve"]:
+            others = " ".join(f"{k} {c[k]:.3f}" for k in [*SCORES, "orm"] if k in c and k != args.verifier_score)
+            print(f"    N = {c['n']:3d}: maj@N {c['maj']:.3f} | best-of-N {c[args.verifier_score]:.3f} | pass@N "
+                  f"{c['pass']:.3f} | {others}")
+
+
+def verify_and_rank(run, generator, tok, task, args, sampling):
+    """The verifier (and the ORM) trained, then N samples of every validation and test question scored: what
+    vstar's three files hold (None each without a pair to train on)."""
     rows = [r for it in range(1, args.iters + 1) if run.exists(f"iter{it}_samples.jsonl")
             for r in run.read(f"iter{it}_samples.jsonl")]
     prefs = preference_pairs(task.train, rows, args.verifier_pairs, args.seed)
     if not prefs:
         print("V-STaR: no question has both a correct and an incorrect sample; no verifier trained")
-        return
-    # with LoRA the verifier's and the ORM's adapters sit on the generator: its checkpoint (or the base's) is their base
+        return [None, None, None]
+    # with LoRA the verifier's and the ORM's adapters sit on the generator's checkpoint (or the base's)
     lora = args.lora and {**args.lora, "base": run.path("model.pt") if run.exists("model.pt") else args.lora["base"]}
     verifier, loss = train_verifier(generator, tok, prefs, args, lora)
     run.save("verifier.pt", verifier, tokenizer_dir=tok.source)
@@ -505,29 +518,20 @@ def vstar(run, generator, tok, task, args, grade):
         orm = train_orm(generator, tok,
                         [(task.train[r["index"]].question, r["completion"], r["correct"]) for r in rows], args, lora)
         run.save("orm.pt", orm[0], tokenizer_dir=tok.source, head={k: v.cpu() for k, v in orm[1].state_dict().items()})
-    result = {"pairs": len(prefs), "loss": loss, "score": args.verifier_score}
+    result, files = {"pairs": len(prefs), "loss": loss, "score": args.verifier_score}, []
     for name, split in (("val", task.val), ("test", task.test)):  # a score is chosen on validation, then read on test
-        kept = {}
-        res = grade(generator, split, args.eval_samples, kept)
-        items = [(e.question, [t for t, _ in outs]) for e, outs in zip(split, kept["samples"])]
+        golds, greedy, samples = loop.outputs(generator, tok, split, n_samples=args.eval_samples, **sampling)
+        items = [(e.question, [t for t, _ in outs]) for e, outs in zip(split, samples)]
         terms = verifier_logprobs(verifier, generator, tok, items, args.gen_batch)
         extra = {"orm": orm_scores(*orm, tok, items, args.gen_batch)} if orm else {}
-        result[name] = {"acc": res["acc"], "curve": best_of_n_curve(kept, terms, args.beta, args.eval_samples, extra)}
-        run.write(f"verifier_{name}_samples.jsonl", [
-            {"question": e.question, "answer": e.answer, "samples": [t for t, _ in outs],
-             "finished": [f for _, f in outs],
-             "logprob_verifier": [t[0] for t in tq], "logprob_generator": [t[1] for t in tq],
-             "tokens": [t[2] for t in tq], **({"orm": extra["orm"][i]} if orm else {})}
-            for i, (e, outs, tq) in enumerate(zip(split, kept["samples"], terms))])
-    run.write("verifier.jsonl", [result])
-    print(f"V-STaR ({len(prefs)} pairs, DPO loss {loss:.4f}); best-of-N by --verifier_score {args.verifier_score}, "
-          f"then every score (maj@N and pass@N for comparison):")
-    for name in ("val", "test"):
-        print(f"  {name}: greedy {result[name]['acc']:.3f}")
-        for c in result[name]["curve"]:
-            others = " ".join(f"{k} {c[k]:.3f}" for k in [*SCORES, "orm"] if k in c and k != args.verifier_score)
-            print(f"    N = {c['n']:3d}: maj@N {c['maj']:.3f} | best-of-N {c[args.verifier_score]:.3f} | pass@N "
-                  f"{c['pass']:.3f} | {others}")
+        result[name] = {"acc": loop.tally(golds, greedy)["acc"],
+                        "curve": best_of_n_curve(golds, greedy, samples, terms, args.beta, args.eval_samples, extra)}
+        files.append([{"question": e.question, "answer": e.answer, "samples": [t for t, _ in outs],
+                       "finished": [f for _, f in outs],
+                       "logprob_verifier": [t[0] for t in tq], "logprob_generator": [t[1] for t in tq],
+                       "tokens": [t[2] for t in tq], **({"orm": extra["orm"][i]} if orm else {})}
+                      for i, (e, outs, tq) in enumerate(zip(split, samples, terms))])
+    return [*files, [result]]
 
 
 if __name__ == "__main__":

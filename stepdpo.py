@@ -30,10 +30,8 @@ one pair cut at its first pit. Q of the last step is the solution's own grade (n
 """
 
 import argparse
-import json
 import random
 import time
-from pathlib import Path
 
 import data
 import loop
@@ -211,21 +209,19 @@ def main(args):
     run.write("pairs.jsonl", rows)
 
     # 5. DPO (RFT: SFT) from the SFT model, 6. both models evaluated on test and validation
-    if run.exists("metrics.json"):
-        res = json.loads(Path(run.path("metrics.json")).read_text())
-        print(f"already finished: {json.dumps(res)}")
-        return res
-    t0 = time.time()
-    gpt, loss = train(base_state, config, tok, task.seed, rows, args)
-    run.save("model.pt", gpt, tokenizer_dir=tok.source)
-    base_acc, acc = accuracy(base, task.test), accuracy(gpt, task.test)
-    res = {"variant": args.variant, "samples_per_question": args.samples, "synthetic_samples": len(samples),
-           "steps": args.train_steps, "train_examples": len(rows), "sft_acc": base_acc, "acc": acc,
-           "sft_val_acc": accuracy(base, task.val), "val_acc": accuracy(gpt, task.val), "loss": loss,
-           "train_time": time.time() - t0}
-    loop.write_atomic(run.path("metrics.json"), json.dumps(res))
-    print(f"{args.variant}: test acc {base_acc:.3f} (SFT model) -> {acc:.3f}, validation {res['sft_val_acc']:.3f} -> "
-          f"{res['val_acc']:.3f}, {args.train_steps} steps on {len(rows)} examples from {len(samples)} samples")
+    def optimize_and_evaluate():
+        t0 = time.time()
+        gpt, loss = train(base_state, config, tok, task.seed, rows, args)
+        run.save("model.pt", gpt, tokenizer_dir=tok.source)
+        return [{"variant": args.variant, "samples_per_question": args.samples, "synthetic_samples": len(samples),
+                 "steps": args.train_steps, "train_examples": len(rows), "sft_acc": accuracy(base, task.test),
+                 "acc": accuracy(gpt, task.test), "sft_val_acc": accuracy(base, task.val),
+                 "val_acc": accuracy(gpt, task.val), "loss": loss, "train_time": time.time() - t0}]
+
+    (res,) = run.cached(["metrics.json"], optimize_and_evaluate)
+    print(f"{args.variant}: test acc {res['sft_acc']:.3f} (SFT model) -> {res['acc']:.3f}, validation "
+          f"{res['sft_val_acc']:.3f} -> {res['val_acc']:.3f}, {res['steps']} steps on {len(rows)} examples from "
+          f"{len(samples)} samples")
     return res
 
 

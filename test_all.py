@@ -737,7 +737,7 @@ def test_resume_after_a_crash_gives_the_same_kept_set(monkeypatch, tmp_path, cap
     assert out[-1].endswith(f"model.pt is iteration 2's model (test {metrics[-1]['acc']:.3f})")
 
 
-def test_v_star_mode_scores_validation_and_test_samples_with_the_saved_verifier(monkeypatch, tmp_path):
+def test_v_star_mode_scores_validation_and_test_samples_with_the_saved_verifier(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(loop, "sample", lucky(loop.sample))
     args = TINY_STAR + ["--iters", "1", "--verifier", "--eval_samples", "4", "--verifier_steps", "5", "--orm_steps", "5", "--verifier_score", "orm",
                         "--temperature", "1.0", "--samples", "2", "--out_dir", str(tmp_path / "v")]
@@ -786,6 +786,14 @@ def test_v_star_mode_scores_validation_and_test_samples_with_the_saved_verifier(
         assert all(curve[0][kind] == curve[0]["pass"] for kind in [*star.SCORES, "orm"])  # one sample: nothing to choose
         rewards = [0.1 * (v - g) for r in saved for v, g in zip(r["logprob_verifier"], r["logprob_generator"])]
         assert len({round(x, 6) for x in rewards}) > 1, "the verifier should tell samples apart"
+    # a finished run resumed: V-STaR's files are read back (no verifier trained again) and the same curve printed
+    printed = [l for l in capsys.readouterr().out.splitlines() if l.startswith(("V-STaR (", "  val:", "  test:", "    N ="))]
+    made = os.path.getmtime(tmp_path / "v" / "verifier.pt")
+    star.main(star.get_args(args + ["--resume"]))
+    out = capsys.readouterr().out.splitlines()
+    assert "resumed: verifier_val_samples.jsonl, verifier_test_samples.jsonl, verifier.jsonl" in out
+    assert [l for l in out if l.startswith(("V-STaR (", "  val:", "  test:", "    N ="))] == printed and len(printed) == 9
+    assert os.path.getmtime(tmp_path / "v" / "verifier.pt") == made
 
 
 def test_verifier_preference_pairs_put_a_correct_sample_over_an_incorrect_one():
@@ -1280,7 +1288,7 @@ def test_scratchpad_corpus_and_its_skill_measure_against_completion_logprobs(tmp
                                                           "--out_dir", str(tmp_path / "q")]))
 
 
-def test_the_arms_train_on_their_own_share_of_scratchpad_lines(tmp_path):
+def test_the_arms_train_on_their_own_share_of_scratchpad_lines(tmp_path, capsys):
     # --arm_scratchpad: the base LM's text keeps --scratchpad's share, the two arms' text has its own (default: the same)
     argv = ["--n_train", "60", "--n_test", "20", "--max_digits", "2", "--thought_len", "3", "--scratchpad", "0.5",
             "--seq_len", "8", "--eval_chunks", "2", "--threads", "1"]
@@ -1291,6 +1299,10 @@ def test_the_arms_train_on_their_own_share_of_scratchpad_lines(tmp_path):
         assert tok.decode(corpus.ids.tolist()) == quietstar.corpus_text(train, "arithmetic", 0.5, 3, args.seed)
         assert tok.decode(corpus.arm_ids.tolist()) == quietstar.corpus_text(train, "arithmetic", share, 3, args.seed)
         assert (arm is None) == (corpus.arm_ids is corpus.ids)
+    # where no text has scratchpad lines, the flag is said to do nothing, and the arms read the base LM's text
+    args = quietstar.get_args([a if a != "0.5" else "0" for a in argv] + ["--arm_scratchpad", "0.3", "--out_dir", str(tmp_path / "off")])
+    corpus = quietstar.setup(args)[3]
+    assert "--arm_scratchpad 0.3 has nothing to do" in capsys.readouterr().out and corpus.arm_ids is corpus.ids
 
 
 def test_thought_evaluation_reports_the_same_models_plain_nll_and_its_mixing_weight():
