@@ -34,8 +34,11 @@ How it is done, as in the paper and its code:
   w = sigmoid, starting at 1/2 (tried because a sure but wrong thought costs many nats in a
   mix of logits; at this scale its head switched thoughts off within 60 steps, see docs/record.md).
 - thought embeddings: <|startthought|>/<|endthought|> are rows of the embedding matrix,
-  initialised from the embedding of "-" (the paper starts from "---"); their gradient is
-  multiplied by --embed_grad_scale (the paper also trains them faster).
+  initialised from the embedding of "-" (the paper starts from "---"), and trained at
+  --embed_lr_scale times the learning rate. The paper trains them 100 times faster (it stores
+  them divided by 100); here 1, 10 and 100 were tried and 1 was best on validation
+  (docs/record.md). The updates are scaled, not the gradients: AdamW's step does not depend
+  on the gradient's scale.
 - losses: NLL of the base prediction + NLL of the mixed predictions on the lookahead tokens
   + --reinforce_weight * REINFORCE on the thought tokens. A thought's reward is its summed
   mixed log-likelihood of the true lookahead tokens minus the mean over the other thoughts
@@ -97,8 +100,8 @@ def get_args(argv=None):
                    help="steps training the mixing head alone on the frozen model before the thought arm's --steps")
     g.add_argument("--reinforce_weight", type=loop.at_least(0.0, float), default=1.0,
                    help="weight of the REINFORCE term")
-    g.add_argument("--embed_grad_scale", type=loop.at_least(0.0, float), default=10.0,
-                   help="gradient multiplier of the start/end thought embeddings")
+    g.add_argument("--embed_lr_scale", type=loop.at_least(0.0, float), default=1.0,
+                   help="learning-rate multiplier of the start/end thought embeddings (the paper: 100)")
     g.add_argument("--pretrain_steps", type=loop.at_least(0), default=4000,
                    help="plain LM steps before the two arms split (none with --init)")
     g.add_argument("--pretrain_batch_size", type=loop.at_least(1), default=32, help="chunks per pretraining step")
@@ -280,20 +283,38 @@ def add_thought_tokens(gpt, tok):
         gpt.config.vocab_size = rows
 
 
-def init_thought_embeddings(gpt, tok, scale, others=1.0):
+def init_thought_embeddings(gpt, tok, freeze_others=False):
     """
     Start/end thought embeddings start as the embedding of a pause: the em dash for a
     pretrained tokenizer (as the paper does), '-' for the byte-level one (the em dash is three
-    bytes there). Their gradient is multiplied by `scale`, every other row's by `others`
-    (0 with LoRA: the frozen matrix trains only its thought rows, though AdamW keeps state for all of it).
+    bytes there). freeze_others (LoRA): every other row's gradient is zeroed, so the frozen
+    matrix trains only its thought rows (though AdamW keeps state for all of it).
     """
     with torch.no_grad():
         dash = tok.encode("-" if isinstance(tok, data.Tokenizer) else "\u2014")[0]
         for t in (tok.start_thought, tok.end_thought):
             gpt.embed_tokens.weight[t] = gpt.embed_tokens.weight[dash]
-    rows = torch.full((gpt.config.vocab_size, 1), others)
-    rows[[tok.start_thought, tok.end_thought]] = scale
-    gpt.embed_tokens.weight.register_hook(lambda g: g * rows.to(g.device))
+    if freeze_others:
+        rows = torch.zeros(gpt.config.vocab_size, 1)
+        rows[[tok.start_thought, tok.end_thought]] = 1.0
+        gpt.embed_tokens.weight.register_hook(lambda g: g * rows.to(g.device))
+
+
+def faster_thought_rows(gpt, tok, scale):
+    """
+    model.train's on_step: every update of the start/end thought rows multiplied by `scale`,
+    which is their learning rate times `scale` (AdamW's step does not depend on the gradient's
+    scale, so multiplying the gradient would not do it; weight decay is 0 here).
+    """
+    w, rows = gpt.embed_tokens.weight, [tok.start_thought, tok.end_thought]
+    last = w[rows].detach().clone()
+
+    def on_step(step):
+        with torch.no_grad():
+            w[rows] = last + scale * (w[rows] - last)
+            last.copy_(w[rows])
+
+    return on_step
 
 
 # -----------------------------------------------------------------------------
@@ -507,7 +528,9 @@ def train_arm(gpt, head, ids, mask, args, tok, *, steps, thoughts, seed, desc, l
     cfg = model.TrainConfig(steps=steps, lr=args.lr, warmup=min(50, steps // 10),
                             parallel=loop.parallel_mode(gpt, False))
     return model.train(gpt, get_batch, cfg, loss_fn=loss_fn, params=params, desc=desc,
-                       log_every=max(1, steps // 5) if thoughts else log_every)
+                       log_every=max(1, steps // 5) if thoughts else log_every,
+                       on_step=faster_thought_rows(gpt, tok, args.embed_lr_scale)
+                       if thoughts and args.embed_lr_scale != 1 else None)
 
 
 @torch.no_grad()
@@ -683,7 +706,7 @@ def skill(base, cfg, state, tok, corpus, args):
     # the pretrained model's own thoughts (start/end as the arms start them), on the arms' held-out chunks
     thinker = GPT(cfg).to(args.device)
     thinker.load_state_dict(state)
-    init_thought_embeddings(thinker, tok, 1.0)
+    init_thought_embeddings(thinker, tok)
     out["computed_gated_thoughts"] = gated_nll(thinker, corpus.eval_x, corpus.eval_m, args, tok, args.seed + 2)
     print("held-out NLL per token of the pretrained model: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
     return out
@@ -697,7 +720,7 @@ def train_and_evaluate(run, arm, thoughts, cfg, state, tok, corpus, args):
     head = mixing_head(cfg, args) if thoughts else None
     if thoughts:
         gpt.embed_tokens.weight.requires_grad_(True)
-        init_thought_embeddings(gpt, tok, args.embed_grad_scale, others=0.0 if lora else 1.0)
+        init_thought_embeddings(gpt, tok, freeze_others=bool(lora))
     log = []
     t0 = time.time()
     if thoughts and args.head_steps:  # the head alone first, on the frozen model and its thoughts

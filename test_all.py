@@ -1305,6 +1305,30 @@ def test_the_arms_train_on_their_own_share_of_scratchpad_lines(tmp_path, capsys)
     assert "--arm_scratchpad 0.3 has nothing to do" in capsys.readouterr().out and corpus.arm_ids is corpus.ids
 
 
+def test_the_thought_rows_step_embed_lr_scale_times_as_far_and_nothing_else_changes():
+    # one step of the thought arm at --embed_lr_scale 1 and 10 from the same start: the same gradients, so every
+    # weight ends the same except the start/end rows, whose update is 10 times as large (a gradient multiplier
+    # would leave AdamW's first step, lr * sign(g), unchanged)
+    tok = Tokenizer()
+    ids, mask = quietstar.encode_corpus(tok, "12+34=46\n5+7=12\n33+9=42\n" * 4)
+    after = {}
+    for scale in (1.0, 10.0):
+        gpt, head, args = tiny_quiet()
+        args.lr, args.embed_lr_scale = 1e-2, scale
+        quietstar.init_thought_embeddings(gpt, tok)
+        start = {k: v.clone() for k, v in gpt.state_dict().items()}
+        quietstar.train_arm(gpt, head, ids, mask, args, tok, steps=1, thoughts=True, seed=0, desc="one step")
+        after[scale] = {k: v - start[k] for k, v in gpt.state_dict().items()}
+    rows = [tok.start_thought, tok.end_thought]
+    for k, d in after[1.0].items():
+        if k not in ("embed_tokens.weight", "lm_head.weight"):  # the two are one tied matrix
+            assert torch.equal(d, after[10.0][k]), k
+    d1, d10 = after[1.0]["embed_tokens.weight"], after[10.0]["embed_tokens.weight"]
+    others = [i for i in range(260) if i not in rows]
+    assert torch.equal(d1[others], d10[others]) and d1[rows].abs().sum() > 0
+    assert torch.allclose(d10[rows], 10 * d1[rows], rtol=1e-4, atol=1e-7)
+
+
 def test_thought_evaluation_reports_the_same_models_plain_nll_and_its_mixing_weight():
     m, head, args = tiny_quiet()
     with torch.no_grad():
@@ -1924,7 +1948,7 @@ def test_quietstar_from_a_pretrained_directory_adds_thought_tokens_and_thinks(tm
     assert res["thoughts"]["sample"].startswith(data.load_task("arithmetic", None, 60, 20, 1, 2, 0)[1][0].question + "=[")
     fresh, grown = hf.load_pretrained(d), hf.load_pretrained(d)
     quietstar.add_thought_tokens(grown, tok)
-    quietstar.init_thought_embeddings(grown, tok, 10.0)
+    quietstar.init_thought_embeddings(grown, tok)
     assert (tok.start_thought, tok.end_thought) == (n, n + 1) and dash < n
     w = grown.embed_tokens.weight
     assert torch.equal(w[:n], fresh.embed_tokens.weight) and torch.equal(w[n], w[dash]) and torch.equal(w[n + 1], w[dash])
