@@ -2103,6 +2103,23 @@ def test_data_parallel_and_sharded_training_match_one_process(tmp_path, mode):
         assert (mode == "lora") == any(".lora_" in k for k in one[kind])  # LoRA: the adapters, all-reduced, agree
 
 
+def test_quietstar_under_two_processes_gives_the_one_process_results(tmp_path):
+    # pretraining, the mixing head alone (--head_steps), and both arms with faster thought rows: each step's chunks
+    # and their thoughts' noise split over two processes, each weighing its part, gradients averaged
+    argv = ["quietstar.py", "--n_train", "60", "--n_test", "20", "--max_digits", "2", "--thought_len", "3", "--n_talk", "2",
+            "--seq_len", "8", "--batch_size", "4", "--pretrain_batch_size", "4", "--pretrain_steps", "6", "--steps", "3",
+            "--head_steps", "2", "--embed_lr_scale", "10", "--eval_chunks", "4", "--n_layer", "1", "--n_embd", "32",
+            "--device", "cpu"]
+    for name, n in (("one", 1), ("two", 2)):
+        p = torchrun(argv + ["--out_dir", str(tmp_path / name)], tmp_path, nproc=n)
+        assert p.returncode == 0, p.stderr[-3000:]
+    one, two = (json.load(open(tmp_path / d / "results.json")) for d in ("one", "two"))
+    for arm in ("pretrained", "no_thoughts", "thoughts"):
+        for k in ("nll", "nll_computed"):
+            assert two[arm][k] == pytest.approx(one[arm][k], rel=1e-4), (arm, k)
+    assert two["thoughts"]["w_computed"] == pytest.approx(one["thoughts"]["w_computed"], abs=1e-5)
+
+
 def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
     script = tmp_path / "fail.py"
     script.write_text("import loop\nloop.setup_device('cpu', 1)\nrank, _ = loop.rank_world()\n"
